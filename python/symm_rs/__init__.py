@@ -1,0 +1,49 @@
+"""symm_rs: NCCL symmetric memory for PyTorch, with a prebuilt Rust core.
+
+import symm_rs
+with symm_rs.use_symmetric_memory(group):
+    buf = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+# buf lies in a symmetric window of group's communicator: NCCL runs its symmetric kernels.
+"""
+
+from symm_rs._native import (
+    NcclError,
+    NcclLibraryError,
+    RegistrationError,
+    SymmetricMemoryError,
+    __version__,
+)
+from symm_rs.comm import Communicator, NotSymmetricWarning, nccl_group
+from symm_rs.groups import resolve_comm
+from symm_rs.library import library_info, nccl_library, nccl_version
+from symm_rs.memory import (
+    destroy_pool,
+    is_symmetric,
+    register,
+    release,
+    shared_pool,
+    stats,
+    use_symmetric_memory,
+)
+
+__all__ = [
+    "Communicator",
+    "NcclError",
+    "NcclLibraryError",
+    "NotSymmetricWarning",
+    "RegistrationError",
+    "SymmetricMemoryError",
+    "__version__",
+    "destroy_pool",
+    "is_symmetric",
+    "library_info",
+    "nccl_group",
+    "nccl_library",
+    "nccl_version",
+    "register",
+    "release",
+    "resolve_comm",
+    "shared_pool",
+    "stats",
+    "use_symmetric_memory",
+]

@@ -1,0 +1,3 @@
+from symm_rs.cli import main
+
+raise SystemExit(main())

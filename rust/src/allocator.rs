@@ -1,0 +1,204 @@
+//! The allocator plugs torch calls (`symm_rs_alloc` / `symm_rs_free`), the process-wide segment
+//! table they feed, and the operations Python runs on that table.
+//!
+//! The plugs are exported with C ABI from the extension module itself, so torch's
+//! `CUDAPluggableAllocator` can `dlopen` the very file Python imported and share its state.
+
+use std::ffi::{c_int, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::cuda::{self, DeviceGuard};
+use crate::error::{Error, Result};
+use crate::nccl::{self, Nccl};
+use crate::segments::{SegmentTable, WindowRegistrar};
+
+static TABLE: Mutex<Option<SegmentTable>> = Mutex::new(None);
+static EXITING: AtomicBool = AtomicBool::new(false);
+static LAST_ERROR_ANY_THREAD: Mutex<Option<String>> = Mutex::new(None);
+
+thread_local! {
+    // torch raises its OOM on the thread whose allocation failed, so that thread's own
+    // message is the one to attach; another thread's failure must not overwrite it.
+    static LAST_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+static FAILURES: Mutex<FailureCounts> = Mutex::new(FailureCounts {
+    alloc: 0,
+    free: 0,
+    leaked_segments: 0,
+});
+
+/// Plug failures so far; torch only sees a NULL pointer, so these make them observable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureCounts {
+    pub alloc: u64,
+    pub free: u64,
+    /// Segments not handed to `ncclMemFree` because a window on them could not be deregistered
+    /// (freeing memory NCCL may still map is worse than leaking it).
+    pub leaked_segments: u64,
+}
+
+/// Runs `f` with the table locked. A poisoned lock is recovered: the table is only mutated by
+/// code that cannot leave it half-updated.
+pub fn with_table<T>(f: impl FnOnce(&mut SegmentTable) -> T) -> T {
+    let mut guard: MutexGuard<'_, Option<SegmentTable>> =
+        TABLE.lock().unwrap_or_else(|p| p.into_inner());
+    f(guard.get_or_insert_with(SegmentTable::new))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The message of this thread's most recent plug failure, taken (cleared) by the reader.
+pub fn take_last_error() -> Option<String> {
+    LAST_ERROR.with(|e| e.borrow_mut().take())
+}
+
+/// The message of the most recent plug failure on any thread, left in place.
+pub fn last_error_any_thread() -> Option<String> {
+    lock(&LAST_ERROR_ANY_THREAD).clone()
+}
+
+pub fn failure_counts() -> FailureCounts {
+    *lock(&FAILURES)
+}
+
+fn remember(message: String) {
+    *lock(&LAST_ERROR_ANY_THREAD) = Some(message.clone());
+    LAST_ERROR.with(|e| *e.borrow_mut() = Some(message));
+}
+
+/// Runs plug code so that neither a panic nor an error crosses the C boundary.
+fn guarded<T>(what: &str, fallback: T, body: impl FnOnce() -> Result<T>) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(value)) => value,
+        Ok(Err(e)) => {
+            remember(format!("{what}: {e}"));
+            fallback
+        }
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            remember(format!("{what}: internal error (panic): {detail}"));
+            fallback
+        }
+    }
+}
+
+/// The real NCCL as the table's registrar.
+pub struct NcclWindows<'a>(pub &'a Nccl);
+
+impl WindowRegistrar for NcclWindows<'_> {
+    fn comm_device(&self, comm: usize) -> Result<i32> {
+        self.0.comm_device(comm)
+    }
+
+    fn register(&self, comm: usize, ptr: usize, size: usize) -> Result<usize> {
+        // SAFETY: `comm` was resolved from a live group by the Python layer, and `ptr`/`size`
+        // describe a segment still tracked (so still allocated) under the table lock.
+        unsafe { self.0.window_register(comm, ptr, size) }
+    }
+
+    fn deregister(&self, comm: usize, window: usize) -> Result<()> {
+        // SAFETY: `window` was returned by `register` on `comm` and is removed from the table
+        // by the caller, so it is deregistered exactly once.
+        unsafe { self.0.window_deregister(comm, window) }
+    }
+}
+
+/// Allocates one pool segment with `ncclMemAlloc` on `device` and tracks it.
+pub fn allocate(size: usize, device: i32) -> Result<usize> {
+    if size == 0 {
+        return Err(Error::invalid_argument("size 0 requested"));
+    }
+    let nccl = nccl::get()?;
+    let _device = DeviceGuard::enter(device)?;
+    let ptr = nccl.mem_alloc(size)?;
+    with_table(|table| table.track(ptr, size, device));
+    Ok(ptr)
+}
+
+/// From now on the free plug leaves segments to the operating system. Called at interpreter
+/// exit, when the communicators the windows belong to may already be destroyed.
+pub fn mark_exiting() {
+    EXITING.store(true, Ordering::SeqCst);
+}
+
+/// Deregisters every window on the segment at `ptr`, then frees it.
+pub fn release(ptr: usize, device: i32) -> Result<()> {
+    if EXITING.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let nccl = nccl::get()?;
+    let untracked = with_table(|table| table.untrack(ptr, &NcclWindows(nccl)));
+    let _device = DeviceGuard::enter(device)?;
+    if let Some(untracked) = &untracked {
+        if let Some(first) = untracked.failures.first() {
+            lock(&FAILURES).leaked_segments += 1;
+            return Err(Error::SegmentLeaked {
+                ptr,
+                size: untracked.segment.size,
+                failures: untracked.failures.len(),
+                first: first.to_string(),
+            });
+        }
+    }
+    // Unmapping memory a kernel still reads would corrupt it; segments are freed rarely
+    // (pool destruction, OOM retry), so waiting for the device costs nothing that matters.
+    cuda::synchronize_current()?;
+    // SAFETY: torch hands back only pointers our alloc plug returned, once each.
+    unsafe { nccl.mem_free(ptr) }
+}
+
+/// Registers every segment `comm` has not registered yet; returns how many.
+pub fn register_pending(comm: usize) -> Result<usize> {
+    let nccl = nccl::get()?;
+    nccl.require_windows()?;
+    with_table(|table| table.register_pending(comm, &NcclWindows(nccl)))
+}
+
+/// Deregisters every window `comm` holds (call before destroying the communicator).
+pub fn release_comm(comm: usize) -> Result<usize> {
+    let Some(nccl) = nccl::loaded() else {
+        return Ok(0);
+    };
+    with_table(|table| table.release_comm(comm, &NcclWindows(nccl)))
+}
+
+/// torch's allocation plug. Returns NULL on failure (torch then raises its out-of-memory error);
+/// the reason is kept for `symm_rs` to attach to that error.
+#[no_mangle]
+pub extern "C" fn symm_rs_alloc(size: usize, device: c_int, _stream: *mut c_void) -> *mut c_void {
+    let ptr = guarded("symm_rs_alloc", 0, || allocate(size, device));
+    if ptr == 0 {
+        lock(&FAILURES).alloc += 1;
+    }
+    ptr as *mut c_void
+}
+
+/// torch's free plug. Errors are kept for Python; nothing unwinds into torch.
+#[no_mangle]
+pub extern "C" fn symm_rs_free(
+    ptr: *mut c_void,
+    _size: usize,
+    device: c_int,
+    _stream: *mut c_void,
+) {
+    let ok = guarded("symm_rs_free", false, || {
+        release(ptr as usize, device).map(|()| true)
+    });
+    if !ok {
+        lock(&FAILURES).free += 1;
+    }
+}
+
+/// The crate version, so a caller holding only the shared object can check what it loaded.
+#[no_mangle]
+pub extern "C" fn symm_rs_abi_version() -> *const std::ffi::c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}

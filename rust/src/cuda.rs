@@ -1,0 +1,169 @@
+//! The few CUDA driver calls the allocator plugs need: making the requested device current
+//! around `ncclMemAlloc`/`ncclMemFree`, and waiting for it before memory is unmapped. The driver
+//! (`libcuda.so.1`) is opened lazily, so a machine without a GPU never needs it.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::OnceLock;
+
+use libloading::os::unix::Library;
+
+use crate::error::{Error, Result};
+
+type CuResult = c_int;
+type CuContext = *mut c_void;
+
+struct Driver {
+    init: unsafe extern "C" fn(c_uint) -> CuResult,
+    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> CuResult,
+    ctx_get_current: unsafe extern "C" fn(*mut CuContext) -> CuResult,
+    ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
+    ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
+    ctx_synchronize: unsafe extern "C" fn() -> CuResult,
+    primary_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
+    primary_release: unsafe extern "C" fn(c_int) -> CuResult,
+    error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    _library: Library,
+}
+
+static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
+
+fn driver() -> Result<&'static Driver> {
+    DRIVER
+        .get_or_init(open_driver)
+        .as_ref()
+        .map_err(|reason| Error::Cuda {
+            call: "dlopen(libcuda.so.1)",
+            code: -1,
+            message: reason.clone(),
+        })
+}
+
+fn open_driver() -> std::result::Result<Driver, String> {
+    // SAFETY: loading the CUDA driver library runs its initialisers only.
+    let library = unsafe { Library::open(Some("libcuda.so.1"), libc::RTLD_NOW | libc::RTLD_LOCAL) }
+        .map_err(|e| format!("no CUDA driver: {e}"))?;
+    macro_rules! sym {
+        ($name:literal) => {
+            // SAFETY: each field's type is the signature cuda.h declares for this name.
+            *unsafe { library.get(concat!($name, "\0").as_bytes()) }
+                .map_err(|e| format!("{}: {e}", $name))?
+        };
+    }
+    let driver = Driver {
+        init: sym!("cuInit"),
+        device_get: sym!("cuDeviceGet"),
+        ctx_get_current: sym!("cuCtxGetCurrent"),
+        ctx_set_current: sym!("cuCtxSetCurrent"),
+        ctx_get_device: sym!("cuCtxGetDevice"),
+        ctx_synchronize: sym!("cuCtxSynchronize"),
+        primary_retain: sym!("cuDevicePrimaryCtxRetain"),
+        primary_release: sym!("cuDevicePrimaryCtxRelease_v2"),
+        error_string: sym!("cuGetErrorString"),
+        _library: library,
+    };
+    // SAFETY: cuInit(0) is idempotent and has no pointer arguments.
+    let code = unsafe { (driver.init)(0) };
+    if code != 0 {
+        return Err(format!("cuInit failed with CUDA error {code}"));
+    }
+    Ok(driver)
+}
+
+impl Driver {
+    fn check(&self, call: &'static str, code: CuResult) -> Result<()> {
+        if code == 0 {
+            return Ok(());
+        }
+        let mut text: *const c_char = std::ptr::null();
+        // SAFETY: cuGetErrorString writes a pointer to a static string, or leaves it NULL.
+        unsafe { (self.error_string)(code, &mut text) };
+        let message = if text.is_null() {
+            "unknown error".to_owned()
+        } else {
+            // SAFETY: non-NULL strings from cuGetErrorString are static and NUL-terminated.
+            unsafe { CStr::from_ptr(text) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        Err(Error::Cuda {
+            call,
+            code,
+            message,
+        })
+    }
+}
+
+/// Makes `device` current on this thread for its lifetime, restoring the previous context after.
+pub struct DeviceGuard {
+    restore: Option<(CuContext, c_int)>,
+}
+
+impl DeviceGuard {
+    /// Without a CUDA driver there is no device to make current; the NCCL call that follows
+    /// reports the real problem (a stand-in NCCL used in CPU tests needs no driver at all).
+    pub fn enter(device: i32) -> Result<Self> {
+        let Ok(driver) = driver() else {
+            return Ok(Self { restore: None });
+        };
+        let mut previous: CuContext = std::ptr::null_mut();
+        // SAFETY: writes the current context (or NULL) into a local we own.
+        driver.check("cuCtxGetCurrent", unsafe {
+            (driver.ctx_get_current)(&mut previous)
+        })?;
+        if !previous.is_null() {
+            let mut current: c_int = -1;
+            // SAFETY: a context is current, so cuCtxGetDevice can answer; writes into a local.
+            let code = unsafe { (driver.ctx_get_device)(&mut current) };
+            if code == 0 && current == device {
+                return Ok(Self { restore: None });
+            }
+        }
+        let mut handle: c_int = 0;
+        // SAFETY: writes the device handle for ordinal `device` into a local.
+        driver.check("cuDeviceGet", unsafe {
+            (driver.device_get)(&mut handle, device)
+        })?;
+        let mut context: CuContext = std::ptr::null_mut();
+        // SAFETY: retains the primary context of a valid device handle; released in Drop.
+        driver.check("cuDevicePrimaryCtxRetain", unsafe {
+            (driver.primary_retain)(&mut context, handle)
+        })?;
+        // SAFETY: `context` was just retained and is valid.
+        if let Err(e) = driver.check("cuCtxSetCurrent", unsafe {
+            (driver.ctx_set_current)(context)
+        }) {
+            // SAFETY: balances the retain above.
+            unsafe { (driver.primary_release)(handle) };
+            return Err(e);
+        }
+        Ok(Self {
+            restore: Some((previous, handle)),
+        })
+    }
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        let Some((previous, handle)) = self.restore else {
+            return;
+        };
+        if let Ok(driver) = driver() {
+            // SAFETY: `previous` was current when we entered (or NULL, which unbinds), and the
+            // release balances the retain in `enter`.
+            unsafe {
+                (driver.ctx_set_current)(previous);
+                (driver.primary_release)(handle);
+            }
+        }
+    }
+}
+
+/// Waits for all work on the current device, so memory can be unmapped safely.
+/// A no-op without a driver, for the same reason as `DeviceGuard::enter`.
+pub fn synchronize_current() -> Result<()> {
+    let Ok(driver) = driver() else {
+        return Ok(());
+    };
+    // SAFETY: no arguments; blocks until the current context is idle.
+    driver.check("cuCtxSynchronize", unsafe { (driver.ctx_synchronize)() })
+}

@@ -1,0 +1,16 @@
+//! symm_rs: NCCL symmetric memory for PyTorch.
+//!
+//! The core is plain Rust (`nccl`, `segments`, `allocator`, `comm`); `python` is the PyO3
+//! surface, built only with the `python` feature (maturin turns it on).
+
+pub mod allocator;
+pub mod comm;
+pub mod cuda;
+pub mod error;
+pub mod nccl;
+pub mod segments;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Error, Result};

@@ -1,0 +1,83 @@
+//! Raw NCCL ABI: the types and function signatures of `nccl.h` that symm_rs uses, and the
+//! table of symbols resolved from one loaded libnccl. Nothing here is safe to call directly;
+//! `api.rs` wraps each entry in a `Result`-returning method.
+
+use std::ffi::{c_char, c_int, c_void};
+
+pub type NcclResult = c_int;
+pub type NcclComm = *mut c_void;
+pub type NcclWindow = *mut c_void;
+pub type CudaStream = *mut c_void;
+pub type NcclDataType = c_int;
+pub type NcclRedOp = c_int;
+
+pub const NCCL_SUCCESS: NcclResult = 0;
+pub const NCCL_IN_PROGRESS: NcclResult = 7;
+
+/// `NCCL_WIN_COLL_SYMMETRIC`: the window is registered at the same offset on every rank, which
+/// is what lets NCCL pick its symmetric kernels.
+pub const NCCL_WIN_COLL_SYMMETRIC: c_int = 0x01;
+
+pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NcclUniqueId {
+    pub internal: [c_char; NCCL_UNIQUE_ID_BYTES],
+}
+
+pub type GetVersionFn = unsafe extern "C" fn(*mut c_int) -> NcclResult;
+pub type GetErrorStringFn = unsafe extern "C" fn(NcclResult) -> *const c_char;
+pub type GetLastErrorFn = unsafe extern "C" fn(NcclComm) -> *const c_char;
+pub type MemAllocFn = unsafe extern "C" fn(*mut *mut c_void, usize) -> NcclResult;
+pub type MemFreeFn = unsafe extern "C" fn(*mut c_void) -> NcclResult;
+pub type WindowRegisterFn =
+    unsafe extern "C" fn(NcclComm, *mut c_void, usize, *mut NcclWindow, c_int) -> NcclResult;
+pub type WindowDeregisterFn = unsafe extern "C" fn(NcclComm, NcclWindow) -> NcclResult;
+pub type GetUniqueIdFn = unsafe extern "C" fn(*mut NcclUniqueId) -> NcclResult;
+pub type CommInitRankFn =
+    unsafe extern "C" fn(*mut NcclComm, c_int, NcclUniqueId, c_int) -> NcclResult;
+pub type CommDestroyFn = unsafe extern "C" fn(NcclComm) -> NcclResult;
+pub type CommIntQueryFn = unsafe extern "C" fn(NcclComm, *mut c_int) -> NcclResult;
+pub type AllGatherFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    NcclDataType,
+    NcclComm,
+    CudaStream,
+) -> NcclResult;
+pub type ReduceFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    NcclDataType,
+    NcclRedOp,
+    NcclComm,
+    CudaStream,
+) -> NcclResult;
+pub type GroupFn = unsafe extern "C" fn() -> NcclResult;
+
+/// Every symbol symm_rs may use. `ncclGetVersion` and `ncclGetErrorString` exist in every NCCL
+/// and are required at load time; the rest are resolved as optional so that an old library can
+/// still report its version, and a call that needs a missing one fails with a clear error.
+pub struct Symbols {
+    pub get_version: GetVersionFn,
+    pub get_error_string: GetErrorStringFn,
+    pub get_last_error: Option<GetLastErrorFn>,
+    pub mem_alloc: Option<MemAllocFn>,
+    pub mem_free: Option<MemFreeFn>,
+    pub window_register: Option<WindowRegisterFn>,
+    pub window_deregister: Option<WindowDeregisterFn>,
+    pub get_unique_id: Option<GetUniqueIdFn>,
+    pub comm_init_rank: Option<CommInitRankFn>,
+    pub comm_destroy: Option<CommDestroyFn>,
+    pub comm_count: Option<CommIntQueryFn>,
+    pub comm_cu_device: Option<CommIntQueryFn>,
+    pub comm_user_rank: Option<CommIntQueryFn>,
+    pub all_gather: Option<AllGatherFn>,
+    pub all_reduce: Option<ReduceFn>,
+    pub reduce_scatter: Option<ReduceFn>,
+    pub group_start: Option<GroupFn>,
+    pub group_end: Option<GroupFn>,
+}

@@ -1,0 +1,228 @@
+"""symm_rs.Communicator on real GPUs: every dtype NCCL has, eager and inside a replayed CUDA
+graph, against torch.distributed on the same data; argument errors before NCCL is called; and
+the Communicator accepted as a group by use_symmetric_memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import symm_rs
+import torch
+import torch.distributed as dist
+from harness import Ctx
+
+INT_DTYPES = [torch.int8, torch.uint8, torch.int32, torch.int64]
+FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+FP8_DTYPES = [
+    d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d
+]
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5, torch.float64: 1e-12}
+N = 4099  # elements per rank: odd, so no kernel gets an aligned size for free
+
+_comm: Any = None
+
+
+def _communicator(ctx: Ctx) -> symm_rs.Communicator:
+    global _comm
+    if _comm is None or _comm.closed:
+        _comm = symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device)
+    return _comm
+
+
+def _integers(n: int, rank: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:
+    base = torch.arange(n, device="cuda", dtype=torch.int64)
+    return ((base * 5 + rank * 3 + salt) % 7).to(dtype)
+
+
+def _buffers(
+    comm: symm_rs.Communicator, dtype: torch.dtype, symmetric: bool
+) -> dict[str, torch.Tensor]:
+    ws = comm.size
+    shapes = {"ag_in": N, "ag_out": N * ws, "ar": N, "ar_out": N, "rs_in": N * ws, "rs_out": N}
+    if symmetric:
+        with symm_rs.use_symmetric_memory(comm):
+            return {k: torch.empty(v, dtype=dtype, device="cuda") for k, v in shapes.items()}
+    return {k: torch.empty(v, dtype=dtype, device="cuda") for k, v in shapes.items()}
+
+
+def _fill(bufs: dict[str, torch.Tensor], rank: int, dtype: torch.dtype, random: bool) -> None:
+    if random:
+        gen = torch.Generator(device="cuda").manual_seed(1234 + rank)
+        for key in ("ag_in", "ar", "rs_in"):
+            bufs[key].copy_(torch.randn(bufs[key].numel(), generator=gen, device="cuda").to(dtype))
+    else:
+        for salt, key in enumerate(("ag_in", "ar", "rs_in")):
+            bufs[key].copy_(_integers(bufs[key].numel(), rank, dtype, salt))
+
+
+def _ours(comm: symm_rs.Communicator, b: dict[str, torch.Tensor]) -> None:
+    comm.all_gather_into_tensor(b["ag_out"], b["ag_in"])
+    comm.all_reduce(b["ar"], out=b["ar_out"])
+    comm.reduce_scatter_tensor(b["rs_out"], b["rs_in"])
+
+
+def _torch(group: Any, b: dict[str, torch.Tensor]) -> None:
+    dist.all_gather_into_tensor(b["ag_out"], b["ag_in"], group=group)
+    b["ar_out"].copy_(b["ar"])
+    dist.all_reduce(b["ar_out"], group=group)
+    dist.reduce_scatter_tensor(b["rs_out"], b["rs_in"], group=group)
+
+
+def _compare(
+    ours: dict[str, torch.Tensor],
+    ref: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    exact: bool,
+    label: str,
+) -> None:
+    assert torch.equal(ours["ag_out"], ref["ag_out"]), f"{label}: all-gather differs"
+    for key in ("ar_out", "rs_out"):
+        if exact:
+            assert torch.equal(ours[key], ref[key]), f"{label}: {key} differs"
+        else:
+            tol = TOLERANCE[dtype] * ours["ag_out"].numel() / N
+            torch.testing.assert_close(ours[key].double(), ref[key].double(), atol=tol, rtol=tol)
+
+
+def _check_dtype(ctx: Ctx, dtype: torch.dtype, graph: bool) -> None:
+    comm = _communicator(ctx)
+    ours = _buffers(comm, dtype, symmetric=True)
+    ref = _buffers(comm, dtype, symmetric=False)
+    for random in [False, True] if dtype in TOLERANCE else [False]:
+        _fill(ours, ctx.rank, dtype, random)
+        _fill(ref, ctx.rank, dtype, random)
+        if graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                _ours(comm, ours)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                _ours(comm, ours)
+            for key in ("ag_out", "ar_out", "rs_out"):
+                ours[key].zero_()
+            for _ in range(3):
+                g.replay()
+        else:
+            _ours(comm, ours)
+        _torch(ctx.group, ref)
+        torch.cuda.synchronize()
+        _compare(ours, ref, dtype, exact=not random, label=f"{dtype} graph={graph} random={random}")
+
+
+def case_every_dtype_eager_matches_torch_distributed(ctx: Ctx) -> None:
+    for dtype in INT_DTYPES + FLOAT_DTYPES:
+        _check_dtype(ctx, dtype, graph=False)
+    ctx.details["dtypes"] = [str(d) for d in INT_DTYPES + FLOAT_DTYPES]
+
+
+def case_every_dtype_in_replayed_cuda_graph(ctx: Ctx) -> None:
+    for dtype in INT_DTYPES + FLOAT_DTYPES:
+        _check_dtype(ctx, dtype, graph=True)
+
+
+def case_fp8_all_gather_is_bit_exact(ctx: Ctx) -> None:
+    comm = _communicator(ctx)
+    done = []
+    for dtype in FP8_DTYPES:
+        with symm_rs.use_symmetric_memory(comm):
+            inp = torch.empty(N, dtype=dtype, device="cuda")
+            out = torch.empty(N * comm.size, dtype=dtype, device="cuda")
+        inp.copy_(_integers(N, ctx.rank, torch.float32).to(dtype))
+        comm.all_gather_into_tensor(out, inp)
+        expected = torch.cat([_integers(N, r, torch.float32).to(dtype) for r in range(comm.size)])
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8)), f"{dtype}"
+        done.append(str(dtype))
+    ctx.details["fp8"] = done
+
+
+def case_buffers_are_symmetric_for_the_communicator(ctx: Ctx) -> None:
+    comm = _communicator(ctx)
+    with symm_rs.use_symmetric_memory(comm):
+        t = torch.empty(1 << 20, dtype=torch.bfloat16, device="cuda")
+    assert symm_rs.is_symmetric(t, comm)
+    assert comm.comm == symm_rs.resolve_comm(comm)
+    assert comm.size == ctx.world_size and comm.rank == ctx.rank
+
+
+def case_wrong_arguments_raise_before_nccl(ctx: Ctx) -> None:
+    comm = _communicator(ctx)
+    ws = comm.size
+    x = torch.zeros(8, device="cuda")
+    cases = [
+        (
+            lambda: comm.all_gather_into_tensor(
+                torch.zeros(8 * ws, device="cuda", dtype=torch.float16), x
+            ),
+            TypeError,
+            "must match",
+        ),
+        (
+            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws + 1, device="cuda"), x),
+            ValueError,
+            "size * inp.numel()",
+        ),
+        (
+            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws), x.cpu()),
+            ValueError,
+            "inp is on cpu",
+        ),
+        (lambda: comm.all_reduce(torch.zeros(8, 2, device="cuda").t()), ValueError, "contiguous"),
+        (
+            lambda: comm.all_reduce(torch.zeros(8, device="cuda", dtype=torch.bool)),
+            TypeError,
+            "NCCL has no type",
+        ),
+        (lambda: comm.all_reduce(x, op="xor"), ValueError, "op must be one of"),
+        (
+            lambda: comm.reduce_scatter_tensor(torch.zeros(3, device="cuda"), x),
+            ValueError,
+            "size * out.numel()",
+        ),
+        (lambda: comm.all_reduce(x, stream=42), TypeError, "stream"),
+    ]
+    if torch.cuda.device_count() > 1:
+        other = (ctx.rank + 1) % torch.cuda.device_count()
+        cases.append(
+            (
+                lambda: comm.all_reduce(torch.zeros(8, device=f"cuda:{other}")),
+                ValueError,
+                "runs on cuda",
+            )
+        )
+    for call, kind, text in cases:
+        try:
+            call()
+        except kind as e:
+            assert text in str(e), f"{kind.__name__} without {text!r}: {e}"
+        else:
+            raise AssertionError(f"no {kind.__name__} ({text!r})")
+    ctx.details["checked_errors"] = len(cases)
+
+
+def case_grouped_collectives_and_close(ctx: Ctx) -> None:
+    comm = _communicator(ctx)
+    a = torch.full((1024,), float(ctx.rank), device="cuda")
+    b = torch.full((1024,), 1.0, device="cuda")
+    with symm_rs.nccl_group():
+        comm.all_reduce(a)
+        comm.all_reduce(b)
+    torch.cuda.synchronize()
+    assert torch.equal(a, torch.full_like(a, float(sum(range(ctx.world_size)))))
+    assert torch.equal(b, torch.full_like(b, float(ctx.world_size)))
+    comm.close()
+    comm.close()  # idempotent
+    assert comm.closed
+    try:
+        comm.all_reduce(a)
+    except ValueError as e:
+        assert "closed" in str(e)
+    else:
+        raise AssertionError("a closed communicator accepted a collective")
+    with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as fresh:
+        fresh.all_reduce(b)
+        torch.cuda.synchronize()
+        assert torch.equal(b, torch.full_like(b, float(ctx.world_size**2)))
+    assert fresh.closed

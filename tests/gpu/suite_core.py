@@ -1,0 +1,241 @@
+"""The core on real GPUs: buffers from use_symmetric_memory are symmetric windows of their group
+(and only of groups that registered them), torch.distributed collectives on them give the same
+results as on plain buffers, groups share one pool, and the pool tears down cleanly."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import symm_rs
+import torch
+import torch.distributed as dist
+from harness import Ctx
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
+# Element counts: tiny, odd, just over a 2 MiB segment, and 3 MiB + a few bytes of bf16.
+SIZES = [1, 1000, (1 << 20) + 3, (3 << 19) + 7]
+TOLERANCE = {
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-3,
+    torch.float32: 1e-5,
+}
+LOG_DIR = "/tmp/symm_rs_nccl_logs"
+
+
+def setup_rank(rank: int, world_size: int) -> None:
+    # NCCL prints one TUNING line per collective; the [Symmetric] ones prove the kernel choice.
+    os.makedirs(LOG_DIR, exist_ok=True)
+    os.environ.setdefault("NCCL_DEBUG", "INFO")
+    os.environ.setdefault("NCCL_DEBUG_SUBSYS", "TUNING")
+    os.environ["NCCL_DEBUG_FILE"] = f"{LOG_DIR}/rank{rank}.%p.log"
+
+
+def _symmetric_lines() -> int:
+    count = 0
+    for path in glob.glob(f"{LOG_DIR}/rank{dist.get_rank()}.{os.getpid()}.log"):
+        with open(path, errors="replace") as f:
+            count += sum("Symmetric" in line or "SYMK" in line for line in f)
+    return count
+
+
+def _integer_pattern(n: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    # Small integers: every sum over <= 8 ranks stays exact in bf16/fp16/uint8.
+    base = torch.arange(n, device="cuda", dtype=torch.int64)
+    return ((base * 7 + rank * 3) % 8).to(dtype)
+
+
+def _random(n: int, rank: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(seed * 1000 + rank)
+    return torch.randn(n, device="cuda", generator=gen, dtype=torch.float32).to(dtype)
+
+
+def _alloc(ctx: Ctx, n: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    ws = ctx.world_size
+    shapes = {"ag_in": n, "ag_out": n * ws, "ar": n, "rs_in": n * ws, "rs_out": n}
+    return {k: torch.empty(v, dtype=dtype, device="cuda") for k, v in shapes.items()}
+
+
+def _run_collectives(bufs: dict[str, torch.Tensor], group: Any) -> None:
+    dist.all_gather_into_tensor(bufs["ag_out"], bufs["ag_in"], group=group)
+    dist.all_reduce(bufs["ar"], group=group)
+    dist.reduce_scatter_tensor(bufs["rs_out"], bufs["rs_in"], group=group)
+
+
+def _fill(bufs: dict[str, torch.Tensor], make: Any) -> None:
+    bufs["ag_in"].copy_(make(bufs["ag_in"].numel(), 0))
+    bufs["ar"].copy_(make(bufs["ar"].numel(), 1))
+    bufs["rs_in"].copy_(make(bufs["rs_in"].numel(), 2))
+
+
+def case_buffers_are_symmetric_for_their_group_only(ctx: Ctx) -> None:
+    other = ctx.new_group()
+    with symm_rs.use_symmetric_memory(ctx.group):
+        inside = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
+    plain = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
+    assert symm_rs.is_symmetric(inside, ctx.group), "allocated in the context but not symmetric"
+    assert not symm_rs.is_symmetric(inside, other), "symmetric for a group that never registered"
+    assert not symm_rs.is_symmetric(plain, ctx.group), "a caching-allocator buffer is symmetric"
+    with symm_rs.use_symmetric_memory(ctx.group, disabled=True):
+        skipped = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
+    assert not symm_rs.is_symmetric(skipped, ctx.group), "disabled=True still used the pool"
+    ctx.details["stats"] = {k: v for k, v in symm_rs.stats().items() if k != "segment_list"}
+
+
+def case_collectives_match_plain_buffers(ctx: Ctx) -> None:
+    checked = 0
+    sym_lines_before = _symmetric_lines()
+    for dtype in DTYPES:
+        for n in SIZES:
+            with symm_rs.use_symmetric_memory(ctx.group):
+                sym = _alloc(ctx, n, dtype)
+            plain = _alloc(ctx, n, dtype)
+            for name, t in sym.items():
+                assert symm_rs.is_symmetric(t, ctx.group), f"{name} {dtype} n={n} not symmetric"
+
+            def integers(count: int, salt: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+                return _integer_pattern(count + salt, ctx.rank, dtype)[salt:]
+
+            for bufs in (sym, plain):
+                _fill(bufs, integers)
+                _run_collectives(bufs, ctx.group)
+            ws = ctx.world_size
+            expected_ag = torch.cat([_integer_pattern(n, r, dtype) for r in range(ws)])
+            expected_ar = sum(_integer_pattern(n + 1, r, torch.int64)[1:] for r in range(ws))
+            expected_rs = sum(_integer_pattern(n * ws + 2, r, torch.int64)[2:] for r in range(ws))[
+                ctx.rank * n : (ctx.rank + 1) * n
+            ]
+            if dtype == torch.uint8:
+                expected_ar, expected_rs = expected_ar % 256, expected_rs % 256
+            for bufs, label in ((sym, "symmetric"), (plain, "plain")):
+                assert torch.equal(bufs["ag_out"], expected_ag), f"all-gather {label} {dtype} {n}"
+                assert torch.equal(bufs["ar"], expected_ar.to(dtype)), (
+                    f"all-reduce {label} {dtype} {n}"
+                )
+                assert torch.equal(bufs["rs_out"], expected_rs.to(dtype)), (
+                    f"reduce-scatter {label} {dtype} {n}"
+                )
+            if dtype in TOLERANCE:
+
+                def noise(count: int, salt: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+                    return _random(count, ctx.rank, dtype, seed=salt)
+
+                for bufs in (sym, plain):
+                    _fill(bufs, noise)
+                    _run_collectives(bufs, ctx.group)
+                assert torch.equal(sym["ag_out"], plain["ag_out"]), f"random all-gather {dtype} {n}"
+                tol = TOLERANCE[dtype] * ws
+                for key in ("ar", "rs_out"):
+                    torch.testing.assert_close(
+                        sym[key].float(),
+                        plain[key].float(),
+                        atol=tol,
+                        rtol=tol,
+                        msg=lambda m, label=f"random {key} {dtype} n={n}": f"{label}: {m}",
+                    )
+            checked += 1
+    torch.cuda.synchronize()
+    ctx.details["combinations"] = checked
+    ctx.details["nccl_symmetric_log_lines"] = _symmetric_lines() - sym_lines_before
+
+
+def case_symmetric_kernels_only_on_registered_buffers(ctx: Ctx) -> None:
+    n = 1 << 16
+    with symm_rs.use_symmetric_memory(ctx.group):
+        s_in = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+        s_out = torch.empty(n * ctx.world_size, dtype=torch.bfloat16, device="cuda")
+    p_in = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    p_out = torch.empty(n * ctx.world_size, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    before = _symmetric_lines()
+    for _ in range(4):
+        dist.all_gather_into_tensor(p_out, p_in, group=ctx.group)
+    torch.cuda.synchronize()
+    after_plain = _symmetric_lines()
+    for _ in range(4):
+        dist.all_gather_into_tensor(s_out, s_in, group=ctx.group)
+    torch.cuda.synchronize()
+    after_symmetric = _symmetric_lines()
+    ctx.details["symmetric_lines_plain"] = after_plain - before
+    ctx.details["symmetric_lines_symmetric"] = after_symmetric - after_plain
+    assert after_plain == before, "NCCL logged symmetric kernels for caching-allocator buffers"
+    assert after_symmetric > after_plain, (
+        "NCCL logged no symmetric kernel for registered buffers (is NCCL_DEBUG_SUBSYS=TUNING on?)"
+    )
+
+
+def case_two_groups_share_one_pool(ctx: Ctx) -> None:
+    second = ctx.new_group()
+    n = 24 << 20
+    with symm_rs.use_symmetric_memory(ctx.group):
+        a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    with symm_rs.use_symmetric_memory(second):
+        # Larger than any block earlier cases freed, so it needs a new segment.
+        b = torch.empty(40 << 20, dtype=torch.uint8, device="cuda")
+    # The second group's exit registered every segment, the first group's included.
+    assert symm_rs.is_symmetric(a, second) and symm_rs.is_symmetric(b, second)
+    assert symm_rs.is_symmetric(a, ctx.group)
+    assert not symm_rs.is_symmetric(b, ctx.group), "registered before the first group's exit"
+    with symm_rs.use_symmetric_memory(ctx.group):
+        pass
+    assert symm_rs.is_symmetric(b, ctx.group)
+    stats = symm_rs.stats()
+    comms = stats["communicators"]
+    first_comm = symm_rs.resolve_comm(ctx.group)
+    second_comm = symm_rs.resolve_comm(second)
+    for comm in (first_comm, second_comm):
+        assert comm in comms, f"communicator {comm:#x} missing from stats"
+        assert comms[comm]["pending_segments"] == 0
+        assert comms[comm]["windows"] == stats["segments"], (comms[comm], stats["segments"])
+    a.fill_(ctx.rank + 1)
+    with symm_rs.use_symmetric_memory(second):
+        out = torch.empty(n * ctx.world_size, dtype=torch.uint8, device="cuda")
+    dist.all_gather_into_tensor(out, a, group=second)
+    expected = torch.arange(1, ctx.world_size + 1, device="cuda", dtype=torch.uint8)
+    assert torch.equal(out.view(ctx.world_size, n), expected[:, None].expand(-1, n))
+    ctx.details["segments"] = stats["segments"]
+    ctx.details["windows_per_comm"] = {
+        hex(c): comms[c]["windows"] for c in (first_comm, second_comm)
+    }
+
+
+def case_block_freed_by_one_group_is_registered_by_the_next(ctx: Ctx) -> None:
+    third = ctx.new_group()
+    n = 5 << 20
+    with symm_rs.use_symmetric_memory(ctx.group):
+        x = torch.empty(n, dtype=torch.uint8, device="cuda")
+    address = x.data_ptr()
+    del x
+    with symm_rs.use_symmetric_memory(third):
+        y = torch.empty(n, dtype=torch.uint8, device="cuda")
+    assert y.data_ptr() == address, "the pool did not reuse the freed block; scenario not reached"
+    assert symm_rs.is_symmetric(y, third)
+    y.fill_(1)
+    dist.all_reduce(y, group=third)
+    assert bool((y == ctx.world_size).all())
+
+
+def case_destroying_the_pool_deregisters_every_window(ctx: Ctx) -> None:
+    torch.cuda.synchronize()
+    before = symm_rs.stats()
+    assert before["windows_registered"] > 0
+    freed = symm_rs.destroy_pool()
+    after = symm_rs.stats()
+    ctx.details["freed_segments"] = freed
+    ctx.details["before"] = {k: v for k, v in before.items() if k != "segment_list"}
+    ctx.details["after"] = {k: v for k, v in after.items() if k != "segment_list"}
+    assert freed == before["segments"] > 0
+    assert after["segments"] == 0 and after["bytes"] == 0
+    assert after["windows_deregistered"] == after["windows_registered"]
+    assert after["deregistration_failures"] == 0 and after["free_failures"] == 0
+    # A new pool starts on the next use, and works.
+    with symm_rs.use_symmetric_memory(ctx.group):
+        z = torch.full((1024,), ctx.rank, dtype=torch.float32, device="cuda")
+        out = torch.empty(1024 * ctx.world_size, dtype=torch.float32, device="cuda")
+    assert symm_rs.is_symmetric(z, ctx.group)
+    dist.all_gather_into_tensor(out, z, group=ctx.group)
+    expected = torch.arange(ctx.world_size, device="cuda", dtype=torch.float32).repeat_interleave(
+        1024
+    )
+    assert torch.equal(out, expected)

@@ -1,0 +1,129 @@
+/* A stand-in libnccl for CPU tests and benches: host memory instead of GPU memory, fake
+ * communicators and windows, and failures injected on demand through stand_in_set().
+ * It implements only the symbols symm_rs resolves. Build:
+ *   cc -shared -fPIC -O2 -o libnccl_stand_in.so stand_in_nccl.c
+ * Add -DSTAND_IN_NO_WINDOWS for a library without the window symbols. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int ncclResult_t;
+typedef void *ncclComm_t;
+typedef void *ncclWindow_t;
+
+enum { OK = 0, CUDA_ERROR = 1, INVALID_ARGUMENT = 4, INVALID_USAGE = 5 };
+
+/* Knobs, all zero by default. */
+static long version = 22809;       /* ncclGetVersion */
+static long fail_alloc = 0;        /* non-zero: ncclMemAlloc fails */
+static long null_alloc = 0;        /* non-zero: ncclMemAlloc "succeeds" with NULL */
+static long null_window = 0;       /* non-zero: register succeeds with a NULL window */
+static long fail_register_at = 0;  /* n > 0: the n-th register call from now fails */
+static long fail_deregister = 0;   /* non-zero: deregister fails */
+static long nranks = 2;
+
+/* Counters, read back with stand_in_get(). */
+static long allocs, frees, registers, deregisters, live_windows;
+static char last_error[256] = "";
+
+int stand_in_set(const char *key, long value) {
+  if (!strcmp(key, "version")) version = value;
+  else if (!strcmp(key, "fail_alloc")) fail_alloc = value;
+  else if (!strcmp(key, "null_alloc")) null_alloc = value;
+  else if (!strcmp(key, "null_window")) null_window = value;
+  else if (!strcmp(key, "fail_register_at")) fail_register_at = value;
+  else if (!strcmp(key, "fail_deregister")) fail_deregister = value;
+  else if (!strcmp(key, "nranks")) nranks = value;
+  else return -1;
+  return 0;
+}
+
+long stand_in_get(const char *key) {
+  if (!strcmp(key, "allocs")) return allocs;
+  if (!strcmp(key, "frees")) return frees;
+  if (!strcmp(key, "registers")) return registers;
+  if (!strcmp(key, "deregisters")) return deregisters;
+  if (!strcmp(key, "live_windows")) return live_windows;
+  return -1;
+}
+
+ncclResult_t ncclGetVersion(int *v) { *v = (int)version; return OK; }
+
+const char *ncclGetErrorString(ncclResult_t r) {
+  switch (r) {
+    case OK: return "no error";
+    case CUDA_ERROR: return "unhandled cuda error (run with NCCL_DEBUG=INFO for details)";
+    case INVALID_ARGUMENT: return "invalid argument (run with NCCL_DEBUG=WARN for details)";
+    case INVALID_USAGE: return "invalid usage (run with NCCL_DEBUG=WARN for details)";
+    default: return "unknown result code";
+  }
+}
+
+const char *ncclGetLastError(ncclComm_t comm) { (void)comm; return last_error; }
+
+ncclResult_t ncclMemAlloc(void **ptr, size_t size) {
+  if (fail_alloc) {
+    /* Like the real one on OOM: an error code, and *ptr left as garbage. */
+    *ptr = (void *)0xdeadbeef;
+    strcpy(last_error, "stand-in: Cuda failure 2 'out of memory'");
+    return CUDA_ERROR;
+  }
+  if (null_alloc) { *ptr = NULL; return OK; }
+  void *p = NULL;
+  if (posix_memalign(&p, 4096, size ? size : 1)) return CUDA_ERROR;
+  memset(p, 0, size < 64 ? size : 64);
+  *ptr = p;
+  __atomic_add_fetch(&allocs, 1, __ATOMIC_RELAXED);
+  return OK;
+}
+
+ncclResult_t ncclMemFree(void *ptr) {
+  free(ptr);
+  __atomic_add_fetch(&frees, 1, __ATOMIC_RELAXED);
+  return OK;
+}
+
+#ifndef STAND_IN_NO_WINDOWS
+ncclResult_t ncclCommWindowRegister(ncclComm_t comm, void *buff, size_t size, ncclWindow_t *win,
+                                    int flags) {
+  (void)flags;
+  if (!comm || !buff || !size) return INVALID_ARGUMENT;
+  if (fail_register_at > 0 && --fail_register_at == 0) {
+    strcpy(last_error, "stand-in: injected registration failure");
+    return INVALID_USAGE;
+  }
+  long n = __atomic_add_fetch(&registers, 1, __ATOMIC_RELAXED);
+  *win = null_window ? NULL : (void *)(uintptr_t)(0x10000 + n);
+  if (*win) __atomic_add_fetch(&live_windows, 1, __ATOMIC_RELAXED);
+  return OK;
+}
+
+ncclResult_t ncclCommWindowDeregister(ncclComm_t comm, ncclWindow_t win) {
+  if (!comm || !win) return INVALID_ARGUMENT;
+  if (fail_deregister) {
+    strcpy(last_error, "stand-in: injected deregistration failure");
+    return INVALID_USAGE;
+  }
+  __atomic_add_fetch(&deregisters, 1, __ATOMIC_RELAXED);
+  __atomic_sub_fetch(&live_windows, 1, __ATOMIC_RELAXED);
+  return OK;
+}
+#endif
+
+ncclResult_t ncclCommCuDevice(ncclComm_t comm, int *device) {
+  if (!comm) return INVALID_ARGUMENT;
+  *device = 0;
+  return OK;
+}
+
+ncclResult_t ncclCommCount(ncclComm_t comm, int *count) {
+  if (!comm) return INVALID_ARGUMENT;
+  *count = (int)nranks;
+  return OK;
+}
+
+ncclResult_t ncclCommUserRank(ncclComm_t comm, int *rank) {
+  if (!comm) return INVALID_ARGUMENT;
+  *rank = 0;
+  return OK;
+}
