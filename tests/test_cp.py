@@ -21,8 +21,9 @@ from types import ModuleType
 from typing import Any, Optional
 
 import pytest
-import symm_rs
 import torch
+
+import symm_rs
 
 
 def _import_cp() -> ModuleType:

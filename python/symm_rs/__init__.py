@@ -13,17 +13,20 @@ from symm_rs._native import (
     SymmetricMemoryError,
     __version__,
 )
-from symm_rs.comm import Communicator, NotSymmetricWarning, nccl_group
+from symm_rs.comm import Communicator, NotSymmetricWarning, nccl_group, set_window_check
 from symm_rs.groups import resolve_comm
 from symm_rs.library import library_info, nccl_library, nccl_version
 from symm_rs.memory import (
     destroy_pool,
     is_symmetric,
+    pool_usage,
     register,
     release,
+    reserve,
     shared_pool,
     stats,
     use_symmetric_memory,
+    verify_pending,
 )
 
 __all__ = [
@@ -40,10 +43,14 @@ __all__ = [
     "nccl_group",
     "nccl_library",
     "nccl_version",
+    "pool_usage",
     "register",
     "release",
+    "reserve",
     "resolve_comm",
+    "set_window_check",
     "shared_pool",
     "stats",
     "use_symmetric_memory",
+    "verify_pending",
 ]

@@ -36,8 +36,33 @@ for _name, _code in (("uint32", 3), ("uint64", 5)):
 _FP8_DTYPES: dict[str, int] = {"float8_e4m3fn": 10, "float8_e5m2": 11}
 _FP8_MIN_VERSION = (2, 24, 0)
 
-_DEBUG = os.environ.get("SYMM_RS_DEBUG", "0") not in ("", "0")
-_STRICT = os.environ.get("SYMM_RS_STRICT", "0") not in ("", "0")
+_CHECK_MODES = ("off", "warn", "raise")
+
+
+def _mode_from_env() -> str:
+    if os.environ.get("SYMM_RS_STRICT", "0") not in ("", "0"):
+        return "raise"
+    if os.environ.get("SYMM_RS_DEBUG", "0") not in ("", "0"):
+        return "warn"
+    return "off"
+
+
+_window_check = _mode_from_env()
+
+
+def set_window_check(mode: str) -> str:
+    """What a Communicator collective does with a buffer outside its windows: ``"off"``
+    (default), ``"warn"`` (once per call site; ``SYMM_RS_DEBUG=1``) or ``"raise"``
+    (``SYMM_RS_STRICT=1``). Returns the previous mode.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    global _window_check
+    if mode not in _CHECK_MODES:
+        raise ValueError(f"mode must be one of {_CHECK_MODES}; got {mode!r}")
+    previous, _window_check = _window_check, mode
+    return previous
 
 
 class NotSymmetricWarning(UserWarning):
@@ -203,7 +228,7 @@ class Communicator:
             "this communicator, so NCCL cannot use its symmetric kernels; allocate them inside "
             "symm_rs.use_symmetric_memory(<this communicator>)"
         )
-        if _STRICT:
+        if _window_check == "raise":
             raise _native.RegistrationError(message)
         frame = sys._getframe(2)
         site = (frame.f_code.co_filename, frame.f_lineno)
@@ -226,7 +251,7 @@ class Communicator:
                 f"got {out_t.numel()}"
             )
         handle = self._stream(stream)
-        if _DEBUG or _STRICT:
+        if _window_check != "off":
             self._check_windows(out_t, inp_t)
         self._native.all_gather(inp_t.data_ptr(), out_t.data_ptr(), inp_t.numel(), dtype, handle)
 
@@ -248,7 +273,7 @@ class Communicator:
                 f"got {inp_t.numel()}"
             )
         handle = self._stream(stream)
-        if _DEBUG or _STRICT:
+        if _window_check != "off":
             self._check_windows(out_t, inp_t)
         self._native.reduce_scatter(
             inp_t.data_ptr(), out_t.data_ptr(), out_t.numel(), dtype, op, handle
@@ -274,7 +299,7 @@ class Communicator:
         dtype = nccl_dtype(tensor_t.dtype)
         _native.check_reduce_op(op)
         handle = self._stream(stream)
-        if _DEBUG or _STRICT:
+        if _window_check != "off":
             self._check_windows(out_t, tensor_t)
         self._native.all_reduce(
             tensor_t.data_ptr(), out_t.data_ptr(), tensor_t.numel(), dtype, op, handle

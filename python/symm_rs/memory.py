@@ -12,7 +12,10 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
+import re
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -162,6 +165,65 @@ def _flush_deferred() -> None:
         _native.register_pending(comm)
 
 
+_VERIFY_RECORD = 16  # int64s per rank: count, total bytes, fingerprint, first 13 sizes
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GiB"``, ``"512M"``, ``"1048576"`` as a byte count.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if match is None:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 4GiB, 512MiB or 1048576)")
+    return int(match.group(1)) * _SIZE_SUFFIX[match.group(2)]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def verify_pending(comm: int) -> None:
+    """Checks that every rank of ``comm`` is about to register the same segment sizes, so a
+    disagreement is an error on every rank instead of a hang inside NCCL. Collective: one
+    small all-gather on ``comm``.
+
+    Raises:
+        RegistrationError: the ranks disagree; the message names each rank's segments.
+    """
+    sizes = list(_native.pending_sizes(comm))
+    nranks = int(_native.comm_size(comm))
+    record = [len(sizes), sum(sizes), zlib.crc32(repr(sizes).encode())]
+    record += sizes[: _VERIFY_RECORD - 3]
+    record += [-1] * (_VERIFY_RECORD - len(record))
+    device = torch.device("cuda", int(_native.comm_device(comm)))
+    send = torch.tensor(record, dtype=torch.int64, device=device)
+    recv = torch.empty(nranks * _VERIFY_RECORD, dtype=torch.int64, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    _native.all_gather_on(comm, send.data_ptr(), recv.data_ptr(), _VERIFY_RECORD, 4, stream)
+    rows = recv.view(nranks, _VERIFY_RECORD).tolist()
+    if all(row == rows[0] for row in rows):
+        return
+
+    def describe(row: list[int]) -> str:
+        shown = [x for x in row[3:] if x >= 0]
+        more = "" if row[0] <= len(shown) else f" +{row[0] - len(shown)} more"
+        return f"{row[0]} segment(s), {row[1]} bytes, sizes {shown}{more}"
+
+    groups: dict[str, list[int]] = {}
+    for rank, row in enumerate(rows):
+        groups.setdefault(describe(row), []).append(rank)
+    detail = "; ".join(f"rank(s) {ranks}: {what}" for what, ranks in groups.items())
+    raise _native.RegistrationError(
+        f"ranks of communicator {comm:#x} disagree on the segments to register, which would "
+        f"hang every rank inside ncclCommWindowRegister: {detail}. Every rank must allocate "
+        "the same sizes in the same order inside use_symmetric_memory (reserve() up front "
+        "avoids growth at run time)"
+    )
+
+
 def _annotated_oom(error: BaseException) -> Optional[BaseException]:
     reason = _native.take_last_error()
     if reason is None:
@@ -177,6 +239,14 @@ class use_symmetric_memory:
         disabled: make the context a no-op (as a one-rank group does).
         graph_pool: the capture's pool id, only needed inside a CUDA-graph capture on a torch
             without ``CUDAGraph.get_currently_capturing_graph``.
+        verify: before registering, check that every rank is about to register the same
+            segment sizes (one small all-gather); default from ``SYMM_RS_VERIFY``.
+
+    Inside a CUDA-graph capture, allocations still come from the pool (the capture's own pool
+    is paused), but registration is deferred to the next exit outside a capture, or to
+    ``symm_rs.register(group)``: NCCL cannot register while a stream is capturing. A collective
+    captured on a buffer that is not registered yet runs NCCL's regular kernels; ``reserve``
+    up front (or a warm-up pass before capture) makes capture reuse registered segments.
 
     Raises:
         TypeError: ``group`` is not a kind symm_rs accepts.
@@ -185,17 +255,28 @@ class use_symmetric_memory:
         RegistrationError / NcclError: registration failed on exit.
     """
 
-    __slots__ = ("_comm", "_device", "_graph_pool", "_group", "_outermost", "_pool", "disabled")
+    __slots__ = (
+        "_comm",
+        "_device",
+        "_graph_pool",
+        "_group",
+        "_outermost",
+        "_pool",
+        "disabled",
+        "verify",
+    )
 
     def __init__(
         self,
         group: object,
         disabled: bool = False,
         graph_pool: Optional[tuple[int, int]] = None,
+        verify: Optional[bool] = None,
     ) -> None:
         self._group = group
         self.disabled = bool(disabled)
         self._graph_pool = graph_pool
+        self.verify = _env_flag("SYMM_RS_VERIFY") if verify is None else bool(verify)
         self._comm = 0
         self._device = -1
         self._pool: Any = None
@@ -223,6 +304,8 @@ class use_symmetric_memory:
             state.paused_graph_pool = graph_pool
         state.depth += 1
         self._device = state.device
+        if _env_reservation and not torch.cuda.is_current_stream_capturing():
+            _grow_pool_from_env()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -250,7 +333,70 @@ class use_symmetric_memory:
                 _deferred.setdefault(comm, None)
             return
         _flush_deferred()
+        if self.verify:
+            verify_pending(comm)
         _native.register_pending(comm)
+
+
+_env_reservation = os.environ.get("SYMM_RS_RESERVE", "").strip()
+_reserved_bytes = 0
+
+
+def _grow_pool_from_env() -> None:
+    """The first context of the process grows the pool by ``SYMM_RS_RESERVE`` bytes (while
+    allocations already route to the pool; that context's exit registers it)."""
+    global _env_reservation
+    text, _env_reservation = _env_reservation, ""
+    _grow(parse_bytes(text))
+
+
+def _grow(nbytes: int, small_bytes: int = 8 << 20) -> None:
+    """Allocates then frees, inside the pool routing, one ``nbytes`` block (one segment: large
+    requests get a segment of their own size) and ``small_bytes`` of 1 MiB blocks (requests
+    under 1 MiB come from separate 2 MiB segments), leaving them cached in the pool."""
+    global _reserved_bytes
+    device = torch.cuda.current_device()
+    big = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+    small = [
+        torch.empty(1 << 20, dtype=torch.uint8, device=device) for _ in range(small_bytes >> 20)
+    ]
+    del big, small
+    _reserved_bytes += nbytes + small_bytes
+
+
+def reserve(nbytes: int, group: object, small_bytes: int = 8 << 20) -> int:
+    """Grows the symmetric pool once, up front, and registers it with ``group``, so steady-state
+    allocations find cached, registered memory and never call ``ncclMemAlloc`` or register.
+
+    One segment of ``nbytes`` serves requests of 1 MiB and more (torch splits it); requests
+    under 1 MiB come from ``small_bytes`` of 2 MiB segments. Collective over ``group``.
+    Returns how many new segments were made. ``SYMM_RS_RESERVE=4GiB`` does the same at the
+    first ``use_symmetric_memory`` of the process.
+
+    Raises:
+        ValueError: ``nbytes`` or ``small_bytes`` is negative.
+    """
+    if nbytes < 0 or small_bytes < 0:
+        raise ValueError(f"nbytes and small_bytes must be >= 0; got {nbytes}, {small_bytes}")
+    before = int(_native.stats()["segments_tracked"])
+    with use_symmetric_memory(group) as context:
+        if context._pool is None:
+            return 0
+        _grow(nbytes, small_bytes)
+    return int(_native.stats()["segments_tracked"]) - before
+
+
+def pool_usage() -> dict[str, int]:
+    """Bytes the symmetric pool holds and how many of them live tensors use (from torch's pool
+    snapshot: fine for monitoring, too slow for a hot path)."""
+    if _pool is None:
+        return {"pool_bytes": 0, "in_use_bytes": 0, "reserved_bytes": _reserved_bytes}
+    segments = _pool.pool.snapshot()
+    return {
+        "pool_bytes": sum(int(s["total_size"]) for s in segments),
+        "in_use_bytes": sum(int(s["allocated_size"]) for s in segments),
+        "reserved_bytes": _reserved_bytes,
+    }
 
 
 def register(group: object) -> int:
@@ -301,6 +447,7 @@ def stats() -> dict[str, Any]:
     """Segments, bytes, windows per communicator, and failure counters of the symmetric pool."""
     out = dict(_native.stats())
     out["deferred_registrations"] = len(_deferred)
+    out.update(pool_usage())
     return out
 
 

@@ -288,6 +288,34 @@ impl PyNcclCommunicator {
     }
 }
 
+/// `ncclAllGather` on any communicator, for symm_rs's own small control exchanges (the
+/// cross-rank check before registration). Buffers are addresses of device tensors the caller
+/// keeps alive; `comm` is checked to be readable memory first.
+#[pyfunction]
+fn all_gather_on(
+    py: Python<'_>,
+    comm: usize,
+    send: usize,
+    recv: usize,
+    count: usize,
+    dtype: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let lib = crate::nccl::get()?;
+    lib.comm_count(comm)?; // validates the address before NCCL dereferences it
+    let call = crate::nccl::Collective {
+        send,
+        recv,
+        count,
+        dtype,
+        comm,
+        stream,
+    };
+    // SAFETY: symm_rs.memory passes contiguous int64 CUDA tensors of `count` and
+    // `count * size` elements on the communicator's device, and the current stream.
+    Ok(py.detach(|| unsafe { lib.all_gather(call) })?)
+}
+
 /// `ncclGroupStart()`: collectives until `group_end` are launched together.
 #[pyfunction]
 fn group_start() -> PyResult<()> {
@@ -332,6 +360,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(take_last_error, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(mark_exiting, m)?)?;
+    m.add_function(wrap_pyfunction!(all_gather_on, m)?)?;
     m.add_function(wrap_pyfunction!(group_start, m)?)?;
     m.add_function(wrap_pyfunction!(group_end, m)?)?;
     m.add_function(wrap_pyfunction!(check_reduce_op, m)?)?;

@@ -64,26 +64,37 @@ def _cases(module: Any) -> list[tuple[str, Callable[..., Any]]]:
     return [(n, f) for n, f in vars(module).items() if n.startswith("case_") and callable(f)]
 
 
-def _worker(rank: int, world_size: int, suite: str, only: list[str]) -> list[dict[str, Any]]:
-    import symm_rs
+def _worker(
+    rank: int, world_size: int, suite: str, only: list[str], progress: str
+) -> list[dict[str, Any]]:
     import torch
     import torch.distributed as dist
+
+    import symm_rs
     from symm_rs.launch import init_nccl
 
     module = importlib.import_module(suite)
     setup = getattr(module, "setup_rank", None)
     if setup is not None:
         setup(rank, world_size)
-    group = init_nccl(rank, world_size)
+    # A short watchdog: a case that leaves ranks out of step should fail the run, not stall it.
+    group = init_nccl(rank, world_size, timeout_s=60)
     device = torch.device("cuda", rank)
     results: list[dict[str, Any]] = []
     made: list[Any] = []
+
+    def record(result: dict[str, Any]) -> None:
+        results.append(result)
+        # Kept on disk as we go, so a rank that later dies still leaves its evidence.
+        with open(os.path.join(progress, f"rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps(result, default=str) + "\n")
+
     for name, fn in _cases(module):
         if only and name not in only:
             continue
         need = getattr(fn, "min_world_size", 2)
         if world_size < need:
-            results.append({"name": name, "outcome": "skipped", "reason": f"needs {need} GPUs"})
+            record({"name": name, "outcome": "skipped", "reason": f"needs {need} GPUs"})
             continue
         ctx = Ctx(rank, world_size, group, device)
         start = time.perf_counter()
@@ -94,15 +105,16 @@ def _worker(rank: int, world_size: int, suite: str, only: list[str]) -> list[dic
         except Exception as e:
             outcome, error = "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         made.extend(ctx._made)
-        results.append(
-            {
-                "name": name,
-                "outcome": outcome,
-                "error": error,
-                "seconds": round(time.perf_counter() - start, 3),
-                "details": ctx.details,
-            }
-        )
+        result = {
+            "name": name,
+            "outcome": outcome,
+            "error": error,
+            "seconds": round(time.perf_counter() - start, 3),
+            "details": ctx.details,
+        }
+        record(result)
+        if error:
+            print(f"[rank {rank}] {name} FAILED: {error}", file=sys.stderr, flush=True)
         dist.barrier(group=group, device_ids=[rank])
     # Windows must go before their communicators do.
     for g in [*made, group]:
@@ -112,8 +124,9 @@ def _worker(rank: int, world_size: int, suite: str, only: list[str]) -> list[dic
 
 
 def _environment() -> dict[str, Any]:
-    import symm_rs
     import torch
+
+    import symm_rs
 
     info = symm_rs.library_info()
     return {
@@ -130,12 +143,29 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _recover(rank: int, ok: bool, value: Any, progress: str) -> tuple[bool, Any]:
+    """A rank that died or hung: its finished cases from disk, then the case it was in."""
+    if ok:
+        return ok, value
+    done = []
+    path = os.path.join(progress, f"rank{rank}.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            done = [json.loads(line) for line in f if line.strip()]
+    done.append({"name": "<in progress>", "outcome": "failed", "error": value})
+    return True, done
+
+
 def run(suite: str, world_size: int, only: list[str], timeout: float) -> dict[str, Any]:
+    import tempfile
+
     from symm_rs.launch import run_ranks
 
     module = importlib.import_module(suite)
     started = time.time()
-    per_rank = run_ranks(_worker, world_size, args=(suite, only), timeout=timeout)
+    progress = tempfile.mkdtemp(prefix="symm_rs_gpu_")
+    per_rank = run_ranks(_worker, world_size, args=(suite, only, progress), timeout=timeout)
+    per_rank = [_recover(rank, ok, value, progress) for rank, (ok, value) in enumerate(per_rank)]
     names = [n for n, _ in _cases(module) if not only or n in only]
     tests = []
     for index, name in enumerate(names):
@@ -146,7 +176,7 @@ def run(suite: str, world_size: int, only: list[str], timeout: float) -> dict[st
             elif index < len(value):
                 ranks.append({"rank": rank, **value[index]})
             else:
-                ranks.append({"rank": rank, "outcome": "failed", "error": "no result"})
+                ranks.append({"rank": rank, "outcome": "failed", "error": "not run: the rank died"})
         outcomes = {r["outcome"] for r in ranks}
         outcome = (
             "skipped"

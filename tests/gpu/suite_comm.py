@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import symm_rs
 import torch
 import torch.distributed as dist
+
+import symm_rs
+
 from harness import Ctx
 
 INT_DTYPES = [torch.int8, torch.uint8, torch.int32, torch.int64]
@@ -68,26 +70,39 @@ def _torch(group: Any, b: dict[str, torch.Tensor]) -> None:
     dist.reduce_scatter_tensor(b["rs_out"], b["rs_in"], group=group)
 
 
-def _compare(
+def _differences(
     ours: dict[str, torch.Tensor],
     ref: dict[str, torch.Tensor],
     dtype: torch.dtype,
     exact: bool,
     label: str,
-) -> None:
-    assert torch.equal(ours["ag_out"], ref["ag_out"]), f"{label}: all-gather differs"
-    for key in ("ar_out", "rs_out"):
-        if exact:
-            assert torch.equal(ours[key], ref[key]), f"{label}: {key} differs"
+) -> list[str]:
+    """What differs, described; collected rather than raised so every rank keeps issuing the
+    same collectives (a rank that stops early would leave the others hanging)."""
+    found = []
+    for key in ("ag_out", "ar_out", "rs_out"):
+        a, b = ours[key].double(), ref[key].double()
+        if key == "ag_out" or exact:
+            same = torch.equal(ours[key], ref[key])
         else:
             tol = TOLERANCE[dtype] * ours["ag_out"].numel() / N
-            torch.testing.assert_close(ours[key].double(), ref[key].double(), atol=tol, rtol=tol)
+            same = bool(torch.allclose(a, b, atol=tol, rtol=tol))
+        if not same:
+            bad = (a != b).nonzero().flatten()
+            first = int(bad[0]) if bad.numel() else -1
+            found.append(
+                f"{label} {key}: {bad.numel()} of {a.numel()} differ, first at {first}: "
+                f"ours {a[first].item() if first >= 0 else None} vs torch "
+                f"{b[first].item() if first >= 0 else None}"
+            )
+    return found
 
 
-def _check_dtype(ctx: Ctx, dtype: torch.dtype, graph: bool) -> None:
+def _check_dtype(ctx: Ctx, dtype: torch.dtype, graph: bool) -> list[str]:
     comm = _communicator(ctx)
     ours = _buffers(comm, dtype, symmetric=True)
     ref = _buffers(comm, dtype, symmetric=False)
+    problems = []
     for random in [False, True] if dtype in TOLERANCE else [False]:
         _fill(ours, ctx.rank, dtype, random)
         _fill(ref, ctx.rank, dtype, random)
@@ -108,18 +123,26 @@ def _check_dtype(ctx: Ctx, dtype: torch.dtype, graph: bool) -> None:
             _ours(comm, ours)
         _torch(ctx.group, ref)
         torch.cuda.synchronize()
-        _compare(ours, ref, dtype, exact=not random, label=f"{dtype} graph={graph} random={random}")
+        label = f"{dtype} graph={graph} random={random}"
+        problems += _differences(ours, ref, dtype, exact=not random, label=label)
+    return problems
+
+
+def _check_all(ctx: Ctx, graph: bool) -> None:
+    problems = []
+    for dtype in INT_DTYPES + FLOAT_DTYPES:
+        problems += _check_dtype(ctx, dtype, graph=graph)
+    ctx.details["dtypes"] = [str(d) for d in INT_DTYPES + FLOAT_DTYPES]
+    ctx.details["problems"] = problems
+    assert not problems, "; ".join(problems)
 
 
 def case_every_dtype_eager_matches_torch_distributed(ctx: Ctx) -> None:
-    for dtype in INT_DTYPES + FLOAT_DTYPES:
-        _check_dtype(ctx, dtype, graph=False)
-    ctx.details["dtypes"] = [str(d) for d in INT_DTYPES + FLOAT_DTYPES]
+    _check_all(ctx, graph=False)
 
 
 def case_every_dtype_in_replayed_cuda_graph(ctx: Ctx) -> None:
-    for dtype in INT_DTYPES + FLOAT_DTYPES:
-        _check_dtype(ctx, dtype, graph=True)
+    _check_all(ctx, graph=True)
 
 
 def case_fp8_all_gather_is_bit_exact(ctx: Ctx) -> None:

@@ -8,9 +8,11 @@ import glob
 import os
 from typing import Any
 
-import symm_rs
 import torch
 import torch.distributed as dist
+
+import symm_rs
+
 from harness import Ctx
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
@@ -160,9 +162,11 @@ def case_symmetric_kernels_only_on_registered_buffers(ctx: Ctx) -> None:
     ctx.details["symmetric_lines_plain"] = after_plain - before
     ctx.details["symmetric_lines_symmetric"] = after_symmetric - after_plain
     assert after_plain == before, "NCCL logged symmetric kernels for caching-allocator buffers"
-    assert after_symmetric > after_plain, (
-        "NCCL logged no symmetric kernel for registered buffers (is NCCL_DEBUG_SUBSYS=TUNING on?)"
-    )
+    # NCCL prints its TUNING lines on rank 0 only.
+    if ctx.rank == 0:
+        assert after_symmetric > after_plain, (
+            "NCCL logged no symmetric kernel for registered buffers (NCCL_DEBUG_SUBSYS=TUNING?)"
+        )
 
 
 def case_two_groups_share_one_pool(ctx: Ctx) -> None:

@@ -13,7 +13,11 @@ torch = pytest.importorskip("torch")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-SUITES = [("suite_core", 2), ("suite_core", 4)]
+SUITES = [
+    (suite, world_size)
+    for suite in ("suite_core", "suite_comm", "suite_cp", "suite_safety")
+    for world_size in (2, 4)
+]
 
 
 @pytest.mark.parametrize(("suite", "world_size"), SUITES)
