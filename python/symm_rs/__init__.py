@@ -17,6 +17,7 @@ from symm_rs.comm import Communicator, NotSymmetricWarning, nccl_group, set_wind
 from symm_rs.groups import resolve_comm
 from symm_rs.library import library_info, nccl_library, nccl_version
 from symm_rs.memory import (
+    check_layout,
     destroy_pool,
     is_symmetric,
     pool_usage,
@@ -37,6 +38,7 @@ __all__ = [
     "RegistrationError",
     "SymmetricMemoryError",
     "__version__",
+    "check_layout",
     "destroy_pool",
     "is_symmetric",
     "library_info",

@@ -15,6 +15,7 @@ describes that split, ``zigzag_split`` makes a rank's slice from the full KV, an
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -164,12 +165,18 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
         # Every rank sees the same counts, so every rank skips the collective together.
         return input.new_empty((0, *trailing))
 
+    # Each rank's slot is padded to a multiple of 16 bytes: NCCL 2.28's symmetric kernels give
+    # wrong results for 16-bit data whose per-rank size is not (measured on H100; see
+    # tests/gpu/results/suite_alignment_*), and the padding never reaches the result.
+    row_bytes = math.prod(trailing) * input.element_size()
+    align = 16 // math.gcd(row_bytes, 16) if row_bytes else 1
+    slot = -(-max_len // align) * align
     with use_symmetric_memory(group, disabled=disabled):
-        gathered = torch.empty((max_len * world, *trailing), dtype=input.dtype, device=input.device)
+        gathered = torch.empty((slot * world, *trailing), dtype=input.dtype, device=input.device)
     # Gather in place: this rank's padded slice lives inside the gathered buffer, so both NCCL
     # buffers lie in the symmetric window (symmetric kernels need both) and no second
     # allocation is made. torch and NCCL accept an input that is the rank's slice of the output.
-    local = gathered.narrow(0, rank * max_len, max_len)
+    local = gathered.narrow(0, rank * slot, slot)
     n = counts[rank]
     local[:n].copy_(input)
     # Padding never reaches the result; zeroing it keeps the buffer deterministic.
@@ -186,9 +193,9 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
     else:
         gather(gathered, local, None)
 
-    if all(c == max_len for c in counts):
+    if slot == max_len and all(c == max_len for c in counts):
         return gathered
-    by_rank = gathered.view(world, max_len, *trailing)
+    by_rank = gathered.view(world, slot, *trailing)
     return torch.cat([by_rank[r, :c] for r, c in enumerate(counts)], dim=0)
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -441,6 +441,44 @@ def is_symmetric(tensor: torch.Tensor, group: object) -> bool:
         return False
     ptr, nbytes = _extent(tensor)
     return bool(_native.is_registered(ptr, nbytes, resolved.comm))
+
+
+def check_layout(tensors: Sequence[torch.Tensor], group: object) -> None:
+    """Checks that each tensor sits at the same segment position and offset on every rank of
+    ``group``, which symmetric kernels assume (they address a peer's copy at the local offset).
+    Collective: one small all-gather. A debugging aid, not a per-call check.
+
+    Raises:
+        RegistrationError: some tensor's placement differs between ranks; the message says
+            which tensor and each rank's placement.
+    """
+    resolved = resolve(group)
+    if resolved is None:
+        return
+    record: list[int] = []
+    for tensor in tensors:
+        ptr, nbytes = _extent(tensor)
+        index, offset = _native.segment_position(ptr, nbytes) or (-1, -1)
+        record += [index, offset, nbytes]
+    width = max(len(record), 1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    send = torch.tensor(record or [0], dtype=torch.int64, device=device)
+    recv = torch.empty(resolved.size * width, dtype=torch.int64, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    _native.all_gather_on(resolved.comm, send.data_ptr(), recv.data_ptr(), width, 4, stream)
+    rows = recv.view(resolved.size, width).tolist()
+    for i in range(len(tensors)):
+        placements = [tuple(row[3 * i : 3 * i + 3]) for row in rows]
+        if any(p != placements[0] for p in placements) or placements[0][0] < 0:
+            shown = ", ".join(
+                f"rank {r}: segment {p[0]} offset {p[1]} ({p[2]} bytes)"
+                for r, p in enumerate(placements)
+            )
+            raise _native.RegistrationError(
+                f"tensor {i} is not placed symmetrically ({shown}); symmetric kernels would "
+                "read the wrong memory on peers. Allocate the same sizes in the same order on "
+                "every rank, and do not free symmetric tensors that other streams still use"
+            )
 
 
 def stats() -> dict[str, Any]:

@@ -126,6 +126,18 @@ fn segment_of(ptr: usize, nbytes: usize) -> Option<(usize, usize, i32)> {
     })
 }
 
+/// `(position in allocation order, byte offset)` of `[ptr, ptr + nbytes)` inside its pool
+/// segment, if any: symmetric kernels find a peer's buffer at the same position and offset.
+#[pyfunction]
+fn segment_position(ptr: usize, nbytes: usize) -> Option<(usize, usize)> {
+    allocator::with_table(|t| {
+        t.segments()
+            .iter()
+            .position(|s| ptr >= s.ptr && ptr + nbytes.max(1) <= s.ptr + s.size)
+            .map(|i| (i, ptr - t.segments()[i].ptr))
+    })
+}
+
 #[pyfunction]
 fn comm_size(py: Python<'_>, comm: usize) -> PyResult<i32> {
     Ok(py.detach(|| nccl::get()?.comm_count(comm))?)
@@ -354,6 +366,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pending_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(is_registered, m)?)?;
     m.add_function(wrap_pyfunction!(segment_of, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_position, m)?)?;
     m.add_function(wrap_pyfunction!(comm_size, m)?)?;
     m.add_function(wrap_pyfunction!(comm_rank, m)?)?;
     m.add_function(wrap_pyfunction!(comm_device, m)?)?;

@@ -188,7 +188,7 @@ def case_wrong_arguments_raise_before_nccl(ctx: Ctx) -> None:
             "size * inp.numel()",
         ),
         (
-            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws), x.cpu()),
+            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws, device="cuda"), x.cpu()),
             ValueError,
             "inp is on cpu",
         ),

@@ -27,10 +27,12 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
     src = torch.zeros(N, dtype=torch.float32, device="cuda")
     segments_before = symm_rs.stats()["segments_tracked"]
     g = torch.cuda.CUDAGraph()
+    # Older torch cannot tell symm_rs which pool a capture uses: name it and pass it.
+    pool = torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.cuda.graph(g):
-        with symm_rs.use_symmetric_memory(ctx.group):
+    with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool):
+        with symm_rs.use_symmetric_memory(ctx.group, graph_pool=pool):
             ag_in = torch.empty(N, dtype=torch.bfloat16, device="cuda")
             ar = torch.empty(N, dtype=torch.bfloat16, device="cuda")
             ag_out = torch.empty(N * ws, dtype=torch.bfloat16, device="cuda")
@@ -61,10 +63,11 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
 
 def case_capture_that_needs_a_new_segment_defers_registration(ctx: Ctx) -> None:
     g = torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.cuda.graph(g):
-        with symm_rs.use_symmetric_memory(ctx.group):
+    with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool):
+        with symm_rs.use_symmetric_memory(ctx.group, graph_pool=pool):
             fresh = torch.empty(96 << 20, dtype=torch.uint8, device="cuda")  # a new segment
         fresh.fill_(ctx.rank + 1)
         dist.all_reduce(fresh, group=ctx.group)
@@ -183,13 +186,14 @@ def case_rank_mismatch_fails_fast_on_every_rank(ctx: Ctx) -> None:
         with symm_rs.use_symmetric_memory(ctx.group, verify=True):
             common = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
             if ctx.rank == 0:
-                odd = torch.empty(77 << 20, dtype=torch.uint8, device="cuda")  # rank 0 only
+                # Larger than anything cached (the reservation is 512 MiB): a new segment.
+                odd = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # rank 0 only
     except symm_rs.RegistrationError as e:
         error = str(e)
     seconds = time.perf_counter() - start
     ctx.details.update(error=error[:600], seconds=round(seconds, 3))
     assert error, "the mismatch was not detected"
-    assert "rank(s) [0]" in error and "80740352" in error, error
+    assert "rank(s) [0]" in error and "1073741824" in error, error
     # Leave the process consistent: drop everything and free the pool on every rank.
     del odd, common
     symm_rs.destroy_pool()
