@@ -51,6 +51,7 @@ BUFFERS = ("plain", "symm")
 MODES = ("eager", "graph")
 COMMUNICATOR_OPS = ("all_gather", "all_reduce")
 COMMUNICATOR_PATHS = ("symm_rs", "torch")
+BACKENDS = ("torch", "symm_rs")
 DTYPE = "bfloat16"
 DTYPE_BYTES = 2
 DEFAULT_MIN_BYTES = 1 * KiB
@@ -163,6 +164,10 @@ METHOD = {
 class BenchAbort(RuntimeError):
     """Some ranks failed where others did not: their collective sequences may differ, so the
     whole run stops instead of risking a hang."""
+
+
+class BenchHang(BenchAbort):
+    """The GPU did not finish queued work in time: the ranks are stuck in a collective."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,6 +404,8 @@ class BenchConfig:
     quick: bool = False
     nccl_timeout_s: float = 60.0
     control_timeout_s: float = 60.0
+    gpu_timeout_s: float = 30.0
+    backend: str = "torch"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -454,6 +461,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="environment variable for the rank processes, set before NCCL starts (repeatable)",
     )
     parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="collectives section: torch.distributed on the default group (default), or a "
+        "symm_rs.Communicator over the same ranks (a fallback should torch's collectives not "
+        "replay in CUDA graphs)",
+    )
+    parser.add_argument(
+        "--gpu-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a rank waits for its GPU before declaring a hang (default 30)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=300.0,
@@ -483,6 +504,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cfg.target_s = args.target_ms / 1e3
     if args.iters is not None:
         cfg.iters = args.iters
+    cfg.backend = args.backend
+    cfg.gpu_timeout_s = float(args.gpu_timeout)
     if (
         cfg.warmup < 0
         or cfg.reps < 1
@@ -490,6 +513,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         or (cfg.iters is not None and cfg.iters < 1)
     ):
         raise ValueError("need --warmup >= 0, --reps >= 1, --target-ms > 0 and --iters >= 1")
+    if cfg.gpu_timeout_s <= 0:
+        raise ValueError("need --gpu-timeout > 0")
     return cfg
 
 
@@ -544,10 +569,29 @@ class _Rank:
         dist.all_reduce(tensor, op=reduce_op, group=self.control)
         return float(tensor.item())
 
-    def barrier(self) -> None:
+    def wait_gpu(self, what: str, event: Any = None) -> None:
+        """Waits until ``event`` (default: all work queued so far on the current stream) has
+        completed, like ``synchronize``, but raises ``BenchHang`` after ``gpu_timeout_s``
+        instead of blocking forever when the ranks are stuck in a collective."""
+        import torch
+
+        if event is None:
+            event = torch.cuda.Event()
+            event.record()
+        deadline = time.monotonic() + self.cfg.gpu_timeout_s
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise BenchHang(
+                    f"{what}: rank {self.rank}'s GPU has not finished after "
+                    f"{self.cfg.gpu_timeout_s:.0f} s; the ranks are probably stuck in a collective"
+                )
+            time.sleep(0)
+
+    def barrier(self, what: str = "barrier") -> None:
         """GPU idle here, then all ranks meet (host side)."""
         import torch
 
+        self.wait_gpu(what)
         torch.cuda.synchronize()
         self._all_reduce_cpu(0.0, "sum")
 
@@ -606,7 +650,7 @@ def _probe_seconds(r: _Rank, fn: Callable[[], Any]) -> float:
     for _ in range(PROBE_CALLS):
         fn()
     end.record()
-    end.synchronize()
+    r.wait_gpu("probe", end)
     return r.agree_max(start.elapsed_time(end) / 1e3 / PROBE_CALLS)
 
 
@@ -620,7 +664,7 @@ def _time_loop(r: _Rank, fn: Callable[[], Any], iters: int, reps: int) -> list[f
         for _ in range(iters):
             fn()
         end.record()
-        end.synchronize()
+        r.wait_gpu("timed calls", end)
         samples.append(start.elapsed_time(end) * 1e3 / iters)
     return samples
 
@@ -652,6 +696,7 @@ def _measure_graph(r: _Rank, fn: Callable[[], Any], estimate_s: Optional[float])
         for _ in range(max(2, min(cfg.warmup, 3))):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    r.wait_gpu("warm-up on a side stream")
     torch.cuda.synchronize()
     if cfg.iters is not None:
         calls, replays = fixed_graph_plan(cfg.iters, cfg.max_graph_calls)
@@ -669,7 +714,7 @@ def _measure_graph(r: _Rank, fn: Callable[[], Any], estimate_s: Optional[float])
                 fn()
         torch.cuda.synchronize()
         graph.replay()  # the first replay uploads the graph
-        torch.cuda.synchronize()
+        r.wait_gpu("first graph replay")
         start, end = _events()
         samples = []
         for _ in range(cfg.reps):
@@ -678,15 +723,19 @@ def _measure_graph(r: _Rank, fn: Callable[[], Any], estimate_s: Optional[float])
             for _ in range(replays):
                 graph.replay()
             end.record()
-            end.synchronize()
+            r.wait_gpu("graph replays", end)
             samples.append(start.elapsed_time(end) * 1e3 / (calls * replays))
-    finally:
+    except BenchHang:
+        raise  # leave the graph alone: the GPU may still be running it
+    except BaseException:
         try:
             torch.cuda.synchronize()
             graph.reset()
         except Exception:
             pass
-        del graph
+        raise
+    graph.reset()
+    del graph
     return {
         "samples_us": samples,
         "median_us": statistics.median(samples),
@@ -734,7 +783,8 @@ def _collective(op: str, small: Any, big: Any, group: Any) -> Callable[[], Any]:
 
 def _section_collectives(r: _Rank) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    graph_error: Optional[str] = None
+    # After a failed capture (on every rank), no more captures with that kind of buffer.
+    graph_errors: dict[str, str] = {}
     for nbytes in r.cfg.sizes:
         label = format_bytes(nbytes)
         buffers: dict[str, Any] = {}
@@ -757,8 +807,10 @@ def _section_collectives(r: _Rank) -> dict[str, Any]:
                     if isinstance(pair, str):
                         row["error"] = pair
                         continue
-                    if mode == "graph" and graph_error is not None:
-                        row["error"] = f"skipped: an earlier graph capture failed ({graph_error})"
+                    if mode == "graph" and kind in graph_errors:
+                        row["error"] = (
+                            f"skipped: an earlier graph capture failed ({graph_errors[kind]})"
+                        )
                         continue
                     fn = _collective(op, pair[0], pair[1], r.group)
                     name = f"[collectives] {op} {label} {kind} {mode}"
@@ -771,7 +823,7 @@ def _section_collectives(r: _Rank) -> dict[str, Any]:
                             name, _measure_graph, r, fn, estimates.get((op, kind))
                         )
                         if error is not None:
-                            graph_error = f"{op} {label} {kind}: {error}"
+                            graph_errors[kind] = f"{op} {label}: {error}"
                     fn = None
                     if error is not None:
                         row["error"] = error
@@ -841,7 +893,7 @@ def _measure_host(r: _Rank, fn: Callable[[], Any]) -> dict[str, Any]:
             fn()
         end.record()
         t1 = time.perf_counter()
-        torch.cuda.synchronize()
+        r.wait_gpu("timed calls", end)
         t2 = time.perf_counter()
         event_us.append(start.elapsed_time(end) * 1e3 / iters)
         issue_us.append((t1 - t0) * 1e6 / iters)
@@ -1335,7 +1387,10 @@ def _launch(
                 else f"no answer within {timeout_s:.0f} s (killed)"
             )
             out.errors[r] = f"rank {r}: {reason}"
-        p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    for p in procs:
+        p.join(timeout=10)
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
@@ -1833,6 +1888,13 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _print_text(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except UnicodeEncodeError:  # a terminal without UTF-8
+        print(text.replace("µ", "u").encode("ascii", "replace").decode(), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """``python -m symm_rs bench``: returns 0, 1 (errors recorded in the JSON) or 2 (usage)."""
     try:
@@ -1879,6 +1941,11 @@ def run(args: argparse.Namespace) -> int:
             data["elapsed_s"] = _round(time.perf_counter() - cold_started)
         launched.sections["coldstart"] = cold
         print(f"[coldstart] done in {time.perf_counter() - cold_started:.1f} s", flush=True)
+    if launched.meta is None:
+        try:  # the ranks never reported it (coldstart only, or an early failure)
+            launched.meta = _rank_meta(world)
+        except Exception as e:
+            launched.meta = {"error": f"{type(e).__name__}: {e}"}
     config = asdict(cfg)
     config["timeout_s"] = args.timeout
     result = merge_results(
@@ -1901,9 +1968,9 @@ def run(args: argparse.Namespace) -> int:
         why = plot_results(result, png_path)
         print(why if why else f"wrote {png_path}", flush=True)
     print()
-    print(render_markdown(result))
+    _print_text(render_markdown(result))
     for line in _summary_lines(result):
-        print(line)
+        _print_text(line)
     if result["errors"]:
         print(f"\n{len(result['errors'])} error(s):", file=sys.stderr)
         for error in result["errors"]:

@@ -35,9 +35,9 @@ for _name, _code in (("uint32", 3), ("uint64", 5)):
         _NCCL_DTYPES[getattr(torch, _name)] = _code
 _FP8_DTYPES: dict[str, int] = {"float8_e4m3fn": 10, "float8_e5m2": 11}
 _FP8_MIN_VERSION = (2, 24, 0)
-# First NCCL assumed free of the odd-count 16-bit symmetric reduce-scatter bug. Not yet known:
-# every release is treated as affected until a GPU run shows otherwise.
-_SYMMETRIC_RS_FIXED = (99, 0, 0)
+# First NCCL assumed free of the odd-count 16-bit symmetric-kernel bug. Not known yet: every
+# release is treated as affected until a GPU run shows otherwise.
+_ODD_16BIT_FIXED = (99, 0, 0)
 
 _CHECK_MODES = ("off", "warn", "raise")
 
@@ -256,6 +256,14 @@ class Communicator:
         handle = self._stream(stream)
         if _window_check != "off":
             self._check_windows(out_t, inp_t)
+        if self._needs_staging(inp_t.numel(), out_t, inp_t):
+            with torch.cuda.stream(_external(stream, self._torch_device)):
+                staging = torch.empty_like(out_t)
+                self._native.all_gather(
+                    inp_t.data_ptr(), staging.data_ptr(), inp_t.numel(), dtype, handle
+                )
+                out_t.copy_(staging)
+            return
         self._native.all_gather(inp_t.data_ptr(), out_t.data_ptr(), inp_t.numel(), dtype, handle)
 
     def reduce_scatter_tensor(
@@ -278,10 +286,7 @@ class Communicator:
         handle = self._stream(stream)
         if _window_check != "off":
             self._check_windows(out_t, inp_t)
-        if self._symmetric_reduce_scatter_is_wrong(out_t, inp_t):
-            # NCCL runs its symmetric kernel only when both buffers are in windows; a staging
-            # output outside them keeps this call on the regular (correct) kernels.
-            # Allocated, used and freed on the collective's stream, so reuse is stream-ordered.
+        if self._needs_staging(out_t.numel(), out_t, inp_t):
             with torch.cuda.stream(_external(stream, self._torch_device)):
                 staging = torch.empty_like(out_t)
                 self._native.reduce_scatter(
@@ -293,12 +298,16 @@ class Communicator:
             inp_t.data_ptr(), out_t.data_ptr(), out_t.numel(), dtype, op, handle
         )
 
-    def _symmetric_reduce_scatter_is_wrong(self, out: torch.Tensor, inp: torch.Tensor) -> bool:
-        """NCCL 2.28's symmetric reduce-scatter returns wrong values for 16-bit floats with an
-        odd per-rank count (measured on H100, tests/gpu/results/suite_alignment_*)."""
-        if out.numel() % 2 == 0 or out.dtype not in (torch.bfloat16, torch.float16):
+    def _needs_staging(self, count: int, out: torch.Tensor, inp: torch.Tensor) -> bool:
+        """Whether this call must steer around NCCL's symmetric kernels: measured on H100 with
+        NCCL 2.28.9, all-gather (in place always, reduce-scatter sometimes) returns wrong values
+        for 16-bit data with an odd per-rank count when both buffers are in windows
+        (tests/gpu/results/suite_alignment_*). NCCL picks a symmetric kernel only when both
+        buffers are registered, so a staging output outside the windows, allocated, used and
+        freed on the collective's stream, keeps the call on its regular kernels."""
+        if count % 2 == 0 or out.element_size() != 2:
             return False
-        if tuple(library_info()["version"]) >= _SYMMETRIC_RS_FIXED:
+        if tuple(library_info()["version"]) >= _ODD_16BIT_FIXED:
             return False
         from symm_rs.memory import _extent
 

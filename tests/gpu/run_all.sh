@@ -24,4 +24,7 @@ for world in 2 4; do
       || status=1
   done
 done
+if [ "$gpus" -ge 2 ]; then
+  CUDA_VISIBLE_DEVICES=0,1 python3 "$here/run_examples.py" --nproc 2 --out "$out" || status=1
+fi
 exit $status

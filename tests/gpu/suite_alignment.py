@@ -97,7 +97,8 @@ def case_unaligned_small_collectives(ctx: Ctx) -> None:
     )
     assert all(r["layout"] == "symmetric" for r in rows), "buffers not placed symmetrically"
     ours = [r for r in rows if r["path"] == "communicator"]
-    bad = [r for r in ours if not all(r[k] for k in ("all_gather", "reduce_scatter", "all_reduce"))]
+    keys = ("all_gather", "reduce_scatter", "all_reduce", "all_gather_in_place")
+    bad = [r for r in ours if not all(r[k] for k in keys)]
     assert not bad, bad
     torch_path = [r for r in rows if r["path"] == "torch"]
     assert all(r["all_gather"] and r["all_reduce"] for r in torch_path), torch_path

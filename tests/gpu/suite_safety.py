@@ -19,18 +19,19 @@ N = 1 << 16  # bf16 elements per rank
 
 def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
     ws = ctx.world_size
-    # Warm-up outside the capture: the segments exist and are registered before capturing.
-    with symm_rs.use_symmetric_memory(ctx.group):
+    src = torch.zeros(N, dtype=torch.float32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    # Warm-up outside the capture, on the capture's stream (cached blocks belong to a stream):
+    # the segments exist and are registered before capturing.
+    with torch.cuda.stream(side), symm_rs.use_symmetric_memory(ctx.group):
         warm = [torch.empty(N, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
         warm.append(torch.empty(N * ws, dtype=torch.bfloat16, device="cuda"))
     del warm
-    src = torch.zeros(N, dtype=torch.float32, device="cuda")
     segments_before = symm_rs.stats()["segments_tracked"]
     g = torch.cuda.CUDAGraph()
     # Older torch cannot tell symm_rs which pool a capture uses: name it and pass it.
     pool = torch.cuda.graph_pool_handle()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool):
         with symm_rs.use_symmetric_memory(ctx.group, graph_pool=pool):
             ag_in = torch.empty(N, dtype=torch.bfloat16, device="cuda")
