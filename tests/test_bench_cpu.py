@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -24,19 +25,24 @@ import symm_rs
 SOURCE = Path(__file__).resolve().parents[1] / "python" / "symm_rs"
 
 
-def _import_bench() -> ModuleType:
+def _import_from_source() -> tuple[ModuleType, ModuleType]:
+    """The source tree's bench.py and cli.py, on top of the installed native core: the installed
+    copies may be older, or missing. Pure Python, so they run as they are."""
+    installed = Path(symm_rs.__file__).resolve().parent
+    if installed == SOURCE.resolve() or not (SOURCE / "bench.py").is_file():
+        return importlib.import_module("symm_rs.bench"), importlib.import_module("symm_rs.cli")
+    for name in ("symm_rs.bench", "symm_rs.cli"):
+        module = sys.modules.get(name)
+        if module is not None and Path(module.__file__ or "").resolve().parent != SOURCE:
+            del sys.modules[name]
+    symm_rs.__path__.insert(0, str(SOURCE))
     try:
-        return importlib.import_module("symm_rs.bench")
-    except ModuleNotFoundError:
-        # The installed wheel may predate bench.py; it is pure Python, so the source tree's copy
-        # runs on top of the installed native core (cli.py too, for the command-line tests).
-        symm_rs.__path__.insert(0, str(SOURCE))
-        sys.modules.pop("symm_rs.cli", None)
-        return importlib.import_module("symm_rs.bench")
+        return importlib.import_module("symm_rs.bench"), importlib.import_module("symm_rs.cli")
+    finally:
+        symm_rs.__path__.remove(str(SOURCE))
 
 
-bench = _import_bench()
-from symm_rs import cli  # noqa: E402  (after the source tree is on symm_rs.__path__)
+bench, cli = _import_from_source()
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -81,8 +87,9 @@ def test_default_sizes_are_factor_8_and_hold_design_rows() -> None:
 @pytest.mark.parametrize(
     ("lo", "hi", "factor", "message"),
     [
-        (1, 1024, 8, "multiples of 2"),
-        (1024, 1023, 8, "multiples of 2"),
+        (1, 1024, 8, "multiples of 4"),
+        (1024, 1022, 8, "multiples of 4"),
+        (2, 1024, 8, "multiples of 4"),
         (2048, 1024, 8, "below"),
         (1024, 4096, 1, "factor"),
     ],
@@ -96,8 +103,9 @@ def test_parse_size_list() -> None:
     assert bench.parse_size_list("4M,1K, 512K,1K") == [KiB, 512 * KiB, 4 * MiB]
     with pytest.raises(ValueError):
         bench.parse_size_list(" , ")
-    with pytest.raises(ValueError):
-        bench.parse_size_list("3")
+    for bad in ("3", "6"):
+        with pytest.raises(ValueError, match="multiples of 4"):
+            bench.parse_size_list(bad)
 
 
 def test_communicator_and_registration_sizes() -> None:
@@ -468,17 +476,13 @@ def test_plot(tmp_path: Path) -> None:
 
 def _cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m symm_rs ARGV`` with the source tree's cli.py and bench.py."""
-    installed = Path(symm_rs.__file__).resolve().parent
-    if (installed / "bench.py").is_file():
-        command = [sys.executable, "-m", "symm_rs", *argv]
-    else:
-        shim = (
-            "import runpy, sys, symm_rs; "
-            f"symm_rs.__path__.insert(0, {str(SOURCE)!r}); "
-            "sys.argv[0] = 'symm_rs'; "
-            "runpy.run_module('symm_rs', run_name='__main__', alter_sys=True)"
-        )
-        command = [sys.executable, "-c", shim, *argv]
+    shim = (
+        "import runpy, sys, symm_rs; "
+        f"symm_rs.__path__.insert(0, {str(SOURCE)!r}); "
+        "sys.argv[0] = 'symm_rs'; "
+        "runpy.run_module('symm_rs', run_name='__main__', alter_sys=True)"
+    )
+    command = [sys.executable, "-c", shim, *argv]
     return subprocess.run(
         command,
         capture_output=True,
@@ -517,8 +521,8 @@ def test_main_checks_gpu_count_and_options(
     assert "needs 4 GPUs; this machine has 2" in capsys.readouterr().err
     assert cli.main(["bench", "--world-size", "1"]) == 2
     assert ">= 2" in capsys.readouterr().err
-    assert cli.main(["bench", "--sizes", "3"]) == 2
-    assert "multiples of 2" in capsys.readouterr().err
+    assert cli.main(["bench", "--sizes", "6"]) == 2
+    assert "multiples of 4" in capsys.readouterr().err
     assert cli.main(["bench", "--env", "NOVALUE"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert cli.main(["bench", "--tag", "a/b"]) == 2
@@ -598,7 +602,7 @@ _COLD_OK = """
 import json, os
 rank = int(os.environ["RANK"])
 print("noise")
-print("SYMM_RS_BENCH_COLD " + json.dumps({"rank": rank, "import_torch_ms": 1.0 + rank}))
+print("SYMM_RS_BENCH_COLD " + json.dumps({"rank": rank, "import_torch_ms": 1.0 + rank}), flush=True)
 """
 
 _COLD_BROKEN = """
@@ -610,8 +614,21 @@ time.sleep(120)
 """
 
 
+_COLD_SLOW_EXIT = (
+    _COLD_OK
+    + """
+import time
+time.sleep(120)  # as a teardown that hangs
+"""
+)
+
+
 def test_coldstart_runner_parses_and_fails_fast() -> None:
     out = bench._run_coldstart(2, 60, script=_COLD_OK)
+    assert out == {0: {"rank": 0, "import_torch_ms": 1.0}, 1: {"rank": 1, "import_torch_ms": 2.0}}
+    started = time.monotonic()
+    out = bench._run_coldstart(2, 100, grace_s=1, script=_COLD_SLOW_EXIT)
+    assert time.monotonic() - started < 30
     assert out == {0: {"rank": 0, "import_torch_ms": 1.0}, 1: {"rank": 1, "import_torch_ms": 2.0}}
     started = time.monotonic()
     out = bench._run_coldstart(2, 100, grace_s=1, script=_COLD_BROKEN)
@@ -632,6 +649,9 @@ class _FakeEvent:
 
     def synchronize(self) -> None:
         pass
+
+    def query(self) -> bool:
+        return True
 
     def elapsed_time(self, other: _FakeEvent) -> float:
         return max(1e-6, (other.t - self.t) * 1e3)
@@ -689,6 +709,13 @@ class _FakeCommunicator:
 
         dist.all_reduce(tensor, group=self.group)
         return tensor
+
+    def reduce_scatter_tensor(
+        self, out: Any, inp: Any, op: str = "sum", stream: Any = None
+    ) -> None:
+        import torch.distributed as dist
+
+        dist.reduce_scatter_tensor(out, inp, group=self.group)
 
     def close(self) -> None:
         self.closed = True
@@ -760,6 +787,7 @@ def _dry_body(rank: int, world: int, cfg: Any, emit: Callable[[str, Any], None])
     symm_rs.release = lambda group: 0
     symm_rs.resolve_comm = lambda group: 1234
     symm_rs.destroy_pool = destroy_pool
+    symm_rs.reserve = lambda nbytes, group: 1
     bench._Rank = CpuRank
     bench._make_communicator = lambda r: _FakeCommunicator(r.group)
     bench._bench_rank(rank, world, cfg, emit)
@@ -778,6 +806,8 @@ def test_dry_run_whole_bench_on_cpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     launch, coldstart = bench._launch, bench._run_coldstart
+    # bench sets --env variables in its own process (for the ranks): undone after the test.
+    monkeypatch.setenv("NCCL_SYM_CTAS", "unset")
     monkeypatch.setattr(bench, "visible_gpu_count", lambda: 2)
     monkeypatch.setattr(
         bench,
@@ -827,7 +857,7 @@ def test_dry_run_whole_bench_on_cpu(
     assert registration["first"]["windows_registered"] == 1
     assert registration["batch"]["segments_requested"] == 8
     assert "note" in registration["batch"]  # the stand-in pool does not grow
-    assert "reserve" in registration
+    assert registration["reserve"]["returned"] == 1
     assert registration["destroy_pool"]["segments_freed"] == 3
     cold = sections["coldstart"]["max_over_ranks"]
     assert cold["symm_rs_total_ms"] == 125.0
@@ -836,3 +866,62 @@ def test_dry_run_whole_bench_on_cpu(
     )
     assert "| 2 KiB |" in captured.out and "| 1 MiB |" in captured.out
     assert "[collectives] all_gather 1 MiB symm graph" in captured.out
+    assert sections["collectives"]["backend"] == "torch"
+
+    # The same collectives through a (stand-in) symm_rs.Communicator.
+    argv += ["--backend", "symm_rs", "--sections", "collectives", "--tag", "dry_comm"]
+    code = cli.main(argv)
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    result = json.loads((tmp_path / "bench_2gpu_dry_comm.json").read_text())
+    assert result["errors"] == []
+    assert set(result["sections"]) == {"collectives"}
+    collectives = result["sections"]["collectives"]
+    assert collectives["backend"] == "symm_rs" and collectives["close_error"] is None
+    assert all(r["latency_us"] is not None for r in collectives["rows"])
+    assert len(collectives["rows"]) == 2 * 3 * 2 * 2
+
+
+def _body_hang_in_collectives(
+    rank: int, world: int, cfg: Any, emit: Callable[[str, Any], None]
+) -> None:
+    """The dry run, except that rank 1's GPU never finishes the 1 MiB graph replays."""
+    original = _FakeEvent.query
+
+    def query(self: _FakeEvent) -> bool:
+        stack = "".join(traceback.format_stack(limit=6))
+        return not (rank == 1 and "_measure_graph" in stack and _FakeGraph.replays > 20)
+
+    _FakeEvent.query = query  # type: ignore[method-assign]
+    try:
+        _dry_body(rank, world, cfg, emit)
+    finally:
+        _FakeEvent.query = original  # type: ignore[method-assign]
+
+
+def test_a_hang_fails_fast_and_keeps_finished_rows() -> None:
+    cfg = bench.BenchConfig(
+        sizes=[2 * KiB, MiB], sections=["collectives"], iters=3, reps=2, warmup=1
+    )
+    cfg.gpu_timeout_s = 2.0
+    started = time.monotonic()
+    out = bench._launch(cfg, 2, 120, 3.0, _target, _body_hang_in_collectives)
+    assert time.monotonic() - started < 60
+    assert "BenchHang" in out.errors[1] and "graph replays" in out.errors[1]
+    # Rank 0 waits in the next agreement: killed after the grace period, or it hangs too.
+    assert 0 in out.errors
+    rows = out.sections["collectives"][1]["rows"]
+    assert out.sections["collectives"][1]["error"].startswith("incomplete")
+    assert rows and all("median_us" in row for row in rows)
+    result = bench.merge_results(
+        world_size=2,
+        config={},
+        meta=None,
+        sections=out.sections,
+        rank_errors=out.errors,
+        env_set={},
+        elapsed_s=1.0,
+    )
+    assert any("incomplete" in e for e in result["errors"])
+    measured = [r for r in result["sections"]["collectives"]["rows"] if r["latency_us"]]
+    assert measured

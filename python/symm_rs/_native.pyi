@@ -76,9 +76,7 @@ def mark_exiting() -> None:
 def stats() -> dict[str, Any]:
     """Segments, bytes, windows per communicator, and failure counters."""
 
-def all_gather_on(
-    comm: int, send: int, recv: int, count: int, dtype: int, stream: int
-) -> None:
+def all_gather_on(comm: int, send: int, recv: int, count: int, dtype: int, stream: int) -> None:
     """``ncclAllGather`` on any communicator, for symm_rs's own control exchanges."""
 
 def group_start() -> None:

@@ -54,6 +54,7 @@ COMMUNICATOR_PATHS = ("symm_rs", "torch")
 BACKENDS = ("torch", "symm_rs")
 DTYPE = "bfloat16"
 DTYPE_BYTES = 2
+SIZE_QUANTUM = 2 * DTYPE_BYTES
 DEFAULT_MIN_BYTES = 1 * KiB
 DEFAULT_MAX_BYTES = 256 * MiB
 DEFAULT_FACTOR = 8
@@ -119,6 +120,14 @@ METHOD = {
     "buffers": (
         "plain: torch caching allocator; symm: both buffers allocated inside "
         "symm_rs.use_symmetric_memory(default group), checked with is_symmetric"
+    ),
+    "backend": (
+        "collectives.backend: torch = torch.distributed on the default NCCL group; symm_rs = a "
+        "symm_rs.Communicator over the same ranks (symm buffers then registered with it)"
+    ),
+    "hang_guard": (
+        "ranks wait for their GPU by polling CUDA events; after gpu_timeout_s a rank reports a "
+        "hang and the run stops; rows finished before that are kept"
     ),
     "eager": (
         "N back-to-back torch.distributed calls between two CUDA events on the current stream; "
@@ -192,9 +201,12 @@ def parse_size(text: str) -> int:
 
 
 def _check_size(nbytes: int) -> None:
-    if nbytes < DTYPE_BYTES or nbytes % DTYPE_BYTES:
+    # An even bf16 count: NCCL's symmetric kernels mishandle odd 16-bit counts (comm.py stages
+    # around them), which would time a different path.
+    if nbytes < SIZE_QUANTUM or nbytes % SIZE_QUANTUM:
         raise ValueError(
-            f"sizes must be positive multiples of {DTYPE_BYTES} bytes (bf16), got {nbytes}"
+            f"sizes must be positive multiples of {SIZE_QUANTUM} bytes (an even bf16 count), "
+            f"got {nbytes}"
         )
 
 
@@ -206,7 +218,7 @@ def size_list(
     """``min, min*factor, ...`` up to ``max`` (``max`` itself is added when the steps miss it).
 
     Raises:
-        ValueError: a size is not a positive multiple of 2, ``max < min`` or ``factor < 2``.
+        ValueError: a size is not a positive multiple of 4, ``max < min`` or ``factor < 2``.
     """
     _check_size(min_bytes)
     _check_size(max_bytes)
@@ -228,7 +240,7 @@ def parse_size_list(text: str) -> list[int]:
     """``"1K,512K,4M"`` -> sorted distinct byte counts.
 
     Raises:
-        ValueError: an entry is not a size, or not a positive multiple of 2.
+        ValueError: an entry is not a size, or not a positive multiple of 4.
     """
     sizes = sorted({parse_size(part) for part in str(text).split(",") if part.strip()})
     if not sizes:
@@ -747,8 +759,9 @@ def _measure_graph(r: _Rank, fn: Callable[[], Any], estimate_s: Optional[float])
 # -- collectives ----------------------------------------------------------------------------
 
 
-def _allocate_pair(r: _Rank, kind: str, elems: int) -> tuple[Any, Any]:
-    """``(small, big)``: ``elems`` and ``world * elems`` bf16 zeros."""
+def _allocate_pair(r: _Rank, kind: str, elems: int, owner: Any) -> tuple[Any, Any]:
+    """``(small, big)``: ``elems`` and ``world * elems`` bf16 zeros; for ``symm``, inside
+    ``use_symmetric_memory(owner)`` (the group or communicator the collectives run on)."""
     import torch
 
     import symm_rs
@@ -757,82 +770,110 @@ def _allocate_pair(r: _Rank, kind: str, elems: int) -> tuple[Any, Any]:
         small = torch.zeros(elems, dtype=torch.bfloat16, device=r.device)
         big = torch.zeros(elems * r.world, dtype=torch.bfloat16, device=r.device)
     else:
-        with symm_rs.use_symmetric_memory(r.group):
+        with symm_rs.use_symmetric_memory(owner):
             small = torch.empty(elems, dtype=torch.bfloat16, device=r.device)
             big = torch.empty(elems * r.world, dtype=torch.bfloat16, device=r.device)
         small.zero_()
         big.zero_()
-        if not (symm_rs.is_symmetric(small, r.group) and symm_rs.is_symmetric(big, r.group)):
+        if not (symm_rs.is_symmetric(small, owner) and symm_rs.is_symmetric(big, owner)):
             raise RuntimeError("buffers allocated inside use_symmetric_memory are not symmetric")
     torch.cuda.synchronize()
     return small, big
 
 
-def _collective(op: str, small: Any, big: Any, group: Any) -> Callable[[], Any]:
-    """The call to time: zeros stay zeros, so repeated sums cannot overflow."""
+def _collective(op: str, small: Any, big: Any, group: Any, comm: Any) -> Callable[[], Any]:
+    """The call to time (zeros stay zeros, so repeated sums cannot overflow): through
+    ``torch.distributed`` on ``group``, or through the ``symm_rs.Communicator`` ``comm``."""
     import torch.distributed as dist
 
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    if comm is not None:
+        if op == "all_gather":
+            return functools.partial(comm.all_gather_into_tensor, big, small)
+        if op == "all_reduce":
+            return functools.partial(comm.all_reduce, small)
+        return functools.partial(comm.reduce_scatter_tensor, small, big)
     if op == "all_gather":
         return functools.partial(dist.all_gather_into_tensor, big, small, group=group)
     if op == "all_reduce":
         return functools.partial(dist.all_reduce, small, group=group)
-    if op == "reduce_scatter":
-        return functools.partial(dist.reduce_scatter_tensor, small, big, group=group)
-    raise ValueError(f"unknown op {op!r}")
+    return functools.partial(dist.reduce_scatter_tensor, small, big, group=group)
+
+
+def _collectives_row(
+    r: _Rank,
+    row: dict[str, Any],
+    pair: Any,
+    comm: Any,
+    estimates: dict[tuple[str, str], float],
+    graph_errors: dict[str, str],
+) -> None:
+    """Measures one (op, bytes, mode, buffers) row in place; errors go into the row."""
+    op, nbytes, mode, kind = row["op"], row["bytes"], row["mode"], row["buffers"]
+    if isinstance(pair, str):
+        row["error"] = pair
+        return
+    if mode == "graph" and kind in graph_errors:
+        row["error"] = f"skipped: an earlier graph capture failed ({graph_errors[kind]})"
+        return
+    fn = _collective(op, pair[0], pair[1], r.group, comm)
+    name = f"[collectives] {op} {format_bytes(nbytes)} {kind} {mode}"
+    if mode == "eager":
+        result, error = r.unit(name, _measure_eager, r, fn)
+        if result is not None:
+            estimates[(op, kind)] = result.pop("estimate_s")
+    else:
+        result, error = r.unit(name, _measure_graph, r, fn, estimates.get((op, kind)))
+        if error is not None:
+            graph_errors[kind] = f"{op} {format_bytes(nbytes)}: {error}"
+    if error is not None:
+        row["error"] = error
+        return
+    row.update(result)
+    r.log(f"{name}: {row['median_us']:.1f} us (rank 0)")
 
 
 def _section_collectives(r: _Rank) -> dict[str, Any]:
+    import torch
+
+    comm = None
+    if r.cfg.backend == "symm_rs":
+        comm, error = r.unit("[collectives] create Communicator", _make_communicator, r)
+        if error is not None:
+            return {"backend": r.cfg.backend, "error": f"Communicator creation failed: {error}"}
+    owner = r.group if comm is None else comm
     rows: list[dict[str, Any]] = []
     # After a failed capture (on every rank), no more captures with that kind of buffer.
     graph_errors: dict[str, str] = {}
     for nbytes in r.cfg.sizes:
-        label = format_bytes(nbytes)
         buffers: dict[str, Any] = {}
         for kind in BUFFERS:
             pair, error = r.unit(
-                f"[collectives] allocate {kind} {label}",
+                f"[collectives] allocate {kind} {format_bytes(nbytes)}",
                 _allocate_pair,
                 r,
                 kind,
                 nbytes // DTYPE_BYTES,
+                owner,
             )
             buffers[kind] = pair if error is None else f"allocation failed: {error}"
-        estimates: dict[tuple[str, str], Optional[float]] = {}
+            pair = None
+        estimates: dict[tuple[str, str], float] = {}
         for op in OPS:
             for mode in MODES:
                 for kind in BUFFERS:
                     row: dict[str, Any] = {"op": op, "bytes": nbytes, "mode": mode, "buffers": kind}
+                    _collectives_row(r, row, buffers[kind], comm, estimates, graph_errors)
                     rows.append(row)
-                    pair = buffers[kind]
-                    if isinstance(pair, str):
-                        row["error"] = pair
-                        continue
-                    if mode == "graph" and kind in graph_errors:
-                        row["error"] = (
-                            f"skipped: an earlier graph capture failed ({graph_errors[kind]})"
-                        )
-                        continue
-                    fn = _collective(op, pair[0], pair[1], r.group)
-                    name = f"[collectives] {op} {label} {kind} {mode}"
-                    if mode == "eager":
-                        result, error = r.unit(name, _measure_eager, r, fn)
-                        if result is not None:
-                            estimates[(op, kind)] = result.pop("estimate_s")
-                    else:
-                        result, error = r.unit(
-                            name, _measure_graph, r, fn, estimates.get((op, kind))
-                        )
-                        if error is not None:
-                            graph_errors[kind] = f"{op} {label}: {error}"
-                    fn = None
-                    if error is not None:
-                        row["error"] = error
-                        continue
-                    row.update(result)
-                    r.log(f"{name}: {row['median_us']:.1f} us (rank 0)")
+                    r.emit("row", ("collectives", row))
         buffers.clear()
-        pair = None
-    return {"rows": rows}
+    out: dict[str, Any] = {"backend": r.cfg.backend, "rows": rows}
+    if comm is not None:
+        r.wait_gpu("collectives")
+        torch.cuda.synchronize()
+        _, out["close_error"] = r.unit("[collectives] close Communicator", comm.close)
+    return out
 
 
 # -- communicator ---------------------------------------------------------------------------
@@ -877,8 +918,6 @@ def _communicator_call(path: str, op: str, comm: Any, r: _Rank, small: Any, big:
 
 
 def _measure_host(r: _Rank, fn: Callable[[], Any]) -> dict[str, Any]:
-    import torch
-
     cfg = r.cfg
     iters = cfg.iters if cfg.iters is not None else cfg.host_iters
     for _ in range(cfg.warmup):
@@ -929,6 +968,7 @@ def _section_communicator(r: _Rank) -> dict[str, Any]:
                 rows.append(row)
                 if error is not None:
                     row["error"] = f"allocation failed: {error}"
+                    r.emit("row", ("communicator", row))
                     continue
                 fn = _communicator_call(path, op, comm, r, pair[0], pair[1])
                 name = f"[communicator] {op} {label} {path}"
@@ -936,13 +976,16 @@ def _section_communicator(r: _Rank) -> dict[str, Any]:
                 fn = None
                 if failure is not None:
                     row["error"] = failure
+                    r.emit("row", ("communicator", row))
                     continue
                 row.update(result)
+                r.emit("row", ("communicator", row))
                 r.log(
                     f"{name}: gpu {row['event_us']:.1f} us, wall {row['wall_us']:.1f} us, "
                     f"issue {row['issue_us']:.1f} us (rank 0)"
                 )
         pair = None
+    r.wait_gpu("communicator")
     torch.cuda.synchronize()
     _, close_error = r.unit("[communicator] close", comm.close)
     return {"rows": rows, "close_error": close_error}
@@ -1150,6 +1193,20 @@ def _registration_begin(r: _Rank) -> dict[str, Any]:
     return out
 
 
+def _pool_tensors_alive() -> int:
+    """Blocks of the shared pool still allocated (``destroy_pool`` refuses to run then)."""
+    import symm_rs
+
+    if not symm_rs.stats()["segments"]:
+        return 0
+    return sum(
+        1
+        for segment in symm_rs.shared_pool().snapshot()
+        for block in segment.get("blocks", [])
+        if block.get("state") == "active_allocated"
+    )
+
+
 def _registration_destroy(r: _Rank) -> dict[str, Any]:
     import torch
 
@@ -1158,8 +1215,18 @@ def _registration_destroy(r: _Rank) -> dict[str, Any]:
     destroy = getattr(symm_rs, "destroy_pool", None)
     if destroy is None:
         return {"skipped": "symm_rs.destroy_pool is not in this build"}
-    gc.collect()
     torch.cuda.synchronize()
+    # torch's NCCL watchdog may hold the last collectives' tensors for a moment.
+    deadline = time.monotonic() + 10.0
+    while True:
+        gc.collect()
+        alive = _pool_tensors_alive()
+        if alive == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    alive = int(r.agree_max(float(alive)))
+    if alive:
+        return {"skipped": f"{alive} tensor(s) from the symmetric pool still alive on some rank"}
     before = symm_rs.stats()
     r.barrier()
     t0 = time.perf_counter()
@@ -1339,6 +1406,7 @@ def _launch(
     for p in procs:
         p.start()
     out = LaunchResult(meta=None, sections={}, errors={})
+    partial: dict[str, dict[int, list[Any]]] = {}
     finished: set[int] = set()
     deadline = time.monotonic() + timeout_s
     first_failure: Optional[float] = None
@@ -1351,6 +1419,9 @@ def _launch(
         elif kind == "section":
             name, data = payload
             out.sections.setdefault(name, {})[rank] = data
+        elif kind == "row":
+            name, row = payload
+            partial.setdefault(name, {}).setdefault(rank, []).append(row)
         elif kind in ("done", "error"):
             finished.add(rank)
             if kind == "error":
@@ -1394,6 +1465,12 @@ def _launch(
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+    # A rank that stopped inside a section still gave the rows it had finished.
+    for name, by_rank in partial.items():
+        for rank, rows in by_rank.items():
+            section = out.sections.setdefault(name, {})
+            if rank not in section:
+                section[rank] = {"rows": rows, "error": "incomplete: the rank stopped here"}
     return out
 
 
@@ -1437,6 +1514,8 @@ try:
     out["first_alloc_ms"] = (t6 - t5) * 1e3
     out["first_registration_ms"] = (t7 - t6) * 1e3
     out["symmetric"] = bool(symm_rs.is_symmetric(buf, group))
+    if not out["symmetric"]:
+        out["error"] = "the first buffer from use_symmetric_memory is not in a window"
     out["symm_rs_total_ms"] = (
         out["import_symm_rs_ms"] + out["first_alloc_ms"] + out["first_registration_ms"]
     )
@@ -1459,6 +1538,11 @@ def _package_parent() -> str:
     import symm_rs
 
     return os.path.dirname(os.path.dirname(os.path.abspath(symm_rs.__file__)))
+
+
+def _has_marker(path: str) -> bool:
+    with open(path, errors="replace") as f:
+        return any(line.startswith(COLD_MARKER) for line in f)
 
 
 def _run_coldstart(
@@ -1484,7 +1568,7 @@ def _run_coldstart(
         procs = []
         logs = []
         for rank in range(world):
-            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
+            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+", errors="replace")
             logs.append(log)
             rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
             procs.append(
@@ -1496,12 +1580,17 @@ def _run_coldstart(
                 )
             )
         deadline = time.monotonic() + timeout_s
-        first_failure: Optional[float] = None
+        # A failed rank, or every rank with its numbers printed (teardown may then dawdle):
+        # the rest get grace_s, then are killed.
+        settled: Optional[float] = None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
-            if first_failure is None and any(p.poll() not in (None, 0) for p in procs):
-                first_failure = now
-            if now >= deadline or (first_failure is not None and now >= first_failure + grace_s):
+            if settled is None and (
+                any(p.poll() not in (None, 0) for p in procs)
+                or all(_has_marker(log.name) for log in logs)
+            ):
+                settled = now
+            if now >= deadline or (settled is not None and now >= settled + grace_s):
                 break
             time.sleep(0.2)
         for p in procs:
@@ -1558,8 +1647,18 @@ def _find_errors(value: Any, where: str) -> list[tuple[str, str]]:
     return found
 
 
+def _round_tree(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return _round(value, digits)
+    if isinstance(value, dict):
+        return {k: _round_tree(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round_tree(v, digits) for v in value]
+    return value
+
+
 def _merge_per_rank(per_rank: dict[int, Any], world: int) -> dict[str, Any]:
-    ordered = [per_rank.get(r) for r in range(world)]
+    ordered = [_round_tree(per_rank.get(r)) for r in range(world)]
     return {
         "rank0": ordered[0],
         "max_over_ranks": _tree_max(ordered),
@@ -1904,6 +2003,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
+    # Set before anything starts CUDA or NCCL, so that the rank processes inherit them.
+    os.environ.update(env_set)
     visible = visible_gpu_count()
     if visible < 2:
         print(f"bench needs at least 2 GPUs; this machine has {visible}", file=sys.stderr)
@@ -1921,7 +2022,6 @@ def run(args: argparse.Namespace) -> int:
     stem = output_stem(world, args.tag)
     os.makedirs(args.out, exist_ok=True)
     # Set here so that the rank processes inherit them from their very start (before NCCL).
-    os.environ.update(env_set)
     started = time.perf_counter()
     timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
     print(

@@ -13,6 +13,7 @@ Accepted, in the order they are tried:
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,12 +52,19 @@ def _as_address(value: object, where: str) -> int:
     return value
 
 
-def _is_process_group(group: object) -> bool:
+def _process_group_type() -> Optional[type]:
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+        return None
+    return dist.ProcessGroup if dist.is_available() else None
+
+
+_PROCESS_GROUP = _process_group_type()
+
+
+def _is_process_group(group: object) -> bool:
+    return _PROCESS_GROUP is not None and isinstance(group, _PROCESS_GROUP)
 
 
 def _process_group_size(group: Any) -> int:
@@ -127,6 +135,35 @@ def resolve_comm(group: object) -> int:
     raise TypeError(f"group must be {ACCEPTED}; got {_describe(group)}")
 
 
+# ProcessGroup -> {device: resolution}. Engines enter the context per layer, and asking torch
+# for the backend and communicator costs several microseconds; a process group's communicator
+# on a device does not change while the group lives (the weak key drops it with the group).
+_process_groups: weakref.WeakKeyDictionary[Any, dict[int, Optional[ResolvedGroup]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _resolve_process_group(group: Any) -> Optional[ResolvedGroup]:
+    import torch
+
+    per_device = _process_groups.get(group)
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else -1
+    if per_device is not None and device in per_device:
+        return per_device[device]
+    size = _process_group_size(group)
+    resolved = (
+        None if size == 1 else ResolvedGroup(_process_group_comm(group), size, _group_name(group))
+    )
+    _process_groups.setdefault(group, {})[device] = resolved
+    return resolved
+
+
+def forget(group: object) -> None:
+    """Drops what was cached about ``group`` (its communicator is about to be destroyed)."""
+    if _is_process_group(group):
+        _process_groups.pop(group, None)
+
+
 def resolve(group: object) -> Optional[ResolvedGroup]:
     """``group`` as a communicator and size, or ``None`` for a one-rank group (nothing to share).
 
@@ -135,10 +172,7 @@ def resolve(group: object) -> Optional[ResolvedGroup]:
         ValueError: it is, but holds no live communicator.
     """
     if _is_process_group(group):
-        size = _process_group_size(group)
-        if size == 1:
-            return None
-        return ResolvedGroup(_process_group_comm(group), size, _group_name(group))
+        return _resolve_process_group(group)
     comm = resolve_comm(group)
     library_info()
     size = int(_native.comm_size(comm))

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from symm_rs import _native
-from symm_rs.groups import resolve
+from symm_rs.groups import forget, resolve
 from symm_rs.library import require_windows
 
 log = logging.getLogger("symm_rs")
@@ -288,7 +288,6 @@ class use_symmetric_memory:
         resolved = resolve(self._group)
         if resolved is None:
             return self
-        _require_gpu()
         self._comm = resolved.comm
         self._pool = shared_pool()
         state = _thread
@@ -415,6 +414,7 @@ def release(group: object) -> int:
     """Deregisters every window ``group`` holds. Call it before destroying the group's
     communicator (``destroy_process_group``, ``Communicator.close``). Returns how many."""
     resolved = resolve(group)
+    forget(group)
     if resolved is None:
         return 0
     return int(_native.release_comm(resolved.comm))

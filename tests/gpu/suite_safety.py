@@ -22,8 +22,9 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
     src = torch.zeros(N, dtype=torch.float32, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    # Warm-up outside the capture, on the capture's stream (cached blocks belong to a stream):
-    # the segments exist and are registered before capturing.
+    # Warm-up outside the capture, on the stream the capture will use (cached blocks belong to
+    # a stream; torch.cuda.graph captures on its own stream unless told): the segments exist
+    # and are registered before capturing.
     with torch.cuda.stream(side), symm_rs.use_symmetric_memory(ctx.group):
         warm = [torch.empty(N, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
         warm.append(torch.empty(N * ws, dtype=torch.bfloat16, device="cuda"))
@@ -32,7 +33,7 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
     g = torch.cuda.CUDAGraph()
     # Older torch cannot tell symm_rs which pool a capture uses: name it and pass it.
     pool = torch.cuda.graph_pool_handle()
-    with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool):
+    with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool, stream=side):
         with symm_rs.use_symmetric_memory(ctx.group, graph_pool=pool):
             ag_in = torch.empty(N, dtype=torch.bfloat16, device="cuda")
             ar = torch.empty(N, dtype=torch.bfloat16, device="cuda")
@@ -67,7 +68,7 @@ def case_capture_that_needs_a_new_segment_defers_registration(ctx: Ctx) -> None:
     pool = torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool):
+    with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool, stream=side):
         with symm_rs.use_symmetric_memory(ctx.group, graph_pool=pool):
             fresh = torch.empty(96 << 20, dtype=torch.uint8, device="cuda")  # a new segment
         fresh.fill_(ctx.rank + 1)
