@@ -6,6 +6,8 @@ with symm_rs.use_symmetric_memory(group):
 # buf lies in a symmetric window of group's communicator: NCCL runs its symmetric kernels.
 """
 
+import logging
+
 from symm_rs._native import (
     NcclError,
     NcclLibraryError,
@@ -29,6 +31,9 @@ from symm_rs.memory import (
     use_symmetric_memory,
     verify_pending,
 )
+
+# Quiet by default: applications opt in with logging.getLogger("symm_rs").
+logging.getLogger("symm_rs").addHandler(logging.NullHandler())
 
 __all__ = [
     "Communicator",

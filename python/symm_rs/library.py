@@ -7,6 +7,7 @@ then the system's. This module only finds the wheel candidates and caches the de
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 from symm_rs import _native
 
 _WHEEL_LIBRARY = os.path.join("nvidia", "nccl", "lib", "libnccl.so.2")
+log = logging.getLogger("symm_rs")
 _lock = threading.Lock()
 _info: dict[str, Any] | None = None
 
@@ -39,7 +41,16 @@ def library_info() -> dict[str, Any]:
     if _info is None:
         with _lock:
             if _info is None:
-                _info = dict(_native.load_nccl(wheel_candidates()))
+                info = dict(_native.load_nccl(wheel_candidates()))
+                log.info(
+                    "NCCL %s from %s (%s)",
+                    ".".join(map(str, info["version"])),
+                    info["path"],
+                    info["origin"],
+                )
+                for note in info["notes"]:
+                    log.warning("%s", note)
+                _info = info
     return _info
 
 

@@ -101,6 +101,7 @@ def shared_pool() -> Any:
                     _native.__file__, "symm_rs_alloc", "symm_rs_free"
                 )
                 _pool = _Pool(torch.cuda.MemPool(allocator.allocator()), allocator)
+                log.info("symmetric pool created (MemPool id %s)", _pool.pool.id)
     return _pool.pool
 
 
@@ -161,6 +162,7 @@ def _flush_deferred() -> None:
     with _deferred_lock:
         pending = list(_deferred)
         _deferred.clear()
+    log.debug("registering for %d communicator(s) after a CUDA-graph capture", len(pending))
     for comm in pending:
         _native.register_pending(comm)
 
@@ -334,7 +336,9 @@ class use_symmetric_memory:
         _flush_deferred()
         if self.verify:
             verify_pending(comm)
-        _native.register_pending(comm)
+        made = _native.register_pending(comm)
+        if made:
+            log.debug("registered %d new segment(s) with communicator %#x", made, comm)
 
 
 _env_reservation = os.environ.get("SYMM_RS_RESERVE", "").strip()
@@ -361,6 +365,7 @@ def _grow(nbytes: int, small_bytes: int = 8 << 20) -> None:
     ]
     del big, small
     _reserved_bytes += nbytes + small_bytes
+    log.info("symmetric pool grown by %d + %d bytes", nbytes, small_bytes)
 
 
 def reserve(nbytes: int, group: object, small_bytes: int = 8 << 20) -> int:
