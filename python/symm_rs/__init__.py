@@ -16,6 +16,13 @@ from symm_rs._native import (
     __version__,
 )
 from symm_rs.comm import Communicator, NotSymmetricWarning, nccl_group, set_window_check
+from symm_rs.cp import (
+    ZigzagLayout,
+    cp_all_gather_reorganized_into_tensor_kv_cache,
+    cp_all_gather_rerange_kv_cache,
+    zigzag_layout,
+    zigzag_split,
+)
 from symm_rs.groups import resolve_comm
 from symm_rs.library import library_info, nccl_library, nccl_version
 from symm_rs.memory import (
@@ -42,8 +49,11 @@ __all__ = [
     "NotSymmetricWarning",
     "RegistrationError",
     "SymmetricMemoryError",
+    "ZigzagLayout",
     "__version__",
     "check_layout",
+    "cp_all_gather_reorganized_into_tensor_kv_cache",
+    "cp_all_gather_rerange_kv_cache",
     "destroy_pool",
     "is_symmetric",
     "library_info",
@@ -60,4 +70,6 @@ __all__ = [
     "stats",
     "use_symmetric_memory",
     "verify_pending",
+    "zigzag_layout",
+    "zigzag_split",
 ]
