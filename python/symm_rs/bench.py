@@ -1342,13 +1342,9 @@ def _child_main(
     body: Optional[Callable[..., None]] = None,
 ) -> None:
     """A spawned rank: runs ``body`` (default ``_bench_rank``), reports through ``results``."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    from symm_rs.launch import set_rank_environment
+
+    set_rank_environment(rank, world, port)
 
     def emit(kind: str, payload: Any) -> None:
         results.put((rank, kind, payload))

@@ -19,6 +19,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def set_rank_environment(rank: int, world_size: int, port: int) -> None:
+    """The variables torch.distributed's env:// rendezvous reads, for one local rank."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+
+
 def _rank_main(
     rank: int,
     world_size: int,
@@ -27,13 +38,7 @@ def _rank_main(
     args: tuple[Any, ...],
     results: Any,
 ) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
+    set_rank_environment(rank, world_size, port)
     try:
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -492,8 +492,3 @@ def stats() -> dict[str, Any]:
     out["deferred_registrations"] = len(_deferred)
     out.update(pool_usage())
     return out
-
-
-def segments() -> Iterator[tuple[int, int, int, int]]:
-    """``(ptr, size, device, windows)`` of every pool segment, in allocation order."""
-    yield from _native.stats()["segment_list"]

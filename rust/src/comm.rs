@@ -135,24 +135,6 @@ impl Communicator {
         f(nccl::get()?, live)
     }
 
-    fn collective(
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: i32,
-        comm: usize,
-        stream: usize,
-    ) -> Collective {
-        Collective {
-            send,
-            recv,
-            count,
-            dtype,
-            comm,
-            stream,
-        }
-    }
-
     /// `count` elements from every rank into `recv` (`count * size` elements).
     pub fn all_gather(
         &self,
@@ -166,11 +148,7 @@ impl Communicator {
             // SAFETY: the Python layer checked both tensors are contiguous CUDA tensors of this
             // communicator's device, of `dtype`, with `count` and `count * size` elements, and
             // `stream` is a live stream of that device; the lock keeps `comm` alive.
-            unsafe {
-                lib.all_gather(Self::collective(
-                    send, recv, count, dtype, live.comm, stream,
-                ))
-            }
+            unsafe { lib.all_gather(Collective::new(send, recv, count, dtype, live.comm, stream)) }
         })
     }
 
@@ -188,7 +166,7 @@ impl Communicator {
             // SAFETY: as in `all_gather`, with `count` elements in both buffers.
             unsafe {
                 lib.all_reduce(
-                    Self::collective(send, recv, count, dtype, live.comm, stream),
+                    Collective::new(send, recv, count, dtype, live.comm, stream),
                     op as i32,
                 )
             }
@@ -209,7 +187,7 @@ impl Communicator {
             // SAFETY: as in `all_gather`, with `count * size` elements sent and `count` received.
             unsafe {
                 lib.reduce_scatter(
-                    Self::collective(send, recv, count, dtype, live.comm, stream),
+                    Collective::new(send, recv, count, dtype, live.comm, stream),
                     op as i32,
                 )
             }

@@ -27,15 +27,9 @@ struct Driver {
 
 static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
 
-fn driver() -> Result<&'static Driver> {
-    DRIVER
-        .get_or_init(open_driver)
-        .as_ref()
-        .map_err(|reason| Error::Cuda {
-            call: "dlopen(libcuda.so.1)",
-            code: -1,
-            message: reason.clone(),
-        })
+/// The driver, or `None` on a machine without one (checked once; no allocation per call).
+fn driver() -> Option<&'static Driver> {
+    DRIVER.get_or_init(open_driver).as_ref().ok()
 }
 
 fn open_driver() -> std::result::Result<Driver, String> {
@@ -102,7 +96,7 @@ impl DeviceGuard {
     /// Without a CUDA driver there is no device to make current; the NCCL call that follows
     /// reports the real problem (a stand-in NCCL used in CPU tests needs no driver at all).
     pub fn enter(device: i32) -> Result<Self> {
-        let Ok(driver) = driver() else {
+        let Some(driver) = driver() else {
             return Ok(Self { restore: None });
         };
         let mut previous: CuContext = std::ptr::null_mut();
@@ -147,7 +141,7 @@ impl Drop for DeviceGuard {
         let Some((previous, handle)) = self.restore else {
             return;
         };
-        if let Ok(driver) = driver() {
+        if let Some(driver) = driver() {
             // SAFETY: `previous` was current when we entered (or NULL, which unbinds), and the
             // release balances the retain in `enter`.
             unsafe {
@@ -161,7 +155,7 @@ impl Drop for DeviceGuard {
 /// Waits for all work on the current device, so memory can be unmapped safely.
 /// A no-op without a driver, for the same reason as `DeviceGuard::enter`.
 pub fn synchronize_current() -> Result<()> {
-    let Ok(driver) = driver() else {
+    let Some(driver) = driver() else {
         return Ok(());
     };
     // SAFETY: no arguments; blocks until the current context is idle.

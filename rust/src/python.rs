@@ -315,14 +315,7 @@ fn all_gather_on(
 ) -> PyResult<()> {
     let lib = crate::nccl::get()?;
     lib.comm_count(comm)?; // validates the address before NCCL dereferences it
-    let call = crate::nccl::Collective {
-        send,
-        recv,
-        count,
-        dtype,
-        comm,
-        stream,
-    };
+    let call = crate::nccl::Collective::new(send, recv, count, dtype, comm, stream);
     // SAFETY: symm_rs.memory passes contiguous int64 CUDA tensors of `count` and
     // `count * size` elements on the communicator's device, and the current stream.
     Ok(py.detach(|| unsafe { lib.all_gather(call) })?)

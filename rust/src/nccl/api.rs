@@ -35,6 +35,26 @@ pub struct Collective {
     pub stream: usize,
 }
 
+impl Collective {
+    pub fn new(
+        send: usize,
+        recv: usize,
+        count: usize,
+        dtype: c_int,
+        comm: usize,
+        stream: usize,
+    ) -> Self {
+        Self {
+            send,
+            recv,
+            count,
+            dtype,
+            comm,
+            stream,
+        }
+    }
+}
+
 impl Nccl {
     fn check(&self, call: &'static str, code: c_int, comm: Option<usize>) -> Result<()> {
         if code == sys::NCCL_SUCCESS {
