@@ -130,12 +130,7 @@ fn segment_of(ptr: usize, nbytes: usize) -> Option<(usize, usize, i32)> {
 /// segment, if any: symmetric kernels find a peer's buffer at the same position and offset.
 #[pyfunction]
 fn segment_position(ptr: usize, nbytes: usize) -> Option<(usize, usize)> {
-    allocator::with_table(|t| {
-        t.segments()
-            .iter()
-            .position(|s| ptr >= s.ptr && ptr + nbytes.max(1) <= s.ptr + s.size)
-            .map(|i| (i, ptr - t.segments()[i].ptr))
-    })
+    allocator::with_table(|t| t.position(ptr, nbytes.max(1)))
 }
 
 #[pyfunction]

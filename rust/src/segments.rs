@@ -231,7 +231,14 @@ impl SegmentTable {
 
     /// The segment holding all of `[ptr, ptr + len)`, if any.
     pub fn find(&self, ptr: usize, len: usize) -> Option<&Segment> {
-        self.segments.iter().find(|s| s.contains(ptr, len))
+        self.position(ptr, len)
+            .map(|(index, _)| &self.segments[index])
+    }
+
+    /// `(index in allocation order, byte offset)` of `[ptr, ptr + len)` in its segment, if any.
+    pub fn position(&self, ptr: usize, len: usize) -> Option<(usize, usize)> {
+        let index = self.segments.iter().position(|s| s.contains(ptr, len))?;
+        Some((index, ptr - self.segments[index].ptr))
     }
 
     /// Whether `[ptr, ptr + len)` lies inside one window of `comm`.
@@ -515,5 +522,7 @@ mod tests {
         assert!(table.find(0x10ff, 2).is_none());
         assert!(table.find(0xfff, 1).is_none());
         assert!(table.find(usize::MAX, 2).is_none());
+        assert_eq!(table.position(0x1010, 0x10), Some((0, 0x10)));
+        assert_eq!(table.position(usize::MAX, 2), None);
     }
 }
