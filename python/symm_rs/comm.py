@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -256,15 +256,15 @@ class Communicator:
         handle = self._stream(stream)
         if _window_check != "off":
             self._check_windows(out_t, inp_t)
-        if self._needs_staging(inp_t.numel(), out_t, inp_t):
-            with torch.cuda.stream(_external(stream, self._torch_device)):
-                staging = torch.empty_like(out_t)
-                self._native.all_gather(
-                    inp_t.data_ptr(), staging.data_ptr(), inp_t.numel(), dtype, handle
-                )
-                out_t.copy_(staging)
-            return
-        self._native.all_gather(inp_t.data_ptr(), out_t.data_ptr(), inp_t.numel(), dtype, handle)
+        self._into(
+            out_t,
+            inp_t,
+            inp_t.numel(),
+            stream,
+            lambda recv: self._native.all_gather(
+                inp_t.data_ptr(), recv, inp_t.numel(), dtype, handle
+            ),
+        )
 
     def reduce_scatter_tensor(
         self,
@@ -286,25 +286,42 @@ class Communicator:
         handle = self._stream(stream)
         if _window_check != "off":
             self._check_windows(out_t, inp_t)
-        if self._needs_staging(out_t.numel(), out_t, inp_t):
-            with torch.cuda.stream(_external(stream, self._torch_device)):
-                staging = torch.empty_like(out_t)
-                self._native.reduce_scatter(
-                    inp_t.data_ptr(), staging.data_ptr(), out_t.numel(), dtype, op, handle
-                )
-                out_t.copy_(staging)
-            return
-        self._native.reduce_scatter(
-            inp_t.data_ptr(), out_t.data_ptr(), out_t.numel(), dtype, op, handle
+        self._into(
+            out_t,
+            inp_t,
+            out_t.numel(),
+            stream,
+            lambda recv: self._native.reduce_scatter(
+                inp_t.data_ptr(), recv, out_t.numel(), dtype, op, handle
+            ),
         )
+
+    def _into(
+        self,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        count: int,
+        stream: Optional[torch.cuda.Stream],
+        launch: Callable[[int], None],
+    ) -> None:
+        """Runs ``launch(recv_address)`` into ``out``, or into a staging copy of it when
+        ``_needs_staging`` says NCCL's symmetric kernel would get this call wrong."""
+        if not self._needs_staging(count, out, inp):
+            launch(out.data_ptr())
+            return
+        # Allocated, used and freed on the collective's stream, so reuse is stream-ordered.
+        with torch.cuda.stream(_external(stream, self._torch_device)):
+            staging = torch.empty_like(out)
+            launch(staging.data_ptr())
+            out.copy_(staging)
 
     def _needs_staging(self, count: int, out: torch.Tensor, inp: torch.Tensor) -> bool:
         """Whether this call must steer around NCCL's symmetric kernels: measured on H100 with
         NCCL 2.28.9, all-gather (in place always, reduce-scatter sometimes) returns wrong values
         for 16-bit data with an odd per-rank count when both buffers are in windows
         (tests/gpu/results/suite_alignment_*). NCCL picks a symmetric kernel only when both
-        buffers are registered, so a staging output outside the windows, allocated, used and
-        freed on the collective's stream, keeps the call on its regular kernels."""
+        buffers are registered, so a staging output outside the windows keeps the call on its
+        regular kernels."""
         if count % 2 == 0 or out.element_size() != 2:
             return False
         if tuple(library_info()["version"]) >= _ODD_16BIT_FIXED:

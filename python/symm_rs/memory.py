@@ -168,6 +168,7 @@ def _flush_deferred() -> None:
 
 
 _VERIFY_RECORD = 16  # int64s per rank: count, total bytes, fingerprint, first 13 sizes
+_NCCL_INT64 = 4  # ncclInt64
 _SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -187,6 +188,17 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _all_gather_ints(comm: int, nranks: int, device: int, record: list[int]) -> list[list[int]]:
+    """Every rank's ``record`` (same length on all ranks), gathered over ``comm`` on the
+    current stream; for symm_rs's small cross-rank checks. Collective."""
+    on = torch.device("cuda", device)
+    send = torch.tensor(record, dtype=torch.int64, device=on)
+    recv = torch.empty(nranks * len(record), dtype=torch.int64, device=on)
+    stream = torch.cuda.current_stream(on).cuda_stream
+    _native.all_gather_on(comm, send.data_ptr(), recv.data_ptr(), len(record), _NCCL_INT64, stream)
+    return recv.view(nranks, len(record)).tolist()
+
+
 def verify_pending(comm: int) -> None:
     """Checks that every rank of ``comm`` is about to register the same segment sizes, so a
     disagreement is an error on every rank instead of a hang inside NCCL. Collective: one
@@ -200,12 +212,7 @@ def verify_pending(comm: int) -> None:
     record = [len(sizes), sum(sizes), zlib.crc32(repr(sizes).encode())]
     record += sizes[: _VERIFY_RECORD - 3]
     record += [-1] * (_VERIFY_RECORD - len(record))
-    device = torch.device("cuda", int(_native.comm_device(comm)))
-    send = torch.tensor(record, dtype=torch.int64, device=device)
-    recv = torch.empty(nranks * _VERIFY_RECORD, dtype=torch.int64, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    _native.all_gather_on(comm, send.data_ptr(), recv.data_ptr(), _VERIFY_RECORD, 4, stream)
-    rows = recv.view(nranks, _VERIFY_RECORD).tolist()
+    rows = _all_gather_ints(comm, nranks, int(_native.comm_device(comm)), record)
     if all(row == rows[0] for row in rows):
         return
 
@@ -465,13 +472,9 @@ def check_layout(tensors: Sequence[torch.Tensor], group: object) -> None:
         ptr, nbytes = _extent(tensor)
         index, offset = _native.segment_position(ptr, nbytes) or (-1, -1)
         record += [index, offset, nbytes]
-    width = max(len(record), 1)
-    device = torch.device("cuda", torch.cuda.current_device())
-    send = torch.tensor(record or [0], dtype=torch.int64, device=device)
-    recv = torch.empty(resolved.size * width, dtype=torch.int64, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    _native.all_gather_on(resolved.comm, send.data_ptr(), recv.data_ptr(), width, 4, stream)
-    rows = recv.view(resolved.size, width).tolist()
+    rows = _all_gather_ints(
+        resolved.comm, resolved.size, torch.cuda.current_device(), record or [0]
+    )
     for i in range(len(tensors)):
         placements = [tuple(row[3 * i : 3 * i + 3]) for row in rows]
         if any(p != placements[0] for p in placements) or placements[0][0] < 0:
