@@ -1,23 +1,26 @@
-# The project's checks; CI (.ci/run) calls `make test`, the command README.md gives.
+# The project's checks. README.md's second set-up command is `pip install '.[dev]' && make test`;
+# CI (.ci/run) runs exactly that, in a fresh virtualenv. Every Python tool runs as
+# `$(PYTHON) -m TOOL`, so the tools of the interpreter (virtualenv) that runs make are used.
 PYTHON ?= python3
 WHEEL_DIR ?= target/wheels
+PY_DIRS = python tests benches examples
 
 .PHONY: fmt lint wheel install test test-rust test-python bench gpu-tests
 
 fmt:
 	cargo fmt --all
-	ruff format python tests benches examples
+	$(PYTHON) -m ruff format $(PY_DIRS)
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
-	ruff check python tests benches examples
-	ruff format --check python tests benches examples
+	$(PYTHON) -m ruff check $(PY_DIRS)
+	$(PYTHON) -m ruff format --check $(PY_DIRS)
 
 wheel:
 	rm -rf $(WHEEL_DIR)
-	maturin build --release -o $(WHEEL_DIR)
+	$(PYTHON) -m maturin build --release -o $(WHEEL_DIR)
 
 install: wheel
 	$(PYTHON) -m pip install --force-reinstall --no-deps $(WHEEL_DIR)/*.whl

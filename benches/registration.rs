@@ -6,6 +6,9 @@
 //!   timed, not NCCL's milliseconds); `snapshot_scan` is the alternative we replaced: materialise a
 //!   `MemPool.snapshot()`-like record for every segment and look each one up in a set of
 //!   already-registered `(comm, ptr)` pairs.
+//! * `lookup`: `is_symmetric`'s question (is this range inside a window of this communicator?)
+//!   at 10 to 10,000 segments, and `stats`: the table's summary `symm_rs.stats()` returns, at
+//!   1,000 segments held by two communicators.
 //! * `alloc_free`: the `symm_rs_alloc`/`symm_rs_free` plugs next to the bare
 //!   `ncclMemAlloc`/`ncclMemFree` they wrap, both on the stand-in libnccl compiled from
 //!   `tests/stand_in/stand_in_nccl.c`, at 4 KiB and 2 MiB.
@@ -25,11 +28,12 @@ use std::ptr;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 
 use _native::allocator::{failure_counts, symm_rs_alloc, symm_rs_free, take_last_error};
+use _native::handles::{CommPtr, DevicePtr, WindowHandle};
 use _native::nccl::{self, Origin, LIBRARY_ENV};
-use _native::segments::{SegmentTable, WindowRegistrar};
+use _native::segments::{SharedTable, WindowRegistrar};
 
 const TABLE_SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
-const COMM: usize = 0xC0;
+const COMM: CommPtr = CommPtr::new(0xC0);
 const DEVICE: i32 = 0;
 const SEGMENT_BYTES: usize = 2 << 20;
 /// Where the synthetic segments start; any plausible device address does.
@@ -47,17 +51,22 @@ struct NoopRegistrar {
 }
 
 impl WindowRegistrar for NoopRegistrar {
-    fn comm_device(&self, _comm: usize) -> _native::Result<i32> {
+    fn comm_device(&self, _comm: CommPtr) -> _native::Result<i32> {
         Ok(DEVICE)
     }
 
-    fn register(&self, _comm: usize, _ptr: usize, _size: usize) -> _native::Result<usize> {
+    fn register(
+        &self,
+        _comm: CommPtr,
+        _ptr: DevicePtr,
+        _size: usize,
+    ) -> _native::Result<Option<WindowHandle>> {
         let handle = self.last_handle.get() + 1;
         self.last_handle.set(handle);
-        Ok(handle)
+        Ok(Some(WindowHandle::new(handle)))
     }
 
-    fn deregister(&self, _comm: usize, _window: usize) -> _native::Result<()> {
+    fn deregister(&self, _comm: CommPtr, _window: WindowHandle) -> _native::Result<()> {
         Ok(())
     }
 }
@@ -67,18 +76,22 @@ fn segment_ptr(index: usize) -> usize {
     POOL_BASE + index * SEGMENT_BYTES
 }
 
+fn segment_at(index: usize) -> DevicePtr {
+    DevicePtr::new(segment_ptr(index))
+}
+
 /// The table as it stands when a context exits: `registered` segments that `COMM` registered at
 /// earlier exits, then `new` segments allocated inside this context.
-fn table_at_exit(registered: usize, new: usize, nccl: &NoopRegistrar) -> SegmentTable {
-    let mut table = SegmentTable::new();
+fn table_at_exit(registered: usize, new: usize, nccl: &NoopRegistrar) -> SharedTable {
+    let table = SharedTable::new();
     for index in 0..registered {
-        table.track(segment_ptr(index), SEGMENT_BYTES, DEVICE);
+        table.lock().track(segment_at(index), SEGMENT_BYTES, DEVICE);
     }
     table
         .register_pending(COMM, nccl)
         .expect("the no-op registrar never fails");
     for index in registered..registered + new {
-        table.track(segment_ptr(index), SEGMENT_BYTES, DEVICE);
+        table.lock().track(segment_at(index), SEGMENT_BYTES, DEVICE);
     }
     table
 }
@@ -120,12 +133,12 @@ fn pool_of(segments: usize) -> Vec<(usize, usize)> {
 
 /// Windows already made, keyed by `(comm, ptr)`. A map, not a set: a snapshot-based allocator
 /// must keep the window handle too, to deregister it before the segment is freed.
-type RegisteredWindows = HashMap<(usize, usize), usize>;
+type RegisteredWindows = HashMap<(CommPtr, usize), WindowHandle>;
 
 fn registered_windows(pool: &[(usize, usize)]) -> RegisteredWindows {
     pool.iter()
         .enumerate()
-        .map(|(handle, &(ptr, _))| ((COMM, ptr), handle + 1))
+        .map(|(handle, &(ptr, _))| ((COMM, ptr), WindowHandle::new(handle + 1)))
         .collect()
 }
 
@@ -134,7 +147,7 @@ fn registered_windows(pool: &[(usize, usize)]) -> RegisteredWindows {
 fn snapshot_exit(
     pool: &[(usize, usize)],
     registered: &mut RegisteredWindows,
-    comm: usize,
+    comm: CommPtr,
     nccl: &NoopRegistrar,
 ) -> usize {
     let snapshot: Vec<SnapshotSegment> = pool
@@ -159,8 +172,9 @@ fn snapshot_exit(
             continue;
         }
         let handle = nccl
-            .register(comm, segment.address, segment.total_size)
-            .expect("the no-op registrar never fails");
+            .register(comm, DevicePtr::new(segment.address), segment.total_size)
+            .expect("the no-op registrar never fails")
+            .expect("the no-op registrar never returns NULL");
         registered.insert(key, handle);
         made += 1;
     }
@@ -177,7 +191,7 @@ fn exit_nothing_new(c: &mut Criterion) {
     let nccl = NoopRegistrar::default();
     let mut group = c.benchmark_group("exit_nothing_new");
     for size in TABLE_SIZES {
-        let mut table = table_at_exit(size, 0, &nccl);
+        let table = table_at_exit(size, 0, &nccl);
         assert_eq!(table.register_pending(COMM, &nccl).unwrap(), 0);
         group.bench_function(BenchmarkId::new("segment_table", size), |b| {
             b.iter(|| table.register_pending(black_box(COMM), &nccl))
@@ -240,6 +254,42 @@ fn exit_one_new(c: &mut Criterion) {
 
 fn exit_eight_new(c: &mut Criterion) {
     exit_with_new(c, "exit_8_new", 8);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Introspection: is_symmetric and stats
+// ---------------------------------------------------------------------------------------------
+
+/// `is_symmetric` on a tensor in the last segment (the worst case for a linear scan), so the
+/// rows show the lookup's growth with the pool.
+fn lookup(c: &mut Criterion) {
+    let nccl = NoopRegistrar::default();
+    let mut group = c.benchmark_group("lookup");
+    for size in TABLE_SIZES {
+        let table = table_at_exit(size, 0, &nccl);
+        let inside = segment_ptr(size - 1) + 4096;
+        assert!(table.lock().is_registered(inside, 1024, COMM));
+        group.bench_function(BenchmarkId::new("is_registered", size), |b| {
+            b.iter(|| table.lock().is_registered(black_box(inside), 1024, COMM))
+        });
+    }
+    group.finish();
+}
+
+/// What `symm_rs.stats()` reads from the table: counters, and per communicator its windows,
+/// bytes and pending segments, with two communicators over 1,000 segments.
+fn stats(c: &mut Criterion) {
+    let nccl = NoopRegistrar::default();
+    let table = table_at_exit(1_000, 0, &nccl);
+    table
+        .register_pending(CommPtr::new(0xC1), &nccl)
+        .expect("the no-op registrar never fails");
+    c.bench_function("stats/1000_segments_2_comms", |b| {
+        b.iter(|| {
+            let t = table.lock();
+            black_box((t.len(), t.total_bytes(), t.counters(), t.comm_summaries()))
+        })
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,6 +401,8 @@ criterion_group!(
     exit_nothing_new,
     exit_one_new,
     exit_eight_new,
+    lookup,
+    stats,
     alloc_free
 );
 criterion_main!(benches);

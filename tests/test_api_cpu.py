@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 import symm_rs
-from symm_rs.groups import resolve_comm
-from symm_rs.memory import parse_bytes
+from symm_rs.groups import Group, resolve_comm
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -66,7 +65,7 @@ def test_disabled_context_works_without_a_gpu_and_allocates_normally() -> None:
     with symm_rs.use_symmetric_memory(object(), disabled=True) as ctx:
         t = torch.empty(16)
     assert ctx.disabled and t.numel() == 16
-    assert symm_rs.stats()["segments"] == 0
+    assert symm_rs.stats().segments == 0
 
 
 def test_address_that_is_not_readable_memory_is_refused_not_a_crash() -> None:
@@ -80,9 +79,9 @@ def test_enabled_context_without_gpu_raises_a_clear_error(monkeypatch: pytest.Mo
     # A readable address; the stand-in answer for its size comes from a patched resolver so
     # the check under test is the GPU one, not NCCL's.
     monkeypatch.setattr(
-        symm_rs.memory,
+        symm_rs.context,
         "resolve",
-        lambda group: symm_rs.groups.ResolvedGroup(comm=1, size=2, description="fake"),
+        lambda group: Group(comm=1, size=2, rank=0, device=0, name="fake"),
     )
     with pytest.raises(symm_rs.SymmetricMemoryError, match=r"needs a CUDA GPU.*disabled=True"):
         with symm_rs.use_symmetric_memory(object()):
@@ -90,10 +89,10 @@ def test_enabled_context_without_gpu_raises_a_clear_error(monkeypatch: pytest.Mo
 
 
 def test_one_rank_group_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(symm_rs.memory, "resolve", lambda group: None)
+    monkeypatch.setattr(symm_rs.context, "resolve", lambda group: None)
     with symm_rs.use_symmetric_memory(object()) as ctx:
         t = torch.empty(4)
-    assert ctx._pool is None and t.numel() == 4
+    assert ctx._resolved is None and t.numel() == 4
     assert not symm_rs.is_symmetric(t, object())
 
 
@@ -112,19 +111,6 @@ def test_is_symmetric_needs_a_tensor() -> None:
 def test_reserve_rejects_negative_sizes() -> None:
     with pytest.raises(ValueError, match="must be >= 0"):
         symm_rs.reserve(-1, object())
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("4GiB", 4 << 30), ("512M", 512 << 20), ("1048576", 1 << 20), ("64 kb", 64 << 10)],
-)
-def test_byte_sizes_parse(text: str, value: int) -> None:
-    assert parse_bytes(text) == value
-
-
-def test_bad_byte_size_names_the_text() -> None:
-    with pytest.raises(ValueError, match="'four gigs'"):
-        parse_bytes("four gigs")
 
 
 def test_library_is_torchs_when_torch_is_loaded() -> None:
@@ -157,10 +143,9 @@ def test_communicator_argument_errors_before_nccl() -> None:
         symm_rs.Communicator(b"x" * 128, 3, 2, device=0)
 
 
-def test_nccl_dtype_table() -> None:
-    from symm_rs.comm import nccl_dtype
-
-    assert nccl_dtype(torch.bfloat16) == 9 and nccl_dtype(torch.uint8) == 1
-    assert nccl_dtype(torch.float8_e4m3fn) == 10
-    with pytest.raises(TypeError, match=r"NCCL has no type for torch\.bool"):
-        nccl_dtype(torch.bool)
+def test_the_old_memory_module_still_resolves_with_a_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="moved to symm_rs.context"):
+        from symm_rs.memory import use_symmetric_memory
+    assert use_symmetric_memory is symm_rs.use_symmetric_memory
+    with pytest.warns(DeprecationWarning, match="symm_rs.env.parse_bytes"):
+        assert symm_rs.memory.parse_bytes("4GiB") == 4 << 30

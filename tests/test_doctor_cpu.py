@@ -1,5 +1,6 @@
-"""``python -m symm_rs doctor`` on a machine without GPUs: it says so, exits cleanly, and turns
-known misconfigurations into problems with advice."""
+"""``python -m symm_rs doctor`` on a machine without GPUs: it says so, exits 0 when nothing is
+wrong and 1 when something is, validates the SYMM_RS_* variables, reports known-bad NCCL
+releases and libnccl files that two wheels share, and reads NCCL's tuning log."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU report")
+from symm_rs import cli, doctor, library, nccl_log
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU report")
 
 
 def _doctor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -26,33 +31,318 @@ def _doctor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert done.stdout.lstrip().startswith("{"), done.stdout + done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+# --- the command, end to end, in a subprocess ----------------------------------------------
+
+
+@no_gpu
 def test_plain_report_names_torch_nccl_and_the_missing_gpus() -> None:
     done = _doctor()
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("symm_rs "), first  # not torch's "Failed to initialize NumPy"
+    assert "NumPy" not in done.stdout + done.stderr
     assert "GPUs: none visible to torch" in done.stdout
     assert "NCCL " in done.stdout and "libnccl.so" in done.stdout
     assert "check: skipped: no GPU visible to torch" in done.stdout
+    assert "result: no problem found" in done.stdout
 
 
+@no_gpu
 def test_json_report_is_machine_readable() -> None:
     done = _doctor("--json")
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = _json(done)
     assert report["gpus"] == [] and report["problems"] == []
     assert report["nccl"]["windows_supported"] is True
     assert report["nccl"]["same_as_torch"] is True
     assert report["torch_features"]["MemPool"] is True
+    assert report["environment"] == {"variables": {}, "problems": [], "warnings": []}
+    assert report["known_issues"] == []  # this machine's torch ships NCCL >= 2.30.7
+    assert report["shared_libraries"] == []
 
 
+@no_gpu
+def test_require_gpu_turns_no_gpu_into_exit_status_1() -> None:
+    done = _doctor("--json", "--require-gpu")
+    assert done.returncode == 1
+    report = _json(done)
+    assert report["problems"] == ["no GPU visible to torch (--require-gpu)"]
+    assert any("nvidia-smi" in a for a in report["advice"])
+
+
+@no_gpu
 def test_disabled_windows_become_a_problem_with_advice() -> None:
-    report = json.loads(_doctor("--json", NCCL_WIN_ENABLE="0", NCCL_CUMEM_ENABLE="0").stdout)
+    done = _doctor("--json", NCCL_WIN_ENABLE="0", NCCL_CUMEM_ENABLE="0")
+    assert done.returncode == 1
+    report = _json(done)
     assert "NCCL_WIN_ENABLE=0" in report["problems"]
     assert "NCCL_CUMEM_ENABLE=0" in report["problems"]
     assert any("unset NCCL_WIN_ENABLE" in a for a in report["advice"])
 
 
+@no_gpu
 def test_ignored_library_override_is_reported() -> None:
-    report = json.loads(_doctor("--json", SYMM_RS_NCCL_LIBRARY="/nowhere/libnccl.so.2").stdout)
+    done = _doctor("--json", SYMM_RS_NCCL_LIBRARY="/nowhere/libnccl.so.2")
+    assert done.returncode == 1
+    report = _json(done)
     assert any(
         "SYMM_RS_NCCL_LIBRARY=/nowhere/libnccl.so.2 was not used" in p for p in report["problems"]
     )
+    # The variable check says the same path does not exist.
+    assert report["environment"]["problems"] == [
+        "SYMM_RS_NCCL_LIBRARY=/nowhere/libnccl.so.2: no such file"
+    ]
+    assert any("unset SYMM_RS_NCCL_LIBRARY" in a for a in report["advice"])
+    assert not any("different NCCL builds" in a for a in report["advice"])
+
+
+@no_gpu
+def test_override_naming_the_loaded_library_is_not_a_problem(tmp_path: Path) -> None:
+    loaded = _json(_doctor("--json"))["nccl"]["path"]
+    link = tmp_path / "libnccl.so.2"
+    link.symlink_to(loaded)  # another name for the very same file: compared by real path
+    done = _doctor("--json", SYMM_RS_NCCL_LIBRARY=str(link))
+    report = _json(done)
+    assert done.returncode == 0, report["problems"]
+    assert report["problems"] == []
+    assert any("names the libnccl already loaded" in n for n in report["notes"])
+    assert report["environment"]["variables"] == {"SYMM_RS_NCCL_LIBRARY": str(link)}
+
+
+@no_gpu
+def test_environment_values_are_validated() -> None:
+    done = _doctor(
+        "--json",
+        SYMM_RS_RESERVE="lots",
+        SYMM_RS_VERIFY="maybe",
+        SYMM_RS_DEBUG="1",
+        SYMM_RS_STRICT="no",
+        SYMM_RS_VERIFFY="1",
+    )
+    assert done.returncode == 1
+    report = _json(done)
+    environment = report["environment"]
+    assert environment["variables"]["SYMM_RS_RESERVE"] == "lots"
+    assert len(environment["problems"]) == 2
+    assert any("SYMM_RS_RESERVE: not a byte size: 'lots'" in p for p in report["problems"])
+    assert any("SYMM_RS_VERIFY: not a boolean: 'maybe'" in p for p in report["problems"])
+    assert environment["warnings"] == report["warnings"]
+    assert report["warnings"][0].startswith("SYMM_RS_VERIFFY is not a symm_rs variable")
+
+
+@no_gpu
+def test_unknown_variable_alone_is_a_warning_not_a_failure() -> None:
+    done = _doctor(SYMM_RS_VERIFFY="1")
+    assert done.returncode == 0, done.stdout
+    assert "warning: SYMM_RS_VERIFFY is not a symm_rs variable" in done.stdout
+
+
+# --- known NCCL defects ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "affected"),
+    [
+        ((2, 27, 3), False),
+        ((2, 27, 7), False),
+        ((2, 28, 0), True),
+        ((2, 28, 9), True),
+        ((2, 29, 7), True),
+        ((2, 30, 6), True),
+        ((2, 30, 7), False),
+        ((2, 31, 2), False),
+        ((3, 0, 0), False),
+    ],
+)
+def test_known_bad_nccl_releases(version: tuple[int, int, int], affected: bool) -> None:
+    issues = [t for t in library.known_nccl_issues(version) if "issues/1924" in t]
+    assert bool(issues) is affected
+    if affected:
+        [text] = issues
+        assert "2.28.0 to 2.30.6" in text and "fixed in 2.30.7" in text
+        assert "https://github.com/NVIDIA/nccl/issues/1924" in text
+        assert "upgrade NCCL to >= 2.30.7" in text
+        assert "programmatic dependent launch" in text
+
+
+def _fake_nccl(monkeypatch: pytest.MonkeyPatch, version: tuple[int, int, int]) -> None:
+    info = dict(library.library_info())
+    info["version"] = version
+    monkeypatch.setattr(library, "library_info", lambda: info)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: version)
+
+
+def test_doctor_reports_a_known_bad_nccl_with_advice(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_nccl(monkeypatch, (2, 28, 9))
+    report = doctor.diagnose(run_check=False)
+    [issue] = [i for i in report["known_issues"] if i["fixed_in"] == "2.30.7"]
+    assert issue["nccl"] == "2.28.9" and issue["fixed_in"] == "2.30.7"
+    assert issue["affected"] == "2.28.0 to 2.30.6"
+    assert issue["reference"] == "https://github.com/NVIDIA/nccl/issues/1924"
+    assert issue["problem"] in report["problems"]
+    assert issue["advice"] in report["advice"]
+    assert cli.main(["doctor", "--json", "--no-check"]) == 1
+    assert json.loads(capsys.readouterr().out)["known_issues"] == report["known_issues"]
+    _fake_nccl(monkeypatch, (2, 30, 7))
+    report = doctor.diagnose(run_check=False)
+    assert report["known_issues"] == []
+
+
+# --- two wheels that install the same libnccl ------------------------------------------------
+
+
+def _fake_distribution(
+    site: Path, name: str, version: str, files: list[str], requires: list[str]
+) -> None:
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    metadata += [f"Requires-Dist: {r}" for r in requires]
+    (info / "METADATA").write_text("\n".join(metadata) + "\n")
+    record = [f"{f},," for f in files] + [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    for f in files:
+        (site / f).parent.mkdir(parents=True, exist_ok=True)
+        (site / f).write_bytes(b"")
+
+
+@pytest.fixture
+def shared_site(tmp_path: Path) -> Path:
+    """A site directory where nvidia-nccl-cu12 and torch's nvidia-nccl-cu13 both install
+    nvidia/nccl/lib/libnccl.so.2."""
+    site = tmp_path / "site"
+    lib = "nvidia/nccl/lib/libnccl.so.2"
+    _fake_distribution(site, "nvidia-nccl-cu12", "2.27.3", [lib, "nvidia/nccl/include/nccl.h"], [])
+    _fake_distribution(site, "nvidia-nccl-cu13", "2.30.7", [lib], [])
+    _fake_distribution(
+        site,
+        "torch",
+        "2.15.0",
+        ["torch/__init__.py"],
+        ['nvidia-nccl-cu13==2.30.7; platform_system == "Linux"', "numpy"],
+    )
+    _fake_distribution(site, "other-lib", "1.0", ["other/lib/libnccl_helper.txt"], [])
+    return site
+
+
+def test_shared_libnccl_is_found_with_the_one_to_remove(shared_site: Path) -> None:
+    [shared] = library.shared_nccl_libraries([str(shared_site)])
+    assert shared.path == os.path.realpath(shared_site / "nvidia/nccl/lib/libnccl.so.2")
+    assert shared.distributions == ("nvidia-nccl-cu12 2.27.3", "nvidia-nccl-cu13 2.30.7")
+    assert shared.keep == "nvidia-nccl-cu13 2.30.7"
+    assert shared.advice.startswith("pip uninstall -y nvidia-nccl-cu12, then restore")
+    assert "pip install --force-reinstall --no-deps nvidia-nccl-cu13==2.30.7" in shared.advice
+
+
+def test_shared_libnccl_without_torch_names_all_owners(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    lib = "nvidia/nccl/lib/libnccl.so.2"
+    _fake_distribution(site, "nvidia-nccl-cu12", "2.27.3", [lib], [])
+    _fake_distribution(site, "nvidia-nccl-cu13", "2.28.9", [lib], [])
+    [shared] = library.shared_nccl_libraries([str(site)])
+    assert shared.keep is None
+    assert "nvidia-nccl-cu12, nvidia-nccl-cu13" in shared.advice
+
+
+def test_one_owner_per_libnccl_is_fine(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    _fake_distribution(site, "nvidia-nccl-cu13", "2.30.7", ["nvidia/nccl/lib/libnccl.so.2"], [])
+    assert library.shared_nccl_libraries([str(site)]) == []
+
+
+def test_doctor_reports_a_shared_libnccl(
+    monkeypatch: pytest.MonkeyPatch, shared_site: Path
+) -> None:
+    real = library.shared_nccl_libraries
+    monkeypatch.setattr(
+        library, "shared_nccl_libraries", lambda path=None: real([str(shared_site)])
+    )
+    report = doctor.diagnose(run_check=False)
+    [shared] = report["shared_libraries"]
+    assert shared["keep"] == "nvidia-nccl-cu13 2.30.7"
+    assert shared["problem"] in report["problems"]
+    assert "nvidia-nccl-cu12 2.27.3 and nvidia-nccl-cu13 2.30.7" in shared["problem"]
+    assert shared["advice"] in report["advice"]
+
+
+# --- NCCL's tuning log -----------------------------------------------------------------------
+
+SAMPLE_LOG = """\
+gpu-host:4242:4300 [0] NCCL INFO NCCL_DEBUG_SUBSYS set by environment to TUNING.
+gpu-host:4242:4300 [0] NCCL INFO AllGather: 64 Bytes -> Algo RING proto LL channel{Lo..Hi}={0..0}
+gpu-host:4242:4300 [0] NCCL INFO AllGather [Symmetric]: 2097152 Bytes -> Kernel AllGather_LL nchannels 16 nthreads 512 nWorks 1
+gpu-host:4242:4300 [0] NCCL INFO AllReduce [Symmetric]: 4096 Bytes -> Kernel AllReduce_AGxLL_R nchannels 2 nthreads 512 nWorks 1 cgaClusterSize 2
+gpu-host:4242:4300 [0] NCCL INFO ReduceScatter: 1048576 Bytes -> Algo RING proto SIMPLE channel{Lo..Hi}={0..31}
+gpu-host:4242:4300 [0] NCCL INFO Channel 00/24 : 0 1
+"""  # noqa: E501
+
+
+def test_tuning_log_env_names_the_debug_variables(tmp_path: Path) -> None:
+    assert nccl_log.tuning_log_env(tmp_path) == {
+        "NCCL_DEBUG": "INFO",
+        "NCCL_DEBUG_SUBSYS": "TUNING",
+        "NCCL_DEBUG_FILE": str(tmp_path / "nccl.%h.%p"),
+    }
+
+
+def test_tuning_log_lines_are_parsed() -> None:
+    records = nccl_log.parse_tuning_log(SAMPLE_LOG)
+    assert [(r.collective, r.nbytes, r.symmetric, r.kernel) for r in records] == [
+        ("AllGather", 64, False, "RING/LL"),
+        ("AllGather", 2097152, True, "AllGather_LL"),
+        ("AllReduce", 4096, True, "AllReduce_AGxLL_R"),
+        ("ReduceScatter", 1048576, False, "RING/SIMPLE"),
+    ]
+    assert records[1].line == SAMPLE_LOG.splitlines()[2]
+    assert nccl_log.parse_line("gpu-host:1:2 [0] NCCL INFO Channel 00/24 : 0 1") is None
+    [symmetric] = nccl_log.symmetric_records(records, "AllGather")
+    assert symmetric.nbytes == 2097152
+    assert len(nccl_log.symmetric_records(records)) == 2
+
+
+def test_tuning_log_files_of_every_process_are_read(tmp_path: Path) -> None:
+    lines = SAMPLE_LOG.splitlines()
+    (tmp_path / "nccl.gpu-host.4242").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "nccl.gpu-host.4243").write_text("\n".join(lines[2:]) + "\n")
+    assert len(nccl_log.read_tuning_log(tmp_path)) == 4
+    assert nccl_log.read_tuning_log(tmp_path / "missing") == []
+
+
+def test_tuning_log_evidence_confirms_only_a_symmetric_all_gather() -> None:
+    evidence = doctor.tuning_log_evidence(nccl_log.parse_tuning_log(SAMPLE_LOG))
+    assert evidence["confirmed"] and evidence["bytes_match"]
+    assert evidence["symmetric_kernels"] == ["AllGather_LL"]
+    assert evidence["expected_bytes"] == doctor.CHECK_BYTES == 2097152
+    regular_only = "\n".join(SAMPLE_LOG.splitlines()[:2] + SAMPLE_LOG.splitlines()[3:])
+    evidence = doctor.tuning_log_evidence(nccl_log.parse_tuning_log(regular_only))
+    assert not evidence["confirmed"]
+    assert evidence["regular_all_gather"] and not evidence["symmetric_all_gather"]
+    assert not doctor.tuning_log_evidence([])["confirmed"]
+
+
+def test_render_shows_problems_warnings_and_the_verdict() -> None:
+    report = {
+        "symm_rs": "0.1.0",
+        "torch": "2.15.0",
+        "torch_cuda": "13.2",
+        "gpus": ["H100", "H100"],
+        "nccl": None,
+        "check": "symmetric all-gather over 2 GPUs: exact; NCCL's tuning log shows ...",
+        "tuning_log": doctor.tuning_log_evidence(nccl_log.parse_tuning_log(SAMPLE_LOG)),
+        "environment": {"variables": {"SYMM_RS_VERIFY": "1"}},
+        "warnings": ["w"],
+        "problems": ["p"],
+        "advice": ["a"],
+    }
+    text = doctor.render(report)
+    assert "NCCL tuning log: gpu-host:4242:4300 [0] NCCL INFO AllGather [Symmetric]" in text
+    assert "environment: SYMM_RS_VERIFY=1" in text
+    assert "warning: w\nproblem: p\nadvice: a\nresult: 1 problem(s) found" in text

@@ -4,10 +4,19 @@ import symm_rs
 with symm_rs.use_symmetric_memory(group):
     buf = torch.empty(n, dtype=torch.bfloat16, device="cuda")
 # buf lies in a symmetric window of group's communicator: NCCL runs its symmetric kernels.
+
+``import symm_rs`` is cheap: it does not import torch. Each public name is loaded from its
+submodule on first use (PEP 562), and the submodules that need torch import it then.
 """
 
-import logging
+from __future__ import annotations
 
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+# The native module is Rust and imports nothing heavy: its exception classes and version are
+# available at once.
 from symm_rs._native import (
     NcclError,
     NcclLibraryError,
@@ -15,39 +24,109 @@ from symm_rs._native import (
     SymmetricMemoryError,
     __version__,
 )
-from symm_rs.comm import Communicator, NotSymmetricWarning, nccl_group, set_window_check
-from symm_rs.cp import (
-    ZigzagLayout,
-    cp_all_gather_reorganized_into_tensor_kv_cache,
-    cp_all_gather_rerange_kv_cache,
-    zigzag_layout,
-    zigzag_split,
-)
-from symm_rs.groups import resolve_comm
-from symm_rs.library import library_info, nccl_library, nccl_version
-from symm_rs.memory import (
-    check_layout,
-    destroy_pool,
-    is_symmetric,
-    pool_usage,
-    register,
-    release,
-    reserve,
-    shared_pool,
-    stats,
-    use_symmetric_memory,
-    verify_pending,
-)
+
+if TYPE_CHECKING:
+    from symm_rs.agreement import AgreementError, check_layout, verify_pending
+    from symm_rs.capability import (
+        NoSymmetricKernelsWarning,
+        SymmetricKernels,
+        symmetric_kernels,
+    )
+    from symm_rs.comm import Communicator, NotSymmetricWarning, nccl_group, set_window_check
+    from symm_rs.context import (
+        NcclVersionWarning,
+        graph_capture,
+        is_registered,
+        is_symmetric,
+        register,
+        reserve,
+        set_graph_pool,
+        use_symmetric_memory,
+    )
+    from symm_rs.cp import (
+        ZigzagLayout,
+        cp_all_gather_reorganized_into_tensor_kv_cache,
+        cp_all_gather_rerange_kv_cache,
+        zigzag_layout,
+        zigzag_split,
+    )
+    from symm_rs.groups import release, resolve_comm
+    from symm_rs.library import library_info, nccl_library, nccl_version
+    from symm_rs.pool import destroy_pool, pool_usage, release_graph_pool, shared_pool, stats
 
 # Quiet by default: applications opt in with logging.getLogger("symm_rs").
 logging.getLogger("symm_rs").addHandler(logging.NullHandler())
 
+# Public name -> the submodule that defines it.
+_LAZY: dict[str, str] = {
+    "AgreementError": "agreement",
+    "check_layout": "agreement",
+    "verify_pending": "agreement",
+    "NoSymmetricKernelsWarning": "capability",
+    "SymmetricKernels": "capability",
+    "symmetric_kernels": "capability",
+    "Communicator": "comm",
+    "NotSymmetricWarning": "comm",
+    "nccl_group": "comm",
+    "set_window_check": "comm",
+    "NcclVersionWarning": "context",
+    "graph_capture": "context",
+    "is_registered": "context",
+    "is_symmetric": "context",
+    "register": "context",
+    "reserve": "context",
+    "set_graph_pool": "context",
+    "use_symmetric_memory": "context",
+    "ZigzagLayout": "cp",
+    "cp_all_gather_reorganized_into_tensor_kv_cache": "cp",
+    "cp_all_gather_rerange_kv_cache": "cp",
+    "zigzag_layout": "cp",
+    "zigzag_split": "cp",
+    "release": "groups",
+    "resolve_comm": "groups",
+    "library_info": "library",
+    "nccl_library": "library",
+    "nccl_version": "library",
+    "destroy_pool": "pool",
+    "pool_usage": "pool",
+    "release_graph_pool": "pool",
+    "shared_pool": "pool",
+    "stats": "pool",
+}
+# Submodules reachable as attributes (``symm_rs.cp.zigzag_layout``) without importing them first.
+_SUBMODULES = frozenset(
+    (
+        "agreement bench capability cli comm compat context cp doctor env groups launch memory "
+        "library nccl_log pool"
+    ).split()
+)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f"symm_rs.{module}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"symm_rs.{name}")
+    raise AttributeError(f"module 'symm_rs' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+
+
 __all__ = [
+    "AgreementError",
     "Communicator",
     "NcclError",
     "NcclLibraryError",
+    "NcclVersionWarning",
+    "NoSymmetricKernelsWarning",
     "NotSymmetricWarning",
     "RegistrationError",
+    "SymmetricKernels",
     "SymmetricMemoryError",
     "ZigzagLayout",
     "__version__",
@@ -55,6 +134,8 @@ __all__ = [
     "cp_all_gather_reorganized_into_tensor_kv_cache",
     "cp_all_gather_rerange_kv_cache",
     "destroy_pool",
+    "graph_capture",
+    "is_registered",
     "is_symmetric",
     "library_info",
     "nccl_group",
@@ -63,11 +144,14 @@ __all__ = [
     "pool_usage",
     "register",
     "release",
+    "release_graph_pool",
     "reserve",
     "resolve_comm",
+    "set_graph_pool",
     "set_window_check",
     "shared_pool",
     "stats",
+    "symmetric_kernels",
     "use_symmetric_memory",
     "verify_pending",
     "zigzag_layout",

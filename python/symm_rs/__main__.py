@@ -1,3 +1,3 @@
 from symm_rs.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m symm_rs"))

@@ -34,38 +34,51 @@ def probe_nccl(path: Union[str, PathLike[str]]) -> dict[str, Any]:
     """Opens one libnccl by path, apart from the process-wide one, and describes it."""
 
 def register_pending(comm: int) -> int:
-    """Registers every pool segment ``comm`` has not registered yet; collective.
+    """Registers every pool segment ``comm`` has not registered yet; collective. The segment
+    table is not locked while NCCL registers; registrations of one communicator are serialised.
 
     Raises:
         NcclLibraryError: NCCL cannot register windows.
         NcclError: ncclCommWindowRegister failed.
         RegistrationError: NCCL returned a NULL window.
+        SymmetricMemoryError: called inside ``group_start``/``group_end``.
         ValueError: ``comm`` is NULL or not readable memory.
     """
 
 def release_comm(comm: int) -> int:
-    """Deregisters every window ``comm`` holds; returns how many."""
+    """Deregisters every window ``comm`` holds (local); returns how many."""
+
+def forget_comm(comm: int) -> int:
+    """Drops the windows of a destroyed communicator without calling NCCL; returns how many."""
+
+def defer_registration(comm: int) -> None:
+    """Postpones ``comm``'s registration (a capture or NCCL group is open)."""
+
+def take_deferred() -> list[int]:
+    """The postponed communicators, in first-seen order, cleared."""
 
 def pending_sizes(comm: int) -> list[int]:
     """Sizes of the segments ``comm`` would register next, in order."""
 
 def is_registered(ptr: int, nbytes: int, comm: int) -> bool:
-    """Whether ``[ptr, ptr + nbytes)`` lies inside one window of ``comm``."""
+    """Whether ``[ptr, ptr + nbytes)`` lies inside one window of ``comm`` (O(log n))."""
 
 def segment_of(ptr: int, nbytes: int) -> Optional[tuple[int, int, int]]:
     """``(ptr, size, device)`` of the pool segment holding the range, if any."""
 
+def segments() -> list[tuple[int, int, int, list[int]]]:
+    """Every pool segment in allocation order: ``(ptr, size, device, communicators with a
+    window on it)``, read under one lock."""
+
 def segment_position(ptr: int, nbytes: int) -> Optional[tuple[int, int]]:
     """``(position in allocation order, byte offset)`` of the range in its segment, if any."""
 
-def comm_size(comm: int) -> int:
-    """``ncclCommCount``."""
+def comm_info(comm: int) -> tuple[int, int, int]:
+    """``(ncclCommCount, ncclCommUserRank, ncclCommCuDevice)``.
 
-def comm_rank(comm: int) -> int:
-    """``ncclCommUserRank``."""
-
-def comm_device(comm: int) -> int:
-    """``ncclCommCuDevice``."""
+    Raises:
+        ValueError: ``comm`` is NULL or not readable memory.
+    """
 
 def take_last_error() -> Optional[str]:
     """This thread's most recent allocator-plug failure, cleared once read."""
@@ -73,11 +86,73 @@ def take_last_error() -> Optional[str]:
 def mark_exiting() -> None:
     """From now on the free plug leaves segments to the operating system (interpreter exit)."""
 
-def stats() -> dict[str, Any]:
+class CommStats:
+    """What one communicator holds in the symmetric pools."""
+
+    @property
+    def comm(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def windows(self) -> int: ...
+    @property
+    def window_bytes(self) -> int: ...
+    @property
+    def pending_segments(self) -> int: ...
+
+class Stats:
+    """The segment table's figures; no pool snapshot is taken."""
+
+    @property
+    def segments(self) -> int:
+        """Pool segments alive (each one ``ncclMemAlloc`` allocation)."""
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def communicators(self) -> list[CommStats]: ...
+    @property
+    def segments_tracked(self) -> int: ...
+    @property
+    def segments_freed(self) -> int: ...
+    @property
+    def windows_registered(self) -> int: ...
+    @property
+    def windows_deregistered(self) -> int: ...
+    @property
+    def windows_forgotten(self) -> int:
+        """Windows dropped without an NCCL call: their communicator was destroyed."""
+    @property
+    def deregistration_failures(self) -> int: ...
+    @property
+    def deferred_registrations(self) -> int:
+        """Communicators whose registration waits for the end of a capture or NCCL group."""
+    @property
+    def alloc_failures(self) -> int: ...
+    @property
+    def free_failures(self) -> int: ...
+    @property
+    def leaked_segments(self) -> int: ...
+    @property
+    def last_error(self) -> Optional[str]: ...
+    def as_dict(self) -> dict[str, Any]:
+        """The same figures as a plain dict (``communicators`` keyed by address)."""
+    def __getitem__(self, key: str) -> Any:
+        """``stats["windows_registered"]``: the dict-style access of earlier releases."""
+
+def stats() -> Stats:
     """Segments, bytes, windows per communicator, and failure counters."""
 
-def all_gather_on(comm: int, send: int, recv: int, count: int, dtype: int, stream: int) -> None:
-    """``ncclAllGather`` on any communicator, for symm_rs's own control exchanges."""
+def run_collective(
+    comm: int, kind: str, out: Any, inp: Any, stream: tuple[int, int], op: str = "sum"
+) -> None:
+    """Checks ``out``/``inp`` (torch tensors) against ``comm`` (its size and device, read from
+    NCCL) and enqueues ``kind`` (all_gather, all_reduce, reduce_scatter) on ``stream``, given as
+    ``(cudaStream_t, device index)``.
+
+    Raises:
+        TypeError: not tensors, a dtype NCCL lacks, or dtypes that differ.
+        ValueError: wrong device, layout, element counts, op or kind.
+    """
 
 def group_start() -> None:
     """``ncclGroupStart``."""
@@ -85,8 +160,8 @@ def group_start() -> None:
 def group_end() -> None:
     """``ncclGroupEnd``."""
 
-def check_reduce_op(op: str) -> None:
-    """Raises ValueError unless ``op`` is sum, prod, max, min or avg."""
+def in_group() -> bool:
+    """Whether this thread is between ``group_start`` and ``group_end``."""
 
 class NcclCommunicator:
     """The Rust-owned communicator behind ``symm_rs.Communicator``."""
@@ -107,10 +182,6 @@ class NcclCommunicator:
     def closed(self) -> bool: ...
     def close(self) -> None:
         """Deregisters this communicator's windows and destroys it (idempotent; collective)."""
-    def all_gather(self, send: int, recv: int, count: int, dtype: int, stream: int) -> None: ...
-    def all_reduce(
-        self, send: int, recv: int, count: int, dtype: int, op: str, stream: int
-    ) -> None: ...
-    def reduce_scatter(
-        self, send: int, recv: int, count: int, dtype: int, op: str, stream: int
-    ) -> None: ...
+    def run(self, kind: str, out: Any, inp: Any, stream: tuple[int, int], op: str = "sum") -> None:
+        """Checks ``out``/``inp`` against this communicator, then enqueues ``kind`` on
+        ``stream`` (``(cudaStream_t, device index)``)."""

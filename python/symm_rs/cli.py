@@ -1,40 +1,134 @@
-"""Command line: ``python -m symm_rs doctor [--json]`` and ``python -m symm_rs bench [...]``."""
+"""The ``symm-rs`` / ``python -m symm_rs`` command line: ``doctor`` and ``bench``.
+
+Answering ``--help`` imports nothing heavy: torch, the native module and the benchmark module are
+imported only by the command that runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import re
 import sys
 from typing import Optional
 
+DESCRIPTION = "NCCL symmetric memory for PyTorch, with a prebuilt Rust core."
+EXAMPLES = (
+    ("doctor", "check this machine; exit status 1 if a problem was found"),
+    ("doctor --json", "the same report as JSON"),
+    ("bench --quick", "plain against symmetric buffers on every GPU (2 or more)"),
+)
+DOCTOR_DESCRIPTION = """\
+Checks what symm_rs relies on and reports each problem with advice: torch and its features, the
+libnccl in use (path, version, known NCCL defects, wheels that overwrite each other's libnccl),
+the SYMM_RS_* and NCCL_* variables, and the GPUs with their peer access. With 2 or more GPUs it
+runs a symmetric all-gather across them and confirms, from NCCL's own tuning log, that NCCL ran
+a symmetric kernel.
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m symm_rs", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+Exit status: 0 when no problem was found (also on a machine without GPUs, unless --require-gpu),
+1 when one was."""
+
+_LITERAL = re.compile(r"``([^`]+)``")
+_ROLE = re.compile(r":[a-z]+:`([^`]+)`")
+_INTERPRETED = re.compile(r"`([^`]+)`")
+
+
+def plain_text(doc: Optional[str]) -> str:
+    """A docstring written in reStructuredText, as plain text for ``--help``: inline literals,
+    roles and interpreted text lose their backquotes, ``*`` bullets become ``-`` and a
+    paragraph's closing ``::`` becomes ``:``."""
+    if not doc:
+        return ""
+    text = _LITERAL.sub(r"\1", doc)
+    text = _ROLE.sub(r"\1", text)
+    text = _INTERPRETED.sub(r"\1", text)
+    lines = []
+    for line in text.strip("\n").splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith("* "):
+            line = line[: len(line) - len(stripped)] + "- " + stripped[2:]
+        if line.endswith("::"):
+            line = line[:-1]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _examples(prog: str) -> str:
+    width = max(len(command) for command, _ in EXAMPLES) + len(prog) + 1
+    lines = [f"  {prog + ' ' + command:<{width}}  {what}" for command, what in EXAMPLES]
+    return "examples:\n" + "\n".join(lines)
+
+
+def _default_prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not name or name in ("__main__.py", "-c", "-m"):
+        return "symm-rs"
+    return name
+
+
+def _command(argv: list[str]) -> Optional[str]:
+    """The sub-command named in ``argv`` (the first word that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(prog: str, with_bench_options: bool = False) -> argparse.ArgumentParser:
+    """The parser. The benchmark's own options are added only when ``bench`` runs, so that
+    ``--help`` does not import the benchmark module."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=_examples(prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     doctor = commands.add_parser(
-        "doctor", help="check torch, NCCL, GPUs and a symmetric all-gather"
+        "doctor",
+        help="check torch, NCCL, the environment and the GPUs; with 2+ GPUs run a symmetric "
+        "all-gather",
+        description=DOCTOR_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--no-check", action="store_true", help="skip the multi-GPU all-gather")
-    from symm_rs import bench as bench_module
-
-    bench = commands.add_parser(
-        "bench",
-        help="benchmark plain vs symmetric buffers on 2+ GPUs (JSON, PNG, Markdown table)",
-        description=bench_module.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    doctor.add_argument(
+        "--require-gpu",
+        action="store_true",
+        help="count a machine without a visible GPU as a problem (exit status 1)",
     )
-    bench_module.add_arguments(bench)
-    args = parser.parse_args(argv)
+    bench_help = "benchmark plain against symmetric buffers on 2+ GPUs (JSON, PNG, Markdown)"
+    if with_bench_options:
+        from symm_rs import bench as bench_module
+
+        bench = commands.add_parser(
+            "bench",
+            help=bench_help,
+            description=plain_text(bench_module.__doc__),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        bench_module.add_arguments(bench)
+    else:
+        commands.add_parser("bench", help=bench_help, add_help=False)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    """Runs the command line; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = _command(args_list)
+    parser = build_parser(prog or _default_prog(), with_bench_options=command == "bench")
+    args = parser.parse_args(args_list)
 
     if args.command == "doctor":
+        import json
+
         from symm_rs.doctor import diagnose, render
 
-        report = diagnose(run_check=not args.no_check)
+        report = diagnose(run_check=not args.no_check, require_gpu=args.require_gpu)
         print(json.dumps(report, indent=2) if args.json else render(report))
-        failed = "FAILED" in str(report.get("check", ""))
-        return 1 if failed else 0
+        return 1 if report["problems"] else 0
     if args.command == "bench":
+        from symm_rs import bench as bench_module
+
         return bench_module.run(args)
     parser.print_help(sys.stderr)
     return 2

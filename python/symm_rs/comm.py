@@ -1,51 +1,36 @@
 """``symm_rs.Communicator``: an NCCL communicator owned by the Rust core.
 
 Engines run collectives directly on their own communicator, on a chosen stream, inside CUDA
-graphs. Every argument is checked here, before NCCL sees it, so a wrong device, dtype, size or
-layout is a Python exception naming the argument rather than a hang or corrupt memory.
+graphs. Every buffer is checked against the communicator in Rust, next to the NCCL call it makes
+sound, so a wrong device, dtype, size or layout is a Python exception naming the argument rather
+than a hang or corrupt memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import hashlib
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, Optional, Union
 
 import torch
 
-from symm_rs import _native
-from symm_rs.library import library_info
-
-# ncclDataType_t codes. fp8 exists from NCCL 2.24 on.
-_NCCL_DTYPES: dict[torch.dtype, int] = {
-    torch.int8: 0,
-    torch.uint8: 1,
-    torch.int32: 2,
-    torch.int64: 4,
-    torch.float16: 6,
-    torch.float32: 7,
-    torch.float64: 8,
-    torch.bfloat16: 9,
-}
-for _name, _code in (("uint32", 3), ("uint64", 5)):
-    if hasattr(torch, _name):
-        _NCCL_DTYPES[getattr(torch, _name)] = _code
-_FP8_DTYPES: dict[str, int] = {"float8_e4m3fn": 10, "float8_e5m2": 11}
-_FP8_MIN_VERSION = (2, 24, 0)
-# First NCCL assumed free of the odd-count 16-bit symmetric-kernel bug. Not known yet: every
-# release is treated as affected until a GPU run shows otherwise.
-_ODD_16BIT_FIXED = (99, 0, 0)
+from symm_rs import _native, env
+from symm_rs.agreement import extent
+from symm_rs.groups import Channel, store_of
+from symm_rs.library import library_info, nccl_issues
 
 _CHECK_MODES = ("off", "warn", "raise")
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 def _mode_from_env() -> str:
-    if os.environ.get("SYMM_RS_STRICT", "0") not in ("", "0"):
+    if env.read_flag(env.STRICT):
         return "raise"
-    if os.environ.get("SYMM_RS_DEBUG", "0") not in ("", "0"):
+    if env.read_flag(env.DEBUG):
         return "warn"
     return "off"
 
@@ -76,25 +61,11 @@ class NotSymmetricWarning(UserWarning):
 _warned_sites: set[tuple[str, int]] = set()
 
 
-def nccl_dtype(dtype: torch.dtype) -> int:
-    """The ``ncclDataType_t`` code for a torch dtype.
-
-    Raises:
-        TypeError: NCCL (this version) has no such type.
-    """
-    code = _NCCL_DTYPES.get(dtype)
-    if code is not None:
-        return code
-    fp8 = _FP8_DTYPES.get(str(dtype).replace("torch.", ""))
-    if fp8 is not None:
-        version = tuple(library_info()["version"])
-        if version >= _FP8_MIN_VERSION:
-            return fp8
-        raise TypeError(f"{dtype} needs NCCL >= 2.24 for collectives; this NCCL is {version}")
-    supported = ", ".join(sorted(str(d).replace("torch.", "") for d in _NCCL_DTYPES))
-    raise TypeError(
-        f"NCCL has no type for {dtype}; supported: {supported}, float8_e4m3fn, float8_e5m2"
-    )
+def _unaligned_ll_bug() -> bool:
+    """Whether this NCCL has the symmetric LL kernels' unaligned 16-bit defect (see
+    ``symm_rs.library.NCCL_ISSUES``; measured in tests/gpu/results/suite_alignment_*)."""
+    version = tuple(library_info()["version"])
+    return any("unaligned" in issue.summary for issue in nccl_issues(version))
 
 
 class Communicator:
@@ -108,7 +79,7 @@ class Communicator:
     teardown it is collective.
     """
 
-    __slots__ = ("__weakref__", "_device", "_native", "_torch_device")
+    __slots__ = ("__weakref__", "_device", "_native", "_symm_rs_channel", "_torch_device")
 
     def __init__(
         self,
@@ -116,6 +87,7 @@ class Communicator:
         rank: int,
         size: int,
         device: Union[int, torch.device, None] = None,
+        channel: Optional[Channel] = None,
     ) -> None:
         if not isinstance(unique_id, (bytes, bytearray)):
             raise TypeError(f"unique_id must be bytes, got {type(unique_id).__name__}")
@@ -124,6 +96,9 @@ class Communicator:
         self._native = _native.NcclCommunicator(bytes(unique_id), int(rank), int(size), index)
         self._device = index
         self._torch_device = torch.device("cuda", index)
+        # symm_rs's cross-rank checks on this communicator go through the store of the group
+        # that carried its id, so they time out instead of hanging.
+        self._symm_rs_channel = channel
 
     @staticmethod
     def unique_id() -> bytes:
@@ -137,7 +112,8 @@ class Communicator:
     ) -> Communicator:
         """A new communicator over the ranks of a ``torch.distributed`` group (collective).
 
-        The group only carries the unique id; it may use any backend (gloo works).
+        The group only carries the unique id (and symm_rs's cross-rank checks); it may use any
+        backend (gloo works).
         """
         import torch.distributed as dist
 
@@ -150,7 +126,10 @@ class Communicator:
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         unique = box[0]
         assert unique is not None
-        return cls(unique, rank, size, device)
+        store = store_of(group)
+        tag = "comm-" + hashlib.sha256(unique).hexdigest()[:16]
+        channel = Channel(store, tag) if store is not None else None
+        return cls(unique, rank, size, device, channel)
 
     @property
     def comm(self) -> int:
@@ -174,7 +153,13 @@ class Communicator:
         return bool(self._native.closed)
 
     def close(self) -> None:
-        """Deregisters this communicator's windows and destroys it. Idempotent; collective."""
+        """Deregisters this communicator's windows and destroys it. Idempotent; collective.
+        Destroy every CUDA graph that captured collectives on it first: NCCL waits for them."""
+        if self._native.closed:
+            return
+        from symm_rs.groups import drop_cached
+
+        drop_cached(int(self._native.comm))  # symm_rs's caches; close() releases the windows
         self._native.close()
 
     def __enter__(self) -> Communicator:
@@ -188,57 +173,6 @@ class Communicator:
             return "Communicator(closed)"
         return f"Communicator(rank={self.rank}, size={self.size}, device={self._torch_device})"
 
-    # -- argument checks -------------------------------------------------------------------
-
-    def _check_tensor(self, name: str, tensor: object) -> torch.Tensor:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.device != self._torch_device:
-            raise ValueError(
-                f"{name} is on {tensor.device}, but this communicator runs on {self._torch_device}"
-            )
-        if not tensor.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
-        return tensor
-
-    def _check_pair(self, out: object, inp: object) -> tuple[torch.Tensor, torch.Tensor, int]:
-        out_t = self._check_tensor("out", out)
-        inp_t = self._check_tensor("inp", inp)
-        if out_t.dtype != inp_t.dtype:
-            raise TypeError(f"out is {out_t.dtype} but inp is {inp_t.dtype}; they must match")
-        return out_t, inp_t, nccl_dtype(inp_t.dtype)
-
-    def _stream(self, stream: Optional[torch.cuda.Stream]) -> int:
-        if stream is None:
-            return int(torch.cuda.current_stream(self._torch_device).cuda_stream)
-        if not isinstance(stream, torch.cuda.Stream):
-            raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream)}")
-        if stream.device != self._torch_device:
-            raise ValueError(
-                f"stream is on {stream.device}, but this communicator runs on {self._torch_device}"
-            )
-        return int(stream.cuda_stream)
-
-    def _check_windows(self, *tensors: torch.Tensor) -> None:
-        from symm_rs.memory import _extent
-
-        comm = self.comm
-        outside = [t for t in tensors if t.numel() and not _native.is_registered(*_extent(t), comm)]
-        if not outside:
-            return
-        message = (
-            f"{len(outside)} buffer(s) of this collective lie outside every symmetric window of "
-            "this communicator, so NCCL cannot use its symmetric kernels; allocate them inside "
-            "symm_rs.use_symmetric_memory(<this communicator>)"
-        )
-        if _window_check == "raise":
-            raise _native.RegistrationError(message)
-        frame = sys._getframe(2)
-        site = (frame.f_code.co_filename, frame.f_lineno)
-        if site not in _warned_sites:
-            _warned_sites.add(site)
-            warnings.warn(message, NotSymmetricWarning, stacklevel=3)
-
     # -- collectives -----------------------------------------------------------------------
 
     def all_gather_into_tensor(
@@ -246,25 +180,7 @@ class Communicator:
     ) -> None:
         """Gathers every rank's ``inp`` into ``out`` (``size * inp.numel()`` elements), rank
         order, on ``stream`` (default: the current stream). Capturable in CUDA graphs."""
-        out_t, inp_t, dtype = self._check_pair(out, inp)
-        size = self.size
-        if out_t.numel() != inp_t.numel() * size:
-            raise ValueError(
-                f"out must hold size * inp.numel() = {size} * {inp_t.numel()} elements, "
-                f"got {out_t.numel()}"
-            )
-        handle = self._stream(stream)
-        if _window_check != "off":
-            self._check_windows(out_t, inp_t)
-        self._into(
-            out_t,
-            inp_t,
-            inp_t.numel(),
-            stream,
-            lambda recv: self._native.all_gather(
-                inp_t.data_ptr(), recv, inp_t.numel(), dtype, handle
-            ),
-        )
+        self._run("all_gather", out, inp, "sum", stream, per_rank=inp)
 
     def reduce_scatter_tensor(
         self,
@@ -275,64 +191,7 @@ class Communicator:
     ) -> None:
         """Reduces ``inp`` (``size * out.numel()`` elements) across ranks and leaves this rank's
         block in ``out``. ``op`` is ``sum``, ``prod``, ``max``, ``min`` or ``avg``."""
-        out_t, inp_t, dtype = self._check_pair(out, inp)
-        _native.check_reduce_op(op)
-        size = self.size
-        if inp_t.numel() != out_t.numel() * size:
-            raise ValueError(
-                f"inp must hold size * out.numel() = {size} * {out_t.numel()} elements, "
-                f"got {inp_t.numel()}"
-            )
-        handle = self._stream(stream)
-        if _window_check != "off":
-            self._check_windows(out_t, inp_t)
-        self._into(
-            out_t,
-            inp_t,
-            out_t.numel(),
-            stream,
-            lambda recv: self._native.reduce_scatter(
-                inp_t.data_ptr(), recv, out_t.numel(), dtype, op, handle
-            ),
-        )
-
-    def _into(
-        self,
-        out: torch.Tensor,
-        inp: torch.Tensor,
-        count: int,
-        stream: Optional[torch.cuda.Stream],
-        launch: Callable[[int], None],
-    ) -> None:
-        """Runs ``launch(recv_address)`` into ``out``, or into a staging copy of it when
-        ``_needs_staging`` says NCCL's symmetric kernel would get this call wrong."""
-        if not self._needs_staging(count, out, inp):
-            launch(out.data_ptr())
-            return
-        # Allocated, used and freed on the collective's stream, so reuse is stream-ordered.
-        with torch.cuda.stream(_external(stream, self._torch_device)):
-            staging = torch.empty_like(out)
-            launch(staging.data_ptr())
-            out.copy_(staging)
-
-    def _needs_staging(self, count: int, out: torch.Tensor, inp: torch.Tensor) -> bool:
-        """Whether this call must steer around NCCL's symmetric kernels: measured on H100 with
-        NCCL 2.28.9, all-gather (in place always, reduce-scatter sometimes) returns wrong values
-        for 16-bit data with an odd per-rank count when both buffers are in windows
-        (tests/gpu/results/suite_alignment_*). NCCL picks a symmetric kernel only when both
-        buffers are registered, so a staging output outside the windows keeps the call on its
-        regular kernels."""
-        if count % 2 == 0 or out.element_size() != 2:
-            return False
-        if tuple(library_info()["version"]) >= _ODD_16BIT_FIXED:
-            return False
-        from symm_rs.memory import _extent
-
-        comm = self.comm
-        return bool(
-            _native.is_registered(*_extent(out), comm)
-            and _native.is_registered(*_extent(inp), comm)
-        )
+        self._run("reduce_scatter", out, inp, op, stream, per_rank=out)
 
     def all_reduce(
         self,
@@ -342,39 +201,132 @@ class Communicator:
         stream: Optional[torch.cuda.Stream] = None,
     ) -> torch.Tensor:
         """Reduces ``tensor`` across ranks into ``out`` (default: in place). Returns ``out``."""
-        tensor_t = self._check_tensor("tensor", tensor)
-        out_t = tensor_t if out is None else self._check_tensor("out", out)
-        if out_t.dtype != tensor_t.dtype:
-            raise TypeError(f"out is {out_t.dtype} but tensor is {tensor_t.dtype}; they must match")
-        if out_t.numel() != tensor_t.numel():
-            raise ValueError(
-                f"out must have as many elements as tensor ({tensor_t.numel()}), "
-                f"got {out_t.numel()}"
-            )
-        dtype = nccl_dtype(tensor_t.dtype)
-        _native.check_reduce_op(op)
-        handle = self._stream(stream)
+        target = tensor if out is None else out
+        self._run("all_reduce", target, tensor, op, stream, per_rank=None)
+        return target
+
+    def _stream(self, stream: Optional[torch.cuda.Stream]) -> torch.cuda.Stream:
+        if stream is None:
+            return torch.cuda.current_stream(self._torch_device)
+        if not isinstance(stream, torch.cuda.Stream):
+            raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream)}")
+        return stream
+
+    def _run(
+        self,
+        kind: str,
+        out: Any,
+        inp: Any,
+        op: str,
+        stream: Optional[torch.cuda.Stream],
+        per_rank: Optional[torch.Tensor],
+    ) -> None:
+        s = self._stream(stream)
+        handle = (int(s.cuda_stream), int(s.device.index))
         if _window_check != "off":
-            self._check_windows(out_t, tensor_t)
-        self._native.all_reduce(
-            tensor_t.data_ptr(), out_t.data_ptr(), tensor_t.numel(), dtype, op, handle
+            self._check_windows(out, inp)
+        if per_rank is not None and self._needs_staging(per_rank, out, inp):
+            self._staged(kind, out, inp, op, s, handle)
+            return
+        self._native.run(kind, out, inp, handle, op)
+
+    def _staged(
+        self,
+        kind: str,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        op: str,
+        stream: torch.cuda.Stream,
+        handle: tuple[int, int],
+    ) -> None:
+        """Runs the collective into a staging copy of ``out`` outside the windows, so NCCL uses
+        its regular kernels, then copies it into ``out``. Inside ``nccl_group()`` the collective
+        is only launched when the group ends, so the copy waits for that too."""
+        with torch.cuda.stream(stream):
+            staging = torch.empty_like(out)  # allocated, used and freed on the stream: ordered
+        self._native.run(kind, staging, inp, handle, op)
+
+        def copy_back() -> None:
+            with torch.cuda.stream(stream):
+                out.copy_(staging)
+
+        if _native.in_group():
+            _after_group(copy_back)
+        else:
+            copy_back()
+
+    def _needs_staging(self, per_rank: torch.Tensor, out: torch.Tensor, inp: torch.Tensor) -> bool:
+        """Whether NCCL's symmetric LL kernels would get this call wrong: 16-bit data with an
+        odd per-rank count, both buffers in this communicator's windows, on an NCCL with the
+        unaligned-buffer defect. NCCL picks a symmetric kernel only when both buffers are
+        registered, so a staging output outside the windows keeps the call correct."""
+        if not isinstance(per_rank, torch.Tensor) or per_rank.dtype not in _SIXTEEN_BIT:
+            return False
+        if per_rank.numel() % 2 == 0 or not _unaligned_ll_bug():
+            return False
+        comm = self.comm
+        return bool(
+            _native.is_registered(*extent(out), comm) and _native.is_registered(*extent(inp), comm)
         )
-        return out_t
+
+    def _check_windows(self, *tensors: Any) -> None:
+        comm = self.comm
+        outside = [
+            t
+            for t in tensors
+            if isinstance(t, torch.Tensor)
+            and t.numel()
+            and not _native.is_registered(*extent(t), comm)
+        ]
+        if not outside:
+            return
+        message = (
+            f"{len(outside)} buffer(s) of this collective lie outside every symmetric window of "
+            "this communicator, so NCCL cannot use its symmetric kernels; allocate them inside "
+            "symm_rs.use_symmetric_memory(<this communicator>)"
+        )
+        if _window_check == "raise":
+            raise _native.RegistrationError(message)
+        frame = sys._getframe(3)
+        site = (frame.f_code.co_filename, frame.f_lineno)
+        if site not in _warned_sites:
+            _warned_sites.add(site)
+            warnings.warn(message, NotSymmetricWarning, stacklevel=4)
+
+
+class _GroupState(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0
+        self.after: list[Callable[[], None]] = []
+
+
+_group_state = _GroupState()
+
+
+def _after_group(callback: Callable[[], None]) -> None:
+    _group_state.after.append(callback)
 
 
 @contextlib.contextmanager
 def nccl_group() -> Iterator[None]:
     """``ncclGroupStart``/``ncclGroupEnd`` around the collectives issued inside, so that several
-    of them (on one or several communicators) launch as one."""
+    of them (on one or several communicators) launch as one. Work that must follow the launch
+    (a staging copy, a registration postponed by a context that exited inside the group) runs
+    when the outermost group ends."""
     _native.group_start()
+    _group_state.depth += 1
     try:
         yield
     finally:
+        _group_state.depth -= 1
         _native.group_end()
+        if _group_state.depth == 0:
+            after, _group_state.after = _group_state.after, []
+            for callback in after:
+                callback()
+            from symm_rs.context import flush_deferred
 
-
-def _external(stream: Optional[torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
-    return stream if stream is not None else torch.cuda.current_stream(device)
+            flush_deferred()
 
 
 def _device_index(device: Union[int, torch.device, None]) -> int:

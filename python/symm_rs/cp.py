@@ -19,11 +19,12 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
-from symm_rs.memory import use_symmetric_memory
+from symm_rs.context import use_symmetric_memory
+from symm_rs.groups import peers
 
 __all__ = [
     "ZigzagLayout",
@@ -32,14 +33,6 @@ __all__ = [
     "zigzag_layout",
     "zigzag_split",
 ]
-
-_ACCEPTED_GROUPS = (
-    "a torch.distributed ProcessGroup, or an object with an "
-    "all_gather_into_tensor(output, input, stream=None) method and .rank and .size "
-    "(such as symm_rs.Communicator)"
-)
-
-_GatherFn = Callable[[torch.Tensor, torch.Tensor, Optional["torch.cuda.Stream"]], None]
 
 
 def _describe(obj: object) -> str:
@@ -54,55 +47,6 @@ def _as_int(name: str, value: object) -> int:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError(f"{name} must be an int, got {_describe(value)}") from None
-
-
-def _int_attribute(group: object, name: str) -> int:
-    value = getattr(group, name)
-    # Accept a method as well as a plain attribute: communicator wrappers differ on this.
-    if callable(value):
-        value = value()
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{_describe(group)}.{name} must be an int, got {_describe(value)}")
-    return value
-
-
-def _resolve_gather(group: object) -> tuple[int, int, _GatherFn]:
-    """This rank's index, the group size, and the all-gather to run on ``group``.
-
-    Raises:
-        TypeError: ``group`` is neither kind accepted.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and isinstance(group, dist.ProcessGroup):
-        pg = group
-
-        def gather_pg(
-            out: torch.Tensor, inp: torch.Tensor, stream: Optional[torch.cuda.Stream]
-        ) -> None:
-            if stream is None:
-                dist.all_gather_into_tensor(out, inp, group=pg)
-                return
-            # torch.distributed has no stream argument: it runs after the current stream.
-            with torch.cuda.stream(stream):
-                dist.all_gather_into_tensor(out, inp, group=pg)
-
-        rank = dist.get_rank(pg)
-        if rank < 0:
-            raise ValueError("this process is not a member of the ProcessGroup passed as group")
-        return rank, dist.get_world_size(pg), gather_pg
-
-    method = getattr(group, "all_gather_into_tensor", None)
-    if callable(method) and hasattr(group, "rank") and hasattr(group, "size"):
-
-        def gather_comm(
-            out: torch.Tensor, inp: torch.Tensor, stream: Optional[torch.cuda.Stream]
-        ) -> None:
-            method(out, inp, stream=stream)
-
-        return _int_attribute(group, "rank"), _int_attribute(group, "size"), gather_comm
-
-    raise TypeError(f"group must be {_ACCEPTED_GROUPS}; got {_describe(group)}")
 
 
 def _check_counts(name: str, counts: Sequence[int], expected_len: int, what: str) -> list[int]:
@@ -128,9 +72,9 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
 
     Arguments:
         input: this rank's tokens, shape ``[per_rank_tokens[rank], *trailing]``.
-        group: a ``torch.distributed.ProcessGroup``, or an object with
-            ``all_gather_into_tensor(output, input, stream=None)``, ``.rank`` and ``.size``
-            (``symm_rs.Communicator``).
+        group: any group ``use_symmetric_memory`` accepts (``symm_rs.groups.ACCEPTED``);
+            with ``disabled=True`` also a ProcessGroup of any backend (gloo) or an object with
+            ``all_gather_into_tensor(output, input, stream=None)``, ``.rank`` and ``.size``.
         per_rank_tokens: how many real tokens each rank holds, one entry per rank.
         stream: CUDA stream to run the all-gather on; it first waits for the current stream,
             and the current stream waits for it before the result is assembled. Ignored for
@@ -148,7 +92,8 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
         ValueError: ``per_rank_tokens`` does not have one int >= 0 per rank, ``input`` does
             not hold ``per_rank_tokens[rank]`` tokens, or this process is not in ``group``.
     """
-    rank, world, gather = _resolve_gather(group)
+    peer = peers(group)  # once per call; the context below reuses it
+    rank, world = peer.rank, peer.size
     counts = _check_counts(
         "per_rank_tokens", per_rank_tokens, world, "one token count per rank of the group"
     )
@@ -171,7 +116,7 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
     row_bytes = math.prod(trailing) * input.element_size()
     align = 16 // math.gcd(row_bytes, 16) if row_bytes else 1
     slot = -(-max_len // align) * align
-    with use_symmetric_memory(group, disabled=disabled):
+    with use_symmetric_memory(peer if peer.comm else group, disabled=disabled):
         gathered = torch.empty((slot * world, *trailing), dtype=input.dtype, device=input.device)
     # Gather in place: this rank's padded slice lives inside the gathered buffer, so both NCCL
     # buffers lie in the symmetric window (symmetric kernels need both) and no second
@@ -188,10 +133,10 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
         side.wait_stream(current)
         # The buffers are used on the side stream: keep the allocator from reusing them early.
         gathered.record_stream(side)
-        gather(gathered, local, side)
+        peer.all_gather_into_tensor(gathered, local, side)
         current.wait_stream(side)
     else:
-        gather(gathered, local, None)
+        peer.all_gather_into_tensor(gathered, local, None)
 
     if slot == max_len and all(c == max_len for c in counts):
         return gathered
@@ -390,7 +335,7 @@ def cp_all_gather_rerange_kv_cache(
         ValueError: the layout was built for another group size, or ``input`` does not hold
             ``layout.per_rank_tokens[rank]`` tokens.
     """
-    _, world, _ = _resolve_gather(group)
+    world = peers(group).size
     if layout.cp_size != world:
         raise ValueError(
             f"layout was built for cp_size={layout.cp_size}, but the group has {world} ranks"

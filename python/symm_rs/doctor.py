@@ -1,15 +1,34 @@
-"""``python -m symm_rs doctor``: what a user needs to know before relying on symm_rs."""
+"""``doctor``: what a user needs to know before relying on symm_rs.
+
+Every finding that stops symm_rs from working correctly is a *problem* (the command then exits
+with status 1) and comes with advice; findings that do not (an unknown ``SYMM_RS_*`` name, say)
+are *warnings*.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import tempfile
+import warnings
+from typing import Any, Optional
 
 CHECK_ELEMENTS = 1 << 20  # 2 MiB of bf16 per rank: large enough to need a fresh pool segment
+CHECK_BYTES = CHECK_ELEMENTS * 2
 
 
-def symmetric_all_gather_check(rank: int, world_size: int) -> dict[str, Any]:
-    """One rank of the doctor's check: a symmetric all-gather compared with the expected bytes."""
+def symmetric_all_gather_check(
+    rank: int, world_size: int, log_dir: Optional[str] = None
+) -> dict[str, Any]:
+    """One rank of the doctor's check: a symmetric all-gather compared with the expected bytes.
+
+    With ``log_dir``, NCCL's tuning log is switched on for this process first (before torch, and
+    so NCCL, is initialised here), one file per process in ``log_dir``.
+    """
+    if log_dir is not None:
+        from symm_rs.nccl_log import tuning_log_env
+
+        os.environ.update(tuning_log_env(log_dir))
+
     import torch
     import torch.distributed as dist
 
@@ -18,9 +37,13 @@ def symmetric_all_gather_check(rank: int, world_size: int) -> dict[str, Any]:
 
     group = init_nccl(rank, world_size)
     try:
-        with symm_rs.use_symmetric_memory(group):
-            send = torch.empty(CHECK_ELEMENTS, dtype=torch.bfloat16, device="cuda")
-            recv = torch.empty(CHECK_ELEMENTS * world_size, dtype=torch.bfloat16, device="cuda")
+        verdict = symm_rs.symmetric_kernels(group)
+        with warnings.catch_warnings():
+            # The verdict is reported below; the context's own warning would repeat it.
+            warnings.simplefilter("ignore", symm_rs.NoSymmetricKernelsWarning)
+            with symm_rs.use_symmetric_memory(group):
+                send = torch.empty(CHECK_ELEMENTS, dtype=torch.bfloat16, device="cuda")
+                recv = torch.empty(CHECK_ELEMENTS * world_size, dtype=torch.bfloat16, device="cuda")
         pattern = torch.arange(CHECK_ELEMENTS, device="cuda", dtype=torch.float32) % 251
         send.copy_((pattern + rank).to(torch.bfloat16))
         dist.all_gather_into_tensor(recv, send, group=group)
@@ -31,6 +54,7 @@ def symmetric_all_gather_check(rank: int, world_size: int) -> dict[str, Any]:
             "send_symmetric": symm_rs.is_symmetric(send, group),
             "recv_symmetric": symm_rs.is_symmetric(recv, group),
             "windows": symm_rs.stats()["windows_registered"],
+            "symmetric_kernels": {"supported": verdict.supported, "reason": verdict.reason},
         }
     finally:
         symm_rs.release(group)
@@ -65,24 +89,124 @@ def _torch_features() -> dict[str, bool]:
 # Each problem symm_rs can recognise, with what to do about it.
 ADVICE = {
     "torch_features": "upgrade torch to 2.8 or later (pip install -U torch)",
-    "graph_capture": "inside CUDA-graph captures pass use_symmetric_memory(group, "
-    "graph_pool=pool) with the pool given to torch.cuda.graph(g, pool=pool)",
+    "torch_without_nccl": "install a CUDA build of torch (README.md, 'Set-up'); this one has no "
+    "NCCL",
+    "graph_capture": "before CUDA-graph captures call symm_rs.set_graph_pool(pool) with the pool "
+    "given to torch.cuda.graph(g, pool=pool) (torch >= 2.12 reports it itself)",
     "win_disabled": "unset NCCL_WIN_ENABLE (windows are off, registration returns NULL windows)",
     "cumem_disabled": "unset NCCL_CUMEM_ENABLE=0: symmetric windows need cuMem allocations",
     "nccl_mismatch": "torch and symm_rs use different NCCL builds; communicators of torch groups "
     "are only valid in torch's: import torch before symm_rs and unset SYMM_RS_NCCL_LIBRARY",
+    "override_ignored": "unset SYMM_RS_NCCL_LIBRARY: torch's libnccl is already loaded and "
+    "symm_rs uses it (a communicator is only valid in the library that made it)",
+    "environment": "fix or unset the SYMM_RS_* variables named above (README.md, 'Environment "
+    "variables')",
     "peer_access": "symmetric kernels need NVLink/P2P between every pair of GPUs in a group; "
     "use GPUs that can reach each other (nvidia-smi topo -m)",
+    "no_symmetric_kernel": "NCCL ran its regular kernels on registered buffers: check that "
+    "NCCL_ALGO/NCCL_PROTO are unset and that every GPU pair has NVLink (nvidia-smi topo -m)",
+    "no_gpu": "run on a machine with CUDA GPUs, or check CUDA_VISIBLE_DEVICES and the driver "
+    "(nvidia-smi)",
 }
 
 
-def _environment_problems() -> list[dict[str, str]]:
+def _nccl_environment_problems() -> list[dict[str, str]]:
     found = []
     if os.environ.get("NCCL_WIN_ENABLE", "1").strip() == "0":
         found.append({"problem": "NCCL_WIN_ENABLE=0", "advice": ADVICE["win_disabled"]})
     if os.environ.get("NCCL_CUMEM_ENABLE", "").strip() == "0":
         found.append({"problem": "NCCL_CUMEM_ENABLE=0", "advice": ADVICE["cumem_disabled"]})
     return found
+
+
+def check_environment(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The ``SYMM_RS_*`` variables that are set, with the problems (values symm_rs cannot use)
+    and warnings (names it does not know) found in them."""
+    from symm_rs.env import PREFIX, environment_issues
+
+    env = dict(os.environ if environ is None else environ)
+    issues = environment_issues(env)
+    return {
+        "variables": {k: v for k, v in sorted(env.items()) if k.startswith(PREFIX)},
+        "problems": [i.message for i in issues if i.fatal],
+        "warnings": [i.message for i in issues if not i.fatal],
+    }
+
+
+def known_issues_report(version: tuple[int, int, int]) -> list[dict[str, str]]:
+    """The known NCCL defects of ``version`` (``symm_rs.library.NCCL_ISSUES``), as JSON."""
+    from symm_rs.library import nccl_issues
+
+    dotted = ".".join(map(str, version))
+    return [
+        {
+            "nccl": dotted,
+            "affected": issue.affected,
+            "fixed_in": ".".join(map(str, issue.fixed)),
+            "summary": issue.summary,
+            "reference": issue.reference,
+            "problem": issue.describe(version),
+            "advice": issue.advice,
+        }
+        for issue in nccl_issues(version)
+    ]
+
+
+def shared_libraries_report(path: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """libnccl files installed by more than one distribution, as JSON (see
+    ``symm_rs.library.shared_nccl_libraries``)."""
+    from symm_rs.library import shared_nccl_libraries
+
+    return [
+        {
+            "path": shared.path,
+            "distributions": list(shared.distributions),
+            "keep": shared.keep,
+            "problem": f"{shared.path} is installed by {' and '.join(shared.distributions)}: the "
+            "later install overwrote the earlier one's file, and uninstalling either deletes it",
+            "advice": shared.advice,
+        }
+        for shared in shared_nccl_libraries(path)
+    ]
+
+
+def split_notes(
+    notes: list[str], loaded_path: str, environ: Optional[dict[str, str]] = None
+) -> tuple[list[str], list[str]]:
+    """The Rust core's notes about how the library was chosen, as ``(problems, harmless)``: an
+    ignored ``SYMM_RS_NCCL_LIBRARY`` that names the very file already loaded (compared by real
+    path) is harmless."""
+    from symm_rs.env import NCCL_LIBRARY
+
+    env = os.environ if environ is None else environ
+    wanted = env.get(NCCL_LIBRARY, "")
+    problems, harmless = [], []
+    for note in notes:
+        same_file = (
+            bool(wanted)
+            and note.startswith(f"{NCCL_LIBRARY}=")
+            and os.path.realpath(wanted) == os.path.realpath(loaded_path)
+        )
+        (harmless if same_file else problems).append(note)
+    return problems, harmless
+
+
+def tuning_log_evidence(records: list[Any], expected_bytes: int = CHECK_BYTES) -> dict[str, Any]:
+    """What NCCL's tuning log says about the check's all-gather: ``confirmed`` when it logged
+    a symmetric kernel for an all-gather."""
+    from symm_rs.nccl_log import symmetric_records
+
+    symmetric = symmetric_records(records, "AllGather")
+    regular = [r for r in records if r.collective == "AllGather" and not r.symmetric]
+    return {
+        "confirmed": bool(symmetric),
+        "expected_bytes": expected_bytes,
+        "records": len(records),
+        "symmetric_all_gather": [r.line for r in symmetric],
+        "symmetric_kernels": sorted({r.kernel for r in symmetric}),
+        "regular_all_gather": [r.line for r in regular],
+        "bytes_match": any(r.nbytes == expected_bytes for r in symmetric),
+    }
 
 
 def _peer_access(count: int) -> dict[str, Any]:
@@ -97,13 +221,31 @@ def _peer_access(count: int) -> dict[str, Any]:
     return {"all_pairs": not missing, "missing": missing}
 
 
-def diagnose(run_check: bool = True) -> dict[str, Any]:
+def _version_text(version: Any) -> Optional[str]:
+    if version is None:
+        return None
+    if isinstance(version, (tuple, list)):
+        return ".".join(map(str, version))
+    return str(version)
+
+
+def _version_tuple(text: Optional[str]) -> Optional[tuple[int, int, int]]:
+    try:
+        major, minor, patch = (int(part) for part in (text or "").split(".")[:3])
+    except ValueError:
+        return None
+    return (major, minor, patch)
+
+
+def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any]:
     """Everything ``doctor`` reports, as a dict: versions, GPUs, the NCCL in use and torch's,
-    window support, the torch features symm_rs relies on, problems with advice, and (with 2+
-    GPUs) the result of a symmetric all-gather across them."""
+    window support, known NCCL defects, libnccl files shared by two wheels, the environment,
+    the torch features symm_rs relies on, problems and warnings with advice, and (with 2+ GPUs)
+    the result of a symmetric all-gather across them with NCCL's tuning-log evidence."""
     import torch
 
-    from symm_rs import __version__, library_info
+    from symm_rs import __version__
+    from symm_rs.library import library_info
 
     report: dict[str, Any] = {
         "symm_rs": __version__,
@@ -111,14 +253,23 @@ def diagnose(run_check: bool = True) -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "gpus": [],
         "problems": [],
+        "warnings": [],
         "advice": [],
-        "symm_rs_env": {k: v for k, v in os.environ.items() if k.startswith("SYMM_RS_")},
+        "notes": [],
     }
 
     def problem(text: str, advice: str = "") -> None:
         report["problems"].append(text)
         if advice and advice not in report["advice"]:
             report["advice"].append(advice)
+
+    environment = check_environment()
+    report["environment"] = environment
+    for text in environment["problems"]:
+        problem(text, ADVICE["environment"])
+    report["warnings"].extend(environment["warnings"])
+    for found in _nccl_environment_problems():
+        problem(found["problem"], found["advice"])
 
     cuda_ok = torch.cuda.is_available()
     if cuda_ok:
@@ -132,16 +283,23 @@ def diagnose(run_check: bool = True) -> dict[str, Any]:
             problem(f"torch lacks {name}", ADVICE["torch_features"])
     if not features["CUDAGraph.get_currently_capturing_graph"]:
         report["advice"].append(ADVICE["graph_capture"])
-    for found in _environment_problems():
-        problem(found["problem"], found["advice"])
+
     try:
-        torch_nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        torch_nccl = _version_text(torch.cuda.nccl.version())
     except Exception:
         torch_nccl = None
     report["torch_nccl"] = torch_nccl
+    if torch_nccl is None:
+        text = "torch reports no NCCL (a CPU-only build?)"
+        if cuda_ok or require_gpu:
+            problem(text, ADVICE["torch_without_nccl"])
+        else:
+            report["warnings"].append(text)
+
+    report["known_issues"] = []
     try:
         info = library_info()
-        ours = ".".join(map(str, info["version"]))
+        ours = _version_text(info["version"])
         report["nccl"] = {
             "path": info["path"],
             "origin": info["origin"],
@@ -152,18 +310,44 @@ def diagnose(run_check: bool = True) -> dict[str, Any]:
         }
         if not info["windows_supported"]:
             problem(info["windows_problem"])
-        if not report["nccl"]["same_as_torch"]:
+        if torch_nccl is not None and not report["nccl"]["same_as_torch"]:
             problem(
                 f"symm_rs uses NCCL {ours} ({info['origin']}) but torch reports {torch_nccl}",
                 ADVICE["nccl_mismatch"],
             )
-        for note in info["notes"]:
-            problem(note, ADVICE["nccl_mismatch"])
+        note_problems, harmless = split_notes(list(info["notes"]), str(info["path"]))
+        for note in note_problems:
+            problem(note, ADVICE["override_ignored"])
+        if harmless:
+            report["notes"].append(
+                f"SYMM_RS_NCCL_LIBRARY={os.environ.get('SYMM_RS_NCCL_LIBRARY')} names the libnccl "
+                "already loaded (the same file): it has no effect"
+            )
+        versions = [_version_tuple(ours)]
+        if torch_nccl is not None and torch_nccl != ours:
+            versions.append(_version_tuple(torch_nccl))
+        for checked in versions:
+            if checked is None:
+                continue
+            for issue in known_issues_report(checked):
+                report["known_issues"].append(issue)
+                problem(issue["problem"], issue["advice"])
     except Exception as e:
         report["nccl"] = None
         problem(str(e))
+
+    try:
+        report["shared_libraries"] = shared_libraries_report()
+    except Exception as e:  # metadata of some distribution unreadable: say so, go on
+        report["shared_libraries"] = []
+        report["warnings"].append(f"could not read the installed distributions: {e}")
+    for shared in report["shared_libraries"]:
+        problem(shared["problem"], shared["advice"])
+
     if not cuda_ok:
         report["check"] = "skipped: no GPU visible to torch"
+        if require_gpu:
+            problem("no GPU visible to torch (--require-gpu)", ADVICE["no_gpu"])
         return report
     if len(report["gpus"]) < 2:
         report["check"] = "skipped: a symmetric all-gather needs at least 2 GPUs"
@@ -177,23 +361,88 @@ def diagnose(run_check: bool = True) -> dict[str, Any]:
     if not run_check or not (report["nccl"] or {}).get("windows_supported"):
         report["check"] = "skipped"
         return report
-    from symm_rs.launch import run_ranks
-
-    world_size = len(report["gpus"])
-    outcomes = run_ranks(symmetric_all_gather_check, world_size, timeout=180)
-    report["check_ranks"] = [value if ok else {"error": value} for ok, value in outcomes]
-    passed = all(
-        ok and v["exact"] and v["send_symmetric"] and v["recv_symmetric"] for ok, v in outcomes
-    )
-    report["check"] = f"symmetric all-gather over {world_size} GPUs: " + (
-        "exact, buffers registered as symmetric windows" if passed else "FAILED"
-    )
-    if not passed:
-        problem("the symmetric all-gather check failed; see check_ranks")
+    _run_check(report, problem)
     return report
 
 
+def _run_check(report: dict[str, Any], problem: Any) -> None:
+    from symm_rs.launch import run_ranks
+    from symm_rs.nccl_log import read_tuning_log
+
+    world_size = len(report["gpus"])
+    with tempfile.TemporaryDirectory(prefix="symm_rs_doctor_") as log_dir:
+        outcomes = run_ranks(symmetric_all_gather_check, world_size, (log_dir,), timeout=180)
+        records = read_tuning_log(log_dir)
+    evidence = tuning_log_evidence(records)
+    report["tuning_log"] = evidence
+    report["check_ranks"] = [value if ok else {"error": value} for ok, value in outcomes]
+    predicted = [v["symmetric_kernels"] for ok, v in outcomes if ok]
+    supported = bool(predicted) and all(p["supported"] for p in predicted)
+    report["symmetric_kernels"] = (
+        {"supported": supported, "reason": predicted[0]["reason"]} if predicted else None
+    )
+    if predicted and not supported:
+        _report_no_symmetric_kernels(report, problem, outcomes, evidence, predicted[0]["reason"])
+        return
+    exact = all(
+        ok and v["exact"] and v["send_symmetric"] and v["recv_symmetric"] for ok, v in outcomes
+    )
+    passed = exact and evidence["confirmed"]
+    if passed:
+        kernels = ", ".join(evidence["symmetric_kernels"])
+        verdict = f"exact; NCCL's tuning log shows the symmetric kernel {kernels}"
+    elif exact:
+        verdict = "FAILED: exact, but NCCL's tuning log shows no symmetric kernel"
+    else:
+        verdict = "FAILED"
+    report["check"] = f"symmetric all-gather over {world_size} GPUs: {verdict}"
+    if not exact:
+        problem("the symmetric all-gather check failed; see check_ranks")
+    elif not evidence["records"]:
+        problem(
+            "NCCL wrote no tuning log for the check (NCCL_DEBUG=INFO, NCCL_DEBUG_SUBSYS=TUNING), "
+            "so no symmetric kernel could be confirmed",
+            ADVICE["no_symmetric_kernel"],
+        )
+    elif not evidence["confirmed"]:
+        problem(
+            "NCCL's tuning log shows no symmetric kernel for the check's all-gather: "
+            + "; ".join(evidence["regular_all_gather"][:2]),
+            ADVICE["no_symmetric_kernel"],
+        )
+
+
+def _report_no_symmetric_kernels(
+    report: dict[str, Any],
+    problem: Any,
+    outcomes: list[tuple[bool, Any]],
+    evidence: dict[str, Any],
+    reason: str,
+) -> None:
+    """symm_rs predicted that NCCL cannot run symmetric kernels here: the check then expects
+    exact results on unregistered buffers and no symmetric kernel in NCCL's log."""
+    world_size = len(report["gpus"])
+    exact = all(ok and v["exact"] for ok, v in outcomes)
+    report["check"] = (
+        f"symmetric kernels: no ({reason}); all-gather over {world_size} GPUs "
+        f"{'exact' if exact else 'FAILED'} on unregistered pool buffers"
+    )
+    problem(
+        f"NCCL cannot run symmetric kernels on this machine ({reason}): symm_rs allocates but "
+        "does not register, so it brings no speed-up here",
+        ADVICE["no_symmetric_kernel"],
+    )
+    if not exact:
+        problem("the all-gather check failed; see check_ranks")
+    if evidence["confirmed"]:
+        problem(
+            "NCCL's tuning log shows a symmetric kernel where symm_rs predicted none; "
+            "please report this with the doctor's --json output"
+        )
+
+
 def render(report: dict[str, Any]) -> str:
+    """The report as the lines ``doctor`` prints."""
     lines = [
         f"symm_rs {report['symm_rs']}",
         f"torch {report['torch']} (CUDA {report['torch_cuda']})",
@@ -215,12 +464,28 @@ def render(report: dict[str, Any]) -> str:
         lines.append("NCCL: not found")
     if report.get("torch_nccl"):
         lines.append(f"torch's NCCL: {report['torch_nccl']}")
+    variables = report.get("environment", {}).get("variables", {})
+    if variables:
+        lines.append("environment: " + " ".join(f"{k}={v}" for k, v in variables.items()))
     missing = [name for name, ok in report.get("torch_features", {}).items() if not ok]
     if missing:
         lines.append(f"torch features missing: {', '.join(missing)}")
     lines.append(f"check: {report['check']}")
+    evidence = report.get("tuning_log")
+    if evidence:
+        for line in evidence["symmetric_all_gather"][:4]:
+            lines.append(f"NCCL tuning log: {line.strip()}")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
     for problem in report["problems"]:
         lines.append(f"problem: {problem}")
     for advice in report["advice"]:
         lines.append(f"advice: {advice}")
+    lines.append(
+        f"result: {len(report['problems'])} problem(s) found"
+        if report["problems"]
+        else "result: no problem found"
+    )
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def free_port() -> int:
@@ -67,11 +67,14 @@ def run_ranks(
     world_size: int,
     args: tuple[Any, ...] = (),
     timeout: float = 300.0,
+    grace: Optional[float] = None,
 ) -> list[tuple[bool, Any]]:
     """Runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes.
 
     Returns, per rank, ``(ok, value)`` where ``value`` is the return value or the error text.
     A rank that has not answered within ``timeout`` seconds is reported as hung and killed.
+    With ``grace``, once a rank has failed the others get ``grace`` more seconds (a failed rank
+    can leave the rest waiting inside a collective).
     """
     import torch.multiprocessing as mp
 
@@ -86,6 +89,7 @@ def run_ranks(
         p.start()
     answers: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout
+    cut_short = False
     while len(answers) < world_size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -93,9 +97,16 @@ def run_ranks(
         try:
             rank, ok, value = results.get(timeout=min(remaining, 1.0))
             answers[rank] = (ok, value)
+            failed = not ok
         except queue.Empty:
             if all(not p.is_alive() for p in procs) and results.empty():
                 break
+            failed = any(
+                p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in answers
+            )
+        if failed and grace is not None and not cut_short:
+            cut_short = True
+            deadline = min(deadline, time.monotonic() + grace)
     for p in procs:
         p.join(timeout=5)
         if p.is_alive():
@@ -105,6 +116,8 @@ def run_ranks(
     for r, p in enumerate(procs):
         if r in answers:
             out.append(answers[r])
+        elif cut_short and (p.exitcode is None or p.exitcode == -9):
+            out.append((False, f"rank {r} killed {grace:.0f} s after another rank failed"))
         elif p.exitcode is None or p.exitcode == -9:
             out.append((False, f"rank {r} did not finish within {timeout:.0f} s (killed)"))
         else:

@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from symm_rs import _native
 
@@ -31,6 +32,18 @@ def wheel_candidates() -> list[str]:
     return found
 
 
+def _import_torch_first() -> None:
+    """Imports torch, when it is installed, so that its libnccl.so.2 is loaded before symm_rs
+    chooses one: a communicator of a torch group is only valid in torch's library. (``import
+    symm_rs`` itself no longer imports torch.)"""
+    if "torch" in sys.modules:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
+
+
 def library_info() -> dict[str, Any]:
     """Loads NCCL if needed and describes it: path, origin, version, window support, notes.
 
@@ -39,6 +52,7 @@ def library_info() -> dict[str, Any]:
     """
     global _info
     if _info is None:
+        _import_torch_first()
         with _lock:
             if _info is None:
                 info = dict(_native.load_nccl(wheel_candidates()))
@@ -70,3 +84,152 @@ def require_windows() -> None:
     info = library_info()
     if not info["windows_supported"]:
         raise _native.NcclLibraryError(info["windows_problem"])
+
+
+def _dotted(version: tuple[int, int, int]) -> str:
+    return ".".join(map(str, version))
+
+
+@dataclass(frozen=True)
+class NcclIssue:
+    """A known NCCL defect that affects symmetric memory: releases ``first`` up to (not
+    including) ``fixed`` have it."""
+
+    first: tuple[int, int, int]
+    fixed: tuple[int, int, int]
+    summary: str
+    reference: str
+
+    def affects(self, version: tuple[int, int, int]) -> bool:
+        return self.first <= tuple(version)[:3] < self.fixed
+
+    @property
+    def affected(self) -> str:
+        last = (*self.fixed[:2], self.fixed[2] - 1) if self.fixed[2] > 0 else None
+        upper = _dotted(last) if last is not None else f"before {_dotted(self.fixed)}"
+        return f"{_dotted(self.first)} to {upper}"
+
+    @property
+    def advice(self) -> str:
+        return (
+            f"upgrade NCCL to >= {_dotted(self.fixed)}: a torch release that depends on it, or "
+            "pip install -U the nvidia-nccl-cuXX wheel your torch uses (pip then warns that "
+            "torch pins an older one)"
+        )
+
+    def describe(self, version: tuple[int, int, int]) -> str:
+        return (
+            f"NCCL {_dotted(tuple(version)[:3])} (affected: {self.affected}; fixed in "
+            f"{_dotted(self.fixed)}): {self.summary} ({self.reference})"
+        )
+
+
+# Known NCCL defects in symmetric kernels, oldest first.
+NCCL_ISSUES: tuple[NcclIssue, ...] = (
+    NcclIssue(
+        first=(2, 28, 0),
+        fixed=(2, 30, 7),
+        summary="symmetric kernels are launched with programmatic dependent launch but lost "
+        "their grid-dependency wait, so a collective can read its input before the kernel "
+        "that wrote it has finished: silently wrong results, above all under CUDA-graph replay",
+        reference="https://github.com/NVIDIA/nccl/issues/1924",
+    ),
+    NcclIssue(
+        first=(2, 27, 0),
+        fixed=(2, 30, 3),
+        summary="symmetric LL kernels corrupt 16-bit data whose per-rank size is not a multiple "
+        "of 4 bytes (odd bf16/fp16 counts): in-place all-gather wrong on every rank and "
+        "reduce-scatter wrong on some, measured on 2.28.9 (symm_rs's Communicator and CP helper "
+        "steer around it); NCCL 2.30.3 fixes 'data corruption in symmetric LL kernels with "
+        "unaligned buffer'",
+        reference="https://github.com/NVIDIA/nccl/releases/tag/v2.30.3-1",
+    ),
+)
+
+
+def nccl_issues(version: tuple[int, int, int]) -> list[NcclIssue]:
+    """The entries of ``NCCL_ISSUES`` that affect NCCL ``version``."""
+    return [issue for issue in NCCL_ISSUES if issue.affects(version)]
+
+
+def known_nccl_issues(version: tuple[int, int, int]) -> list[str]:
+    """One sentence (with the advice) per known defect of NCCL ``version`` that affects
+    symmetric memory; empty when none is known."""
+    return [f"{issue.describe(version)}; {issue.advice}" for issue in nccl_issues(version)]
+
+
+@dataclass(frozen=True)
+class SharedLibrary:
+    """One libnccl file that several installed distributions claim: installing the later one
+    overwrote the earlier one's copy, and uninstalling either deletes the file for both."""
+
+    path: str
+    distributions: tuple[str, ...]  # "name version", in name order
+    keep: Optional[str]  # the one torch requires, when torch names one of them
+
+    @property
+    def advice(self) -> str:
+        names = [d.split()[0] for d in self.distributions]
+        if self.keep is None:
+            return (
+                f"{self.path} belongs to {', '.join(names)} at once: uninstall all but the one "
+                "your torch was built against, then reinstall that one with pip install "
+                "--force-reinstall --no-deps NAME==VERSION"
+            )
+        keep = self.keep.split()[0]
+        remove = [n for n in names if n != keep]
+        return (
+            f"pip uninstall -y {' '.join(remove)}, then restore torch's copy with pip install "
+            f"--force-reinstall --no-deps {keep}=={self.keep.split()[1]} (uninstalling "
+            f"{' '.join(remove)} deletes the shared file)"
+        )
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _torch_requirements(distributions: list[Any]) -> set[str]:
+    names: set[str] = set()
+    for dist in distributions:
+        if _canonical(dist.metadata.get("Name", "")) != "torch":
+            continue
+        for requirement in dist.requires or ():
+            head = requirement.split(";")[0].strip()
+            name = head
+            for stop in "<>=!~[ (":
+                name = name.split(stop)[0]
+            names.add(_canonical(name))
+    return names
+
+
+def shared_nccl_libraries(path: Optional[list[str]] = None) -> list[SharedLibrary]:
+    """libnccl files that two or more installed distributions install at the same place (for
+    example ``nvidia-nccl-cu12`` and ``nvidia-nccl-cu13``, both ``nvidia/nccl/lib/libnccl.so.2``).
+
+    ``path`` is the list of directories to look in (``sys.path`` when ``None``).
+    """
+    from importlib import metadata
+
+    found = list(
+        metadata.distributions(path=path) if path is not None else metadata.distributions()
+    )
+    owners: dict[str, list[str]] = {}
+    for dist in found:
+        name = dist.metadata.get("Name") or "?"
+        label = f"{name} {dist.version}"
+        for file in dist.files or ():
+            if not (file.name.startswith("libnccl") and ".so" in file.name):
+                continue
+            real = os.path.realpath(str(dist.locate_file(file)))
+            if label not in owners.setdefault(real, []):
+                owners[real].append(label)
+    wanted = _torch_requirements(found)
+    shared = []
+    for real, labels in sorted(owners.items()):
+        if len(labels) < 2:
+            continue
+        labels = sorted(labels)
+        keep = [label for label in labels if _canonical(label.split()[0]) in wanted]
+        shared.append(SharedLibrary(real, tuple(labels), keep[0] if len(keep) == 1 else None))
+    return shared

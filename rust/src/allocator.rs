@@ -7,14 +7,18 @@
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use crate::cuda::{self, DeviceGuard};
 use crate::error::{Error, Result};
+use crate::handles::{CommPtr, DevicePtr, WindowHandle};
 use crate::nccl::{self, Nccl};
-use crate::segments::{SegmentTable, WindowRegistrar};
+use crate::segments::{SegmentTable, SharedTable, WindowRegistrar};
 
-static TABLE: Mutex<Option<SegmentTable>> = Mutex::new(None);
+static TABLE: LazyLock<SharedTable> = LazyLock::new(SharedTable::new);
+/// Communicators whose registration a CUDA-graph capture (or an open NCCL group) postponed, in
+/// first-seen order: the same order on every rank, so the postponed registrations line up.
+static DEFERRED: Mutex<Vec<CommPtr>> = Mutex::new(Vec::new());
 static EXITING: AtomicBool = AtomicBool::new(false);
 static LAST_ERROR_ANY_THREAD: Mutex<Option<String>> = Mutex::new(None);
 
@@ -39,12 +43,9 @@ pub struct FailureCounts {
     pub leaked_segments: u64,
 }
 
-/// Runs `f` with the table locked. A poisoned lock is recovered: the table is only mutated by
-/// code that cannot leave it half-updated.
+/// Runs `f` with the table locked (bookkeeping only: never call NCCL inside `f`).
 pub fn with_table<T>(f: impl FnOnce(&mut SegmentTable) -> T) -> T {
-    let mut guard: MutexGuard<'_, Option<SegmentTable>> =
-        TABLE.lock().unwrap_or_else(|p| p.into_inner());
-    f(guard.get_or_insert_with(SegmentTable::new))
+    f(&mut TABLE.lock())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -94,25 +95,27 @@ fn guarded<T>(what: &str, fallback: T, body: impl FnOnce() -> Result<T>) -> T {
 pub struct NcclWindows<'a>(pub &'a Nccl);
 
 impl WindowRegistrar for NcclWindows<'_> {
-    fn comm_device(&self, comm: usize) -> Result<i32> {
+    fn comm_device(&self, comm: CommPtr) -> Result<i32> {
         self.0.comm_device(comm)
     }
 
-    fn register(&self, comm: usize, ptr: usize, size: usize) -> Result<usize> {
-        // SAFETY: `comm` was resolved from a live group by the Python layer, and `ptr`/`size`
-        // describe a segment still tracked (so still allocated) under the table lock.
+    fn register(&self, comm: CommPtr, ptr: DevicePtr, size: usize) -> Result<Option<WindowHandle>> {
+        // SAFETY: `comm` was resolved from a live group by the Python layer (a destroyed one is
+        // forgotten first), and `ptr`/`size` describe a segment the table keeps pinned, so
+        // still allocated, for the whole call.
         unsafe { self.0.window_register(comm, ptr, size) }
     }
 
-    fn deregister(&self, comm: usize, window: usize) -> Result<()> {
-        // SAFETY: `window` was returned by `register` on `comm` and is removed from the table
-        // by the caller, so it is deregistered exactly once.
+    fn deregister(&self, comm: CommPtr, window: WindowHandle) -> Result<()> {
+        // SAFETY: `window` was returned by `register` on `comm` and the table has taken it off
+        // its segment, so it is deregistered exactly once; forgotten (destroyed)
+        // communicators hold no windows.
         unsafe { self.0.window_deregister(comm, window) }
     }
 }
 
 /// Allocates one pool segment with `ncclMemAlloc` on `device` and tracks it.
-pub fn allocate(size: usize, device: i32) -> Result<usize> {
+pub fn allocate(size: usize, device: i32) -> Result<DevicePtr> {
     if size == 0 {
         return Err(Error::invalid_argument("size 0 requested"));
     }
@@ -130,12 +133,12 @@ pub fn mark_exiting() {
 }
 
 /// Deregisters every window on the segment at `ptr`, then frees it.
-pub fn release(ptr: usize, device: i32) -> Result<()> {
+pub fn release(ptr: DevicePtr, device: i32) -> Result<()> {
     if EXITING.load(Ordering::SeqCst) {
         return Ok(());
     }
     let nccl = nccl::get()?;
-    let untracked = with_table(|table| table.untrack(ptr, &NcclWindows(nccl)));
+    let untracked = TABLE.untrack(ptr, &NcclWindows(nccl));
     let _device = DeviceGuard::enter(device)?;
     if let Some(untracked) = &untracked {
         if let Some(first) = untracked.failures.first() {
@@ -155,30 +158,58 @@ pub fn release(ptr: usize, device: i32) -> Result<()> {
     unsafe { nccl.mem_free(ptr) }
 }
 
-/// Registers every segment `comm` has not registered yet; returns how many.
-pub fn register_pending(comm: usize) -> Result<usize> {
+/// Registers every segment `comm` has not registered yet; returns how many. The table is not
+/// locked while NCCL registers (see `segments`).
+pub fn register_pending(comm: CommPtr) -> Result<usize> {
     let nccl = nccl::get()?;
     nccl.require_windows()?;
-    with_table(|table| table.register_pending(comm, &NcclWindows(nccl)))
+    TABLE.register_pending(comm, &NcclWindows(nccl))
 }
 
 /// Deregisters every window `comm` holds (call before destroying the communicator).
-pub fn release_comm(comm: usize) -> Result<usize> {
+pub fn release_comm(comm: CommPtr) -> Result<usize> {
     let Some(nccl) = nccl::loaded() else {
         return Ok(0);
     };
-    with_table(|table| table.release_comm(comm, &NcclWindows(nccl)))
+    TABLE.release_comm(comm, &NcclWindows(nccl))
+}
+
+/// Forgets a communicator that was destroyed without `release_comm`: its windows are dropped
+/// without an NCCL call, and a postponed registration of it is cancelled.
+pub fn forget_comm(comm: CommPtr) -> usize {
+    lock(&DEFERRED).retain(|&c| c != comm);
+    TABLE.forget_comm(comm)
+}
+
+/// Postpones `comm`'s registration (a CUDA-graph capture or an NCCL group is open).
+pub fn defer_registration(comm: CommPtr) {
+    let mut deferred = lock(&DEFERRED);
+    if !deferred.contains(&comm) {
+        deferred.push(comm);
+    }
+}
+
+/// The postponed communicators, in first-seen order, cleared.
+pub fn take_deferred() -> Vec<CommPtr> {
+    std::mem::take(&mut *lock(&DEFERRED))
+}
+
+/// How many communicators wait for a postponed registration.
+pub fn deferred_count() -> usize {
+    lock(&DEFERRED).len()
 }
 
 /// torch's allocation plug. Returns NULL on failure (torch then raises its out-of-memory error);
 /// the reason is kept for `symm_rs` to attach to that error.
 #[no_mangle]
 pub extern "C" fn symm_rs_alloc(size: usize, device: c_int, _stream: *mut c_void) -> *mut c_void {
-    let ptr = guarded("symm_rs_alloc", 0, || allocate(size, device));
-    if ptr == 0 {
+    let ptr = guarded("symm_rs_alloc", DevicePtr::default(), || {
+        allocate(size, device)
+    });
+    if ptr.is_null() {
         lock(&FAILURES).alloc += 1;
     }
-    ptr as *mut c_void
+    ptr.addr() as *mut c_void
 }
 
 /// torch's free plug. Errors are kept for Python; nothing unwinds into torch.
@@ -190,7 +221,7 @@ pub extern "C" fn symm_rs_free(
     _stream: *mut c_void,
 ) {
     let ok = guarded("symm_rs_free", false, || {
-        release(ptr as usize, device).map(|()| true)
+        release(DevicePtr::new(ptr as usize), device).map(|()| true)
     });
     if !ok {
         lock(&FAILURES).free += 1;

@@ -1,42 +1,19 @@
 //! A thin NCCL communicator owned by Rust: created from a unique id, destroyed exactly once
-//! (after its windows are deregistered), and the collectives symm_rs needs. Arguments arrive
-//! already validated by the Python layer; this layer only guards the communicator's lifetime.
+//! (after its windows are deregistered), and the collectives symm_rs needs. A collective's
+//! buffers are checked by `collective::plan` against this communicator before NCCL sees them.
 
 use std::sync::{Mutex, MutexGuard};
 
 use crate::allocator;
+use crate::collective::{self, CollectiveKind, Target, TensorView};
 use crate::cuda::DeviceGuard;
 use crate::error::{Error, Result};
-use crate::nccl::{self, sys::NcclUniqueId, Collective};
-
-/// Reductions, numbered as `ncclRedOp_t`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReduceOp {
-    Sum = 0,
-    Prod = 1,
-    Max = 2,
-    Min = 3,
-    Avg = 4,
-}
-
-impl ReduceOp {
-    pub fn parse(name: &str) -> Result<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "sum" => Ok(Self::Sum),
-            "prod" | "product" => Ok(Self::Prod),
-            "max" => Ok(Self::Max),
-            "min" => Ok(Self::Min),
-            "avg" | "mean" => Ok(Self::Avg),
-            other => Err(Error::invalid_argument(format!(
-                "op must be one of 'sum', 'prod', 'max', 'min', 'avg'; got {other:?}"
-            ))),
-        }
-    }
-}
+use crate::handles::{CommPtr, StreamPtr};
+use crate::nccl::{self, sys::NcclUniqueId};
 
 #[derive(Debug, Clone, Copy)]
 struct Live {
-    comm: usize,
+    comm: CommPtr,
     rank: i32,
     size: i32,
     device: i32,
@@ -97,7 +74,7 @@ impl Communicator {
         })
     }
 
-    pub fn comm(&self) -> Result<usize> {
+    pub fn comm(&self) -> Result<CommPtr> {
         Ok(self.live()?.comm)
     }
     pub fn rank(&self) -> Result<i32> {
@@ -126,72 +103,33 @@ impl Communicator {
         windows.and(destroyed)
     }
 
-    /// Runs one collective with the communicator held, so `close` cannot race with it.
-    fn with_live(&self, f: impl FnOnce(&nccl::Nccl, Live) -> Result<()>) -> Result<()> {
+    /// Checks the buffers against this communicator and enqueues `kind` on `stream`; the
+    /// communicator stays locked meanwhile, so `close` cannot race with the launch.
+    pub fn run(
+        &self,
+        kind: CollectiveKind,
+        out: &TensorView,
+        inp: &TensorView,
+        stream: StreamPtr,
+        stream_device: Option<i32>,
+    ) -> Result<()> {
         let guard = self.lock();
         let live = guard.ok_or_else(|| {
             Error::Closed("this Communicator is closed; create a new one to communicate".into())
         })?;
-        f(nccl::get()?, live)
-    }
-
-    /// `count` elements from every rank into `recv` (`count * size` elements).
-    pub fn all_gather(
-        &self,
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: i32,
-        stream: usize,
-    ) -> Result<()> {
-        self.with_live(|lib, live| {
-            // SAFETY: the Python layer checked both tensors are contiguous CUDA tensors of this
-            // communicator's device, of `dtype`, with `count` and `count * size` elements, and
-            // `stream` is a live stream of that device; the lock keeps `comm` alive.
-            unsafe { lib.all_gather(Collective::new(send, recv, count, dtype, live.comm, stream)) }
-        })
-    }
-
-    /// Reduces `count` elements across ranks into `recv`.
-    pub fn all_reduce(
-        &self,
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: i32,
-        op: ReduceOp,
-        stream: usize,
-    ) -> Result<()> {
-        self.with_live(|lib, live| {
-            // SAFETY: as in `all_gather`, with `count` elements in both buffers.
-            unsafe {
-                lib.all_reduce(
-                    Collective::new(send, recv, count, dtype, live.comm, stream),
-                    op as i32,
-                )
-            }
-        })
-    }
-
-    /// Reduces `count * size` elements and leaves this rank's `count` in `recv`.
-    pub fn reduce_scatter(
-        &self,
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: i32,
-        op: ReduceOp,
-        stream: usize,
-    ) -> Result<()> {
-        self.with_live(|lib, live| {
-            // SAFETY: as in `all_gather`, with `count * size` elements sent and `count` received.
-            unsafe {
-                lib.reduce_scatter(
-                    Collective::new(send, recv, count, dtype, live.comm, stream),
-                    op as i32,
-                )
-            }
-        })
+        let lib = nccl::get()?;
+        let target = Target {
+            comm: live.comm,
+            nranks: live.size as usize,
+            device: live.device,
+            stream,
+            stream_device,
+        };
+        let call = collective::plan(kind, out, inp, target, lib.version())?;
+        // SAFETY: `plan` checked both buffers against this communicator (device, dtype,
+        // contiguity, element counts); the caller keeps the tensors alive until the stream has
+        // run the collective, and the lock keeps `comm` alive for the launch.
+        unsafe { lib.launch(&call) }
     }
 }
 
@@ -199,18 +137,5 @@ impl Drop for Communicator {
     fn drop(&mut self) {
         // Errors cannot be reported from a destructor; `close()` is the way to see them.
         let _ = self.close();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ReduceOp;
-
-    #[test]
-    fn parses_reduce_ops_and_rejects_others() {
-        assert_eq!(ReduceOp::parse("SUM").unwrap(), ReduceOp::Sum);
-        assert_eq!(ReduceOp::parse("avg").unwrap() as i32, 4);
-        let err = ReduceOp::parse("xor").unwrap_err().to_string();
-        assert!(err.contains("'sum'") && err.contains("xor"), "{err}");
     }
 }

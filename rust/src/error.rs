@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::handles::{CommPtr, DevicePtr};
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +48,14 @@ pub enum Error {
     /// ncclCommWindowRegister succeeded but handed back a NULL window: NCCL has symmetric
     /// support switched off (NCCL_WIN_ENABLE=0, no cuMem, or an unsupported topology).
     #[error(
-        "ncclCommWindowRegister returned a NULL window for segment {ptr:#x} ({size} bytes) on \
-         communicator {comm:#x}: symmetric memory is off in this NCCL (check NCCL_WIN_ENABLE, \
-         NCCL_CUMEM_ENABLE and that every GPU of the group is reachable over NVLink)"
+        "ncclCommWindowRegister returned a NULL window for segment {ptr} ({size} bytes) on \
+         communicator {comm}: symmetric memory is off in this NCCL (check NCCL_WIN_ENABLE, \
+         NCCL_CUMEM_ENABLE and that every GPU of the group is reachable over NVLink), or the \
+         registration ran inside an NCCL group another library opened"
     )]
     NullWindow {
-        comm: usize,
-        ptr: usize,
+        comm: CommPtr,
+        ptr: DevicePtr,
         size: usize,
     },
 
@@ -72,25 +75,33 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// The call is not allowed in the state the process is in (inside an NCCL group, say).
+    #[error("{0}")]
+    Usage(String),
+
+    /// NCCL did not finish an operation within the time symm_rs waits for it.
+    #[error("{call} did not complete within {seconds} s: {what}")]
+    Timeout {
+        call: &'static str,
+        seconds: f64,
+        what: String,
+    },
+
     /// The communicator has been closed.
     #[error("{0}")]
     Closed(String),
 
     /// A segment was kept allocated because a window on it could not be deregistered.
     #[error(
-        "segment {ptr:#x} ({size} bytes) was not freed: {failures} window(s) on it could not be \
+        "segment {ptr} ({size} bytes) was not freed: {failures} window(s) on it could not be \
          deregistered (first: {first}); it stays allocated rather than be freed under NCCL"
     )]
     SegmentLeaked {
-        ptr: usize,
+        ptr: DevicePtr,
         size: usize,
         failures: usize,
         first: String,
     },
-
-    /// Ranks of one communicator disagree about what they are about to do.
-    #[error("{0}")]
-    RankMismatch(String),
 }
 
 impl Error {

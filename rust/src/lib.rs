@@ -4,9 +4,11 @@
 //! surface, built only with the `python` feature (maturin turns it on).
 
 pub mod allocator;
+pub mod collective;
 pub mod comm;
 pub mod cuda;
 pub mod error;
+pub mod handles;
 pub mod nccl;
 pub mod segments;
 

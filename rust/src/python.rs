@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 
 use crate::allocator;
-use crate::comm::{self, Communicator, ReduceOp};
+use crate::collective::{self, CollectiveKind, DataType, ReduceOp, Target, TensorView};
+use crate::comm::{self, Communicator};
 use crate::error::Error;
+use crate::handles::{CommPtr, DevicePtr, StreamPtr};
 use crate::nccl;
 
 create_exception!(
@@ -46,12 +48,11 @@ impl From<Error> for PyErr {
             | Error::MissingSymbol { .. }
             | Error::LibraryTooOld { .. } => NcclLibraryError::new_err(message),
             Error::Nccl { .. } => NcclError::new_err(message),
-            Error::NullWindow { .. } | Error::RankMismatch(_) => {
-                RegistrationError::new_err(message)
-            }
-            Error::Cuda { .. } | Error::SegmentLeaked { .. } => {
-                SymmetricMemoryError::new_err(message)
-            }
+            Error::NullWindow { .. } => RegistrationError::new_err(message),
+            Error::Cuda { .. }
+            | Error::SegmentLeaked { .. }
+            | Error::Usage(_)
+            | Error::Timeout { .. } => SymmetricMemoryError::new_err(message),
             Error::InvalidType(_) => PyTypeError::new_err(message),
             Error::InvalidArgument(_) | Error::Closed(_) => PyValueError::new_err(message),
         }
@@ -72,7 +73,7 @@ fn library_info<'py>(py: Python<'py>, lib: &nccl::Nccl) -> PyResult<Bound<'py, P
     Ok(info)
 }
 
-/// Loads libnccl (the one already in the process first; see DESIGN.md) and describes it.
+/// Loads libnccl (the one already in the process first) and describes it.
 #[pyfunction]
 #[pyo3(signature = (wheel_candidates = Vec::new()))]
 fn load_nccl(py: Python<'_>, wheel_candidates: Vec<PathBuf>) -> PyResult<Bound<'_, PyDict>> {
@@ -93,19 +94,41 @@ fn probe_nccl(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
 /// Registers every pool segment `comm` has not registered yet. Collective over its ranks.
 #[pyfunction]
 fn register_pending(py: Python<'_>, comm: usize) -> PyResult<usize> {
-    Ok(py.detach(|| allocator::register_pending(comm))?)
+    Ok(py.detach(|| allocator::register_pending(CommPtr::new(comm)))?)
 }
 
 /// Deregisters every window `comm` holds; call before the communicator is destroyed.
 #[pyfunction]
 fn release_comm(py: Python<'_>, comm: usize) -> PyResult<usize> {
-    Ok(py.detach(|| allocator::release_comm(comm))?)
+    Ok(py.detach(|| allocator::release_comm(CommPtr::new(comm)))?)
+}
+
+/// Forgets a communicator that was destroyed without `release_comm` (no NCCL call is made).
+#[pyfunction]
+fn forget_comm(py: Python<'_>, comm: usize) -> usize {
+    py.detach(|| allocator::forget_comm(CommPtr::new(comm)))
+}
+
+/// Postpones `comm`'s registration until `take_deferred` (a capture or NCCL group is open).
+#[pyfunction]
+fn defer_registration(comm: usize) {
+    allocator::defer_registration(CommPtr::new(comm));
+}
+
+/// The communicators whose registration was postponed, in first-seen order, cleared.
+#[pyfunction]
+fn take_deferred() -> Vec<usize> {
+    allocator::take_deferred()
+        .into_iter()
+        .map(CommPtr::addr)
+        .collect()
 }
 
 /// Sizes of the segments `comm` would register next, in order.
 #[pyfunction]
-fn pending_sizes(comm: usize) -> PyResult<Vec<usize>> {
-    let device = nccl::get()?.comm_device(comm)?;
+fn pending_sizes(py: Python<'_>, comm: usize) -> PyResult<Vec<usize>> {
+    let comm = CommPtr::new(comm);
+    let device = py.detach(|| nccl::get()?.comm_device(comm))?;
     Ok(allocator::with_table(|t| {
         t.pending(comm, device).map(|s| s.size).collect()
     }))
@@ -114,7 +137,7 @@ fn pending_sizes(comm: usize) -> PyResult<Vec<usize>> {
 /// Whether `[ptr, ptr + nbytes)` lies inside one window `comm` holds.
 #[pyfunction]
 fn is_registered(ptr: usize, nbytes: usize, comm: usize) -> bool {
-    allocator::with_table(|t| t.is_registered(ptr, nbytes.max(1), comm))
+    allocator::with_table(|t| t.is_registered(ptr, nbytes.max(1), CommPtr::new(comm)))
 }
 
 /// `(ptr, size, device)` of the pool segment holding `[ptr, ptr + nbytes)`, if any.
@@ -122,30 +145,43 @@ fn is_registered(ptr: usize, nbytes: usize, comm: usize) -> bool {
 fn segment_of(ptr: usize, nbytes: usize) -> Option<(usize, usize, i32)> {
     allocator::with_table(|t| {
         t.find(ptr, nbytes.max(1))
-            .map(|s| (s.ptr, s.size, s.device))
+            .map(|s| (s.ptr.addr(), s.size, s.device))
+    })
+}
+
+/// Every pool segment in allocation order: `(ptr, size, device, communicators with a window
+/// on it)`, read under one lock.
+#[pyfunction]
+fn segments() -> Vec<(usize, usize, i32, Vec<usize>)> {
+    allocator::with_table(|t| {
+        t.segments()
+            .map(|s| {
+                let comms = s.windows.iter().map(|w| w.comm.addr()).collect();
+                (s.ptr.addr(), s.size, s.device, comms)
+            })
+            .collect()
     })
 }
 
 /// `(position in allocation order, byte offset)` of `[ptr, ptr + nbytes)` inside its pool
 /// segment, if any: symmetric kernels find a peer's buffer at the same position and offset.
 #[pyfunction]
-fn segment_position(ptr: usize, nbytes: usize) -> Option<(usize, usize)> {
+fn segment_position(ptr: usize, nbytes: usize) -> Option<(u64, usize)> {
     allocator::with_table(|t| t.position(ptr, nbytes.max(1)))
 }
 
+/// `(size, rank, device)` of a communicator, each read from NCCL.
 #[pyfunction]
-fn comm_size(py: Python<'_>, comm: usize) -> PyResult<i32> {
-    Ok(py.detach(|| nccl::get()?.comm_count(comm))?)
-}
-
-#[pyfunction]
-fn comm_rank(py: Python<'_>, comm: usize) -> PyResult<i32> {
-    Ok(py.detach(|| nccl::get()?.comm_user_rank(comm))?)
-}
-
-#[pyfunction]
-fn comm_device(py: Python<'_>, comm: usize) -> PyResult<i32> {
-    Ok(py.detach(|| nccl::get()?.comm_device(comm))?)
+fn comm_info(py: Python<'_>, comm: usize) -> PyResult<(i32, i32, i32)> {
+    let comm = CommPtr::new(comm);
+    Ok(py.detach(|| -> crate::Result<_> {
+        let lib = nccl::get()?;
+        Ok((
+            lib.comm_count(comm)?,
+            lib.comm_user_rank(comm)?,
+            lib.comm_device(comm)?,
+        ))
+    })?)
 }
 
 /// The reason of this thread's most recent allocator-plug failure, cleared once read.
@@ -160,46 +196,231 @@ fn mark_exiting() {
     allocator::mark_exiting();
 }
 
-/// Segments, bytes, windows per communicator, and failure counts.
-#[pyfunction]
-fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let (segments, bytes, counters, comms) = allocator::with_table(|t| {
-        let segments: Vec<(usize, usize, i32, usize)> = t
-            .segments()
-            .iter()
-            .map(|s| (s.ptr, s.size, s.device, s.windows.len()))
-            .collect();
-        (segments, t.total_bytes(), t.counters(), t.comm_summaries())
-    });
-    let failures = allocator::failure_counts();
-    let out = PyDict::new(py);
-    out.set_item("segments", segments.len())?;
-    out.set_item("bytes", bytes)?;
-    out.set_item("segment_list", PyList::new(py, segments)?)?;
-    let per_comm = PyDict::new(py);
-    for summary in comms {
-        let entry = PyDict::new(py);
-        entry.set_item("device", summary.device)?;
-        entry.set_item("windows", summary.windows)?;
-        entry.set_item("window_bytes", summary.window_bytes)?;
-        entry.set_item("pending_segments", summary.pending_segments)?;
-        per_comm.set_item(summary.comm, entry)?;
-    }
-    out.set_item("communicators", per_comm)?;
-    out.set_item("segments_tracked", counters.segments_tracked)?;
-    out.set_item("segments_freed", counters.segments_untracked)?;
-    out.set_item("windows_registered", counters.windows_registered)?;
-    out.set_item("windows_deregistered", counters.windows_deregistered)?;
-    out.set_item("deregistration_failures", counters.deregistration_failures)?;
-    out.set_item("alloc_failures", failures.alloc)?;
-    out.set_item("free_failures", failures.free)?;
-    out.set_item("leaked_segments", failures.leaked_segments)?;
-    out.set_item("last_error", allocator::last_error_any_thread())?;
-    Ok(out)
+/// What one communicator holds in the symmetric pool.
+#[pyclass(name = "CommStats", module = "symm_rs._native", frozen, get_all)]
+#[derive(Clone)]
+struct PyCommStats {
+    /// The `ncclComm_t` address.
+    comm: usize,
+    /// Its CUDA device.
+    device: i32,
+    /// Windows it holds.
+    windows: usize,
+    /// Bytes those windows cover.
+    window_bytes: usize,
+    /// Segments of its device it has not registered yet.
+    pending_segments: usize,
 }
 
-/// The Rust-owned NCCL communicator behind `symm_rs.Communicator`. Arguments are addresses and
-/// NCCL codes that `symm_rs.comm` has already validated.
+#[pymethods]
+impl PyCommStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "CommStats(comm={:#x}, device={}, windows={}, window_bytes={}, pending_segments={})",
+            self.comm, self.device, self.windows, self.window_bytes, self.pending_segments
+        )
+    }
+}
+
+/// The symmetric pool's bookkeeping: read from the segment table, no pool snapshot.
+#[pyclass(name = "Stats", module = "symm_rs._native", frozen, get_all)]
+struct PyStats {
+    /// Pool segments alive (each one `ncclMemAlloc` allocation).
+    segments: usize,
+    /// Bytes those segments hold.
+    bytes: usize,
+    /// One entry per communicator that registered or was asked to.
+    communicators: Vec<PyCommStats>,
+    /// Segments allocated since the process started.
+    segments_tracked: u64,
+    /// Segments freed since the process started.
+    segments_freed: u64,
+    windows_registered: u64,
+    windows_deregistered: u64,
+    /// Windows dropped without an NCCL call because their communicator was destroyed.
+    windows_forgotten: u64,
+    deregistration_failures: u64,
+    /// Communicators whose registration waits for the end of a capture or NCCL group.
+    deferred_registrations: usize,
+    /// `symm_rs_alloc` calls that returned NULL.
+    alloc_failures: u64,
+    free_failures: u64,
+    /// Segments kept (not freed) because a window on them could not be deregistered.
+    leaked_segments: u64,
+    /// The most recent plug failure on any thread.
+    last_error: Option<String>,
+}
+
+#[pymethods]
+impl PyStats {
+    /// The same fields as a plain dict (for logging and JSON); `communicators` maps each
+    /// communicator address to its figures.
+    fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        out.set_item("segments", self.segments)?;
+        out.set_item("bytes", self.bytes)?;
+        let comms = PyDict::new(py);
+        for c in &self.communicators {
+            let entry = PyDict::new(py);
+            entry.set_item("device", c.device)?;
+            entry.set_item("windows", c.windows)?;
+            entry.set_item("window_bytes", c.window_bytes)?;
+            entry.set_item("pending_segments", c.pending_segments)?;
+            comms.set_item(c.comm, entry)?;
+        }
+        out.set_item("communicators", comms)?;
+        out.set_item("segments_tracked", self.segments_tracked)?;
+        out.set_item("segments_freed", self.segments_freed)?;
+        out.set_item("windows_registered", self.windows_registered)?;
+        out.set_item("windows_deregistered", self.windows_deregistered)?;
+        out.set_item("windows_forgotten", self.windows_forgotten)?;
+        out.set_item("deregistration_failures", self.deregistration_failures)?;
+        out.set_item("deferred_registrations", self.deferred_registrations)?;
+        out.set_item("alloc_failures", self.alloc_failures)?;
+        out.set_item("free_failures", self.free_failures)?;
+        out.set_item("leaked_segments", self.leaked_segments)?;
+        out.set_item("last_error", self.last_error.clone())?;
+        Ok(out)
+    }
+
+    /// `stats["windows_registered"]`: the dict-style access of earlier releases, kept.
+    fn __getitem__<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyAny>> {
+        self.as_dict(py)?
+            .get_item(key)?
+            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(key.to_owned()))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Stats(segments={}, bytes={}, communicators={}, windows_registered={}, \
+             deferred_registrations={})",
+            self.segments,
+            self.bytes,
+            self.communicators.len(),
+            self.windows_registered,
+            self.deferred_registrations
+        )
+    }
+}
+
+/// Segments, bytes, windows per communicator, and failure counts.
+#[pyfunction]
+fn stats() -> PyStats {
+    let (segments, bytes, counters, comms) =
+        allocator::with_table(|t| (t.len(), t.total_bytes(), t.counters(), t.comm_summaries()));
+    let failures = allocator::failure_counts();
+    PyStats {
+        segments,
+        bytes,
+        communicators: comms
+            .into_iter()
+            .map(|c| PyCommStats {
+                comm: c.comm.addr(),
+                device: c.device,
+                windows: c.windows,
+                window_bytes: c.window_bytes,
+                pending_segments: c.pending_segments,
+            })
+            .collect(),
+        segments_tracked: counters.segments_tracked,
+        segments_freed: counters.segments_untracked,
+        windows_registered: counters.windows_registered,
+        windows_deregistered: counters.windows_deregistered,
+        windows_forgotten: counters.windows_forgotten,
+        deregistration_failures: counters.deregistration_failures,
+        deferred_registrations: allocator::deferred_count(),
+        alloc_failures: failures.alloc,
+        free_failures: failures.free,
+        leaked_segments: failures.leaked_segments,
+        last_error: allocator::last_error_any_thread(),
+    }
+}
+
+/// Reads what a collective needs from a torch tensor (no torch import: duck-typed calls).
+fn tensor_view(name: &str, tensor: &Bound<'_, PyAny>) -> PyResult<TensorView> {
+    let type_name = tensor.get_type().name()?.to_string();
+    if type_name != "Tensor" && !tensor.hasattr("data_ptr")? {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a torch.Tensor, got {type_name}"
+        )));
+    }
+    let device = tensor.getattr("device")?;
+    let on_cuda = device.getattr("type")?.extract::<String>()? == "cuda";
+    let index: Option<i32> = device.getattr("index")?.extract()?;
+    let dtype = tensor.getattr("dtype")?.str()?.to_string();
+    Ok(TensorView {
+        ptr: DevicePtr::new(tensor.call_method0("data_ptr")?.extract()?),
+        numel: tensor.call_method0("numel")?.extract()?,
+        dtype: DataType::from_torch_name(&dtype)?,
+        device: if on_cuda {
+            Some(index.unwrap_or(0))
+        } else {
+            None
+        },
+        contiguous: tensor.call_method0("is_contiguous")?.extract()?,
+    })
+}
+
+/// What a launch needs from Python: the collective and both tensors, read and checked.
+fn launch_args(
+    kind: &str,
+    op: &str,
+    out: &Bound<'_, PyAny>,
+    inp: &Bound<'_, PyAny>,
+) -> PyResult<(CollectiveKind, TensorView, TensorView)> {
+    Ok((
+        collective_kind(kind, op)?,
+        tensor_view("out", out)?,
+        tensor_view("inp", inp)?,
+    ))
+}
+
+/// `"all_gather"`, `"all_reduce"` or `"reduce_scatter"` with its reduction.
+fn collective_kind(kind: &str, op: &str) -> PyResult<CollectiveKind> {
+    match kind {
+        "all_gather" => Ok(CollectiveKind::AllGather),
+        "all_reduce" => Ok(CollectiveKind::AllReduce(ReduceOp::parse(op)?)),
+        "reduce_scatter" => Ok(CollectiveKind::ReduceScatter(ReduceOp::parse(op)?)),
+        other => Err(PyValueError::new_err(format!(
+            "kind must be 'all_gather', 'all_reduce' or 'reduce_scatter'; got {other:?}"
+        ))),
+    }
+}
+
+/// Runs one collective on any communicator (for symm_rs's own exchanges and groups it does not
+/// own): the buffers are checked against the communicator's size and device first.
+/// `stream` is `(cudaStream_t, device index)`.
+#[pyfunction]
+#[pyo3(signature = (comm, kind, out, inp, stream, op = "sum"))]
+fn run_collective(
+    py: Python<'_>,
+    comm: usize,
+    kind: &str,
+    out: &Bound<'_, PyAny>,
+    inp: &Bound<'_, PyAny>,
+    stream: (usize, i32),
+    op: &str,
+) -> PyResult<()> {
+    let (kind, out, inp) = launch_args(kind, op, out, inp)?;
+    let comm = CommPtr::new(comm);
+    Ok(py.detach(|| -> crate::Result<()> {
+        let lib = nccl::get()?;
+        let target = Target {
+            comm,
+            nranks: lib.comm_count(comm)? as usize,
+            device: lib.comm_device(comm)?,
+            stream: StreamPtr::new(stream.0),
+            stream_device: Some(stream.1),
+        };
+        let call = collective::plan(kind, &out, &inp, target, lib.version())?;
+        // SAFETY: `plan` checked the buffers against the communicator read from NCCL itself
+        // (after `comm_count` checked the address is readable); the caller keeps the tensors
+        // alive until the stream has run the collective.
+        unsafe { lib.launch(&call) }
+    })?)
+}
+
+/// The Rust-owned NCCL communicator behind `symm_rs.Communicator`.
 #[pyclass(name = "NcclCommunicator", module = "symm_rs._native", frozen)]
 struct PyNcclCommunicator(Communicator);
 
@@ -214,7 +435,7 @@ impl PyNcclCommunicator {
         size: i32,
         device: i32,
     ) -> PyResult<Self> {
-        crate::nccl::get()?;
+        nccl::get()?;
         Ok(Self(py.detach(|| {
             Communicator::new(&unique_id, rank, size, device)
         })?))
@@ -228,7 +449,7 @@ impl PyNcclCommunicator {
 
     #[getter]
     fn comm(&self) -> PyResult<usize> {
-        Ok(self.0.comm()?)
+        Ok(self.0.comm()?.addr())
     }
     #[getter]
     fn rank(&self) -> PyResult<i32> {
@@ -252,87 +473,42 @@ impl PyNcclCommunicator {
         Ok(py.detach(|| self.0.close())?)
     }
 
-    fn all_gather(
+    /// Checks `out`/`inp` against this communicator and enqueues the collective on `stream`,
+    /// given as `(cudaStream_t, device index)`.
+    #[pyo3(signature = (kind, out, inp, stream, op = "sum"))]
+    fn run(
         &self,
         py: Python<'_>,
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: i32,
-        stream: usize,
-    ) -> PyResult<()> {
-        Ok(py.detach(|| self.0.all_gather(send, recv, count, dtype, stream))?)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn all_reduce(
-        &self,
-        py: Python<'_>,
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: i32,
+        kind: &str,
+        out: &Bound<'_, PyAny>,
+        inp: &Bound<'_, PyAny>,
+        stream: (usize, i32),
         op: &str,
-        stream: usize,
     ) -> PyResult<()> {
-        let op = ReduceOp::parse(op)?;
-        Ok(py.detach(|| self.0.all_reduce(send, recv, count, dtype, op, stream))?)
+        let (kind, out, inp) = launch_args(kind, op, out, inp)?;
+        Ok(py.detach(|| {
+            self.0
+                .run(kind, &out, &inp, StreamPtr::new(stream.0), Some(stream.1))
+        })?)
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn reduce_scatter(
-        &self,
-        py: Python<'_>,
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: i32,
-        op: &str,
-        stream: usize,
-    ) -> PyResult<()> {
-        let op = ReduceOp::parse(op)?;
-        Ok(py.detach(|| self.0.reduce_scatter(send, recv, count, dtype, op, stream))?)
-    }
-}
-
-/// `ncclAllGather` on any communicator, for symm_rs's own small control exchanges (the
-/// cross-rank check before registration). Buffers are addresses of device tensors the caller
-/// keeps alive; `comm` is checked to be readable memory first.
-#[pyfunction]
-fn all_gather_on(
-    py: Python<'_>,
-    comm: usize,
-    send: usize,
-    recv: usize,
-    count: usize,
-    dtype: i32,
-    stream: usize,
-) -> PyResult<()> {
-    let lib = crate::nccl::get()?;
-    lib.comm_count(comm)?; // validates the address before NCCL dereferences it
-    let call = crate::nccl::Collective::new(send, recv, count, dtype, comm, stream);
-    // SAFETY: symm_rs.memory passes contiguous int64 CUDA tensors of `count` and
-    // `count * size` elements on the communicator's device, and the current stream.
-    Ok(py.detach(|| unsafe { lib.all_gather(call) })?)
 }
 
 /// `ncclGroupStart()`: collectives until `group_end` are launched together.
 #[pyfunction]
 fn group_start() -> PyResult<()> {
-    Ok(crate::nccl::get()?.group_start()?)
+    Ok(nccl::get()?.group_start()?)
 }
 
 /// `ncclGroupEnd()`.
 #[pyfunction]
 fn group_end(py: Python<'_>) -> PyResult<()> {
-    Ok(py.detach(|| crate::nccl::get()?.group_end())?)
+    Ok(py.detach(|| nccl::get()?.group_end())?)
 }
 
-/// Checks an op name (`sum`, `prod`, `max`, `min`, `avg`) without running anything.
+/// Whether this thread is inside `group_start`/`group_end`.
 #[pyfunction]
-fn check_reduce_op(op: &str) -> PyResult<()> {
-    ReduceOp::parse(op)?;
-    Ok(())
+fn in_group() -> bool {
+    nccl::in_group()
 }
 
 #[pymodule]
@@ -351,20 +527,24 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(probe_nccl, m)?)?;
     m.add_function(wrap_pyfunction!(register_pending, m)?)?;
     m.add_function(wrap_pyfunction!(release_comm, m)?)?;
+    m.add_function(wrap_pyfunction!(forget_comm, m)?)?;
+    m.add_function(wrap_pyfunction!(defer_registration, m)?)?;
+    m.add_function(wrap_pyfunction!(take_deferred, m)?)?;
     m.add_function(wrap_pyfunction!(pending_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(is_registered, m)?)?;
     m.add_function(wrap_pyfunction!(segment_of, m)?)?;
     m.add_function(wrap_pyfunction!(segment_position, m)?)?;
-    m.add_function(wrap_pyfunction!(comm_size, m)?)?;
-    m.add_function(wrap_pyfunction!(comm_rank, m)?)?;
-    m.add_function(wrap_pyfunction!(comm_device, m)?)?;
+    m.add_function(wrap_pyfunction!(segments, m)?)?;
+    m.add_function(wrap_pyfunction!(comm_info, m)?)?;
     m.add_function(wrap_pyfunction!(take_last_error, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(mark_exiting, m)?)?;
-    m.add_function(wrap_pyfunction!(all_gather_on, m)?)?;
+    m.add_function(wrap_pyfunction!(run_collective, m)?)?;
     m.add_function(wrap_pyfunction!(group_start, m)?)?;
     m.add_function(wrap_pyfunction!(group_end, m)?)?;
-    m.add_function(wrap_pyfunction!(check_reduce_op, m)?)?;
+    m.add_function(wrap_pyfunction!(in_group, m)?)?;
     m.add_class::<PyNcclCommunicator>()?;
+    m.add_class::<PyStats>()?;
+    m.add_class::<PyCommStats>()?;
     Ok(())
 }

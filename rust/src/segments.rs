@@ -1,53 +1,65 @@
 //! The segment table: every pool segment in allocation order, and for each communicator the
-//! index of the first segment it has not looked at yet, plus the window handles it holds.
+//! first segment it has not looked at yet, plus the window handles it holds.
 //!
-//! Registration is collective, so every rank must register the same sequence; keeping the
-//! allocation order and registering `[next[comm], len)` in that order gives every rank the same
-//! sequence as long as the ranks allocated the same sizes in the same order. The table knows
-//! nothing about NCCL itself: it is generic over `WindowRegistrar`, so tests and benches drive it
-//! with a stand-in.
+//! Registration is collective, so every rank must register the same sequence; registering the
+//! segments each communicator has not seen yet, in allocation order, gives every rank the same
+//! sequence as long as the ranks allocated the same sizes in the same order.
+//!
+//! `SegmentTable` is the bookkeeping alone (no locking, no NCCL). `SharedTable` puts it behind a
+//! mutex and drives the NCCL calls through `WindowRegistrar`, *outside* the lock: registration
+//! waits for every peer, and torch calls the allocator plugs (which need the table) under its
+//! own allocator mutex, so a lock held across `ncclCommWindowRegister` would let one slow peer
+//! stall every CUDA allocation of the process. Both are generic over the NCCL calls, so tests and
+//! benches drive them with a stand-in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
+use crate::handles::{CommPtr, DevicePtr, WindowHandle};
 
 /// The NCCL calls the table needs.
 pub trait WindowRegistrar {
     /// The CUDA device a communicator is bound to.
-    fn comm_device(&self, comm: usize) -> Result<i32>;
-    /// Registers one segment; returns the raw window handle (0 means NCCL gave back NULL).
-    fn register(&self, comm: usize, ptr: usize, size: usize) -> Result<usize>;
-    /// Deregisters a window that `register` returned.
-    fn deregister(&self, comm: usize, window: usize) -> Result<()>;
+    fn comm_device(&self, comm: CommPtr) -> Result<i32>;
+    /// Registers one segment; `None` when NCCL handed back a NULL window.
+    fn register(&self, comm: CommPtr, ptr: DevicePtr, size: usize) -> Result<Option<WindowHandle>>;
+    /// Deregisters a window that `register` returned (local to this rank).
+    fn deregister(&self, comm: CommPtr, window: WindowHandle) -> Result<()>;
 }
 
 /// A window one communicator holds on one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
-    pub comm: usize,
-    pub handle: usize,
+    pub comm: CommPtr,
+    pub handle: WindowHandle,
 }
 
 /// One `ncclMemAlloc` allocation handed to torch's pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
-    pub ptr: usize,
+    /// Position in allocation order (never reused), the same on every rank that allocated the
+    /// same sequence.
+    pub seq: u64,
+    pub ptr: DevicePtr,
     pub size: usize,
     pub device: i32,
     pub windows: Vec<Window>,
+    /// NCCL calls on this segment running outside the lock; it must not be freed meanwhile.
+    pinned: u32,
 }
 
 impl Segment {
     pub fn end(&self) -> usize {
-        self.ptr + self.size
+        self.ptr.addr() + self.size
     }
 
-    pub fn window_for(&self, comm: usize) -> Option<Window> {
+    pub fn window_for(&self, comm: CommPtr) -> Option<Window> {
         self.windows.iter().copied().find(|w| w.comm == comm)
     }
 
     fn contains(&self, ptr: usize, len: usize) -> bool {
-        ptr >= self.ptr && ptr.checked_add(len).is_some_and(|end| end <= self.end())
+        ptr >= self.ptr.addr() && ptr.checked_add(len).is_some_and(|end| end <= self.end())
     }
 }
 
@@ -65,13 +77,15 @@ pub struct Counters {
     pub segments_untracked: u64,
     pub windows_registered: u64,
     pub windows_deregistered: u64,
+    /// Windows dropped without an NCCL call because their communicator was already destroyed.
+    pub windows_forgotten: u64,
     pub deregistration_failures: u64,
 }
 
 /// What one communicator holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommSummary {
-    pub comm: usize,
+    pub comm: CommPtr,
     pub device: i32,
     pub windows: usize,
     pub window_bytes: usize,
@@ -80,14 +94,31 @@ pub struct CommSummary {
 
 #[derive(Debug, Clone, Copy)]
 struct CommState {
-    next: usize,
+    /// Segments with `seq < next` have been looked at (registered, or on another device).
+    next: u64,
     device: i32,
+    /// A registration or release of this communicator is running outside the lock.
+    busy: bool,
+}
+
+/// The segments one registration will register, planned under the lock.
+#[derive(Debug)]
+pub struct Plan {
+    comm: CommPtr,
+    /// `(seq, ptr, size)` in allocation order.
+    segments: Vec<(u64, DevicePtr, usize)>,
+    /// Where the communicator's `next` goes once every planned segment is registered.
+    upto: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct SegmentTable {
-    segments: Vec<Segment>,
-    comms: HashMap<usize, CommState>,
+    /// Allocation order.
+    segments: BTreeMap<u64, Segment>,
+    /// Start address -> seq, for lookups by address in O(log n).
+    by_address: BTreeMap<usize, u64>,
+    comms: HashMap<CommPtr, CommState>,
+    next_seq: u64,
     counters: Counters,
 }
 
@@ -96,8 +127,16 @@ impl SegmentTable {
         Self::default()
     }
 
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments
+    pub fn segments(&self) -> impl Iterator<Item = &Segment> {
+        self.segments.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
     }
 
     pub fn counters(&self) -> Counters {
@@ -105,144 +144,192 @@ impl SegmentTable {
     }
 
     pub fn total_bytes(&self) -> usize {
-        self.segments.iter().map(|s| s.size).sum()
+        self.segments.values().map(|s| s.size).sum()
     }
 
     /// Records a fresh allocation at the end of the order.
-    pub fn track(&mut self, ptr: usize, size: usize, device: i32) {
-        self.segments.push(Segment {
-            ptr,
-            size,
-            device,
-            windows: Vec::new(),
-        });
+    pub fn track(&mut self, ptr: DevicePtr, size: usize, device: i32) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.segments.insert(
+            seq,
+            Segment {
+                seq,
+                ptr,
+                size,
+                device,
+                windows: Vec::new(),
+                pinned: 0,
+            },
+        );
+        self.by_address.insert(ptr.addr(), seq);
         self.counters.segments_tracked += 1;
     }
 
     /// Segments `comm` would register next, in order (all of its device's segments if it has
     /// never registered). `device` is the communicator's device.
-    pub fn pending(&self, comm: usize, device: i32) -> impl Iterator<Item = &Segment> {
+    pub fn pending(&self, comm: CommPtr, device: i32) -> impl Iterator<Item = &Segment> {
         let start = self.comms.get(&comm).map_or(0, |state| state.next);
-        self.segments[start.min(self.segments.len())..]
-            .iter()
+        self.segments
+            .range(start..)
+            .map(|(_, s)| s)
             .filter(move |s| s.device == device && s.window_for(comm).is_none())
     }
 
-    /// Registers, in allocation order, every segment of the communicator's device that it has
-    /// not registered yet. Returns how many windows were made. On failure, the windows made so
-    /// far stay recorded and the communicator's index stops at the failed segment, so that a
-    /// retry registers exactly what is still missing.
-    pub fn register_pending<R: WindowRegistrar>(&mut self, comm: usize, nccl: &R) -> Result<usize> {
-        let device = match self.comms.get(&comm) {
-            Some(state) => state.device,
-            None => nccl.comm_device(comm)?,
-        };
-        let state = self
-            .comms
-            .entry(comm)
-            .or_insert(CommState { next: 0, device });
-        let mut made = 0;
-        for index in state.next..self.segments.len() {
-            let segment = &mut self.segments[index];
-            if segment.device != device || segment.window_for(comm).is_some() {
-                continue;
-            }
-            let outcome = nccl.register(comm, segment.ptr, segment.size);
-            match outcome {
-                Ok(0) => {
-                    state.next = index;
-                    return Err(Error::NullWindow {
-                        comm,
-                        ptr: segment.ptr,
-                        size: segment.size,
-                    });
-                }
-                Ok(handle) => {
-                    segment.windows.push(Window { comm, handle });
-                    self.counters.windows_registered += 1;
-                    made += 1;
-                }
-                Err(e) => {
-                    state.next = index;
-                    return Err(e);
-                }
-            }
-        }
-        state.next = self.segments.len();
-        Ok(made)
+    /// Whether a registration or release of `comm` is running.
+    pub fn is_busy(&self, comm: CommPtr) -> bool {
+        self.comms.get(&comm).is_some_and(|state| state.busy)
     }
 
-    /// Takes the segment at `ptr` out of the table after deregistering every window on it, so
-    /// the caller can free it. `None` if `ptr` is not a tracked segment.
-    pub fn untrack<R: WindowRegistrar>(&mut self, ptr: usize, nccl: &R) -> Option<Untracked> {
-        let index = self.segments.iter().position(|s| s.ptr == ptr)?;
-        let segment = self.segments.remove(index);
-        for state in self.comms.values_mut() {
-            if state.next > index {
-                state.next -= 1;
-            }
-        }
-        let mut failures = Vec::new();
-        for window in &segment.windows {
-            match nccl.deregister(window.comm, window.handle) {
-                Ok(()) => self.counters.windows_deregistered += 1,
-                Err(e) => {
-                    self.counters.deregistration_failures += 1;
-                    failures.push(e);
-                }
-            }
-        }
-        self.counters.segments_untracked += 1;
-        Some(Untracked { segment, failures })
+    /// The device recorded for `comm`, if the table has seen it.
+    pub fn known_device(&self, comm: CommPtr) -> Option<i32> {
+        self.comms.get(&comm).map(|state| state.device)
     }
 
-    /// Deregisters every window `comm` holds and forgets the communicator, before it is
-    /// destroyed. Returns how many windows were released, or the first failure.
-    pub fn release_comm<R: WindowRegistrar>(&mut self, comm: usize, nccl: &R) -> Result<usize> {
-        let mut released = 0;
-        let mut first_failure = None;
-        for segment in &mut self.segments {
-            let Some(position) = segment.windows.iter().position(|w| w.comm == comm) else {
+    /// Plans the registration of everything `comm` has not registered: marks the communicator
+    /// busy and pins the planned segments, so that neither changes until `finish`.
+    pub fn plan(&mut self, comm: CommPtr, device: i32) -> Plan {
+        let upto = self.next_seq;
+        let segments: Vec<(u64, DevicePtr, usize)> = self
+            .pending(comm, device)
+            .map(|s| (s.seq, s.ptr, s.size))
+            .collect();
+        for (seq, _, _) in &segments {
+            if let Some(segment) = self.segments.get_mut(seq) {
+                segment.pinned += 1;
+            }
+        }
+        let state = self.comms.entry(comm).or_insert(CommState {
+            next: 0,
+            device,
+            busy: false,
+        });
+        state.busy = true;
+        Plan {
+            comm,
+            segments,
+            upto,
+        }
+    }
+
+    /// Records what a planned registration did: `made` windows for the first planned segments,
+    /// in order, and `failed_at` the position of the segment that failed, if any. The
+    /// communicator's index stops at a failed segment, so a retry registers exactly the rest.
+    pub fn finish(&mut self, plan: Plan, made: &[WindowHandle], failed: bool) {
+        for (i, (seq, _, _)) in plan.segments.iter().enumerate() {
+            let Some(segment) = self.segments.get_mut(seq) else {
                 continue;
             };
-            let window = segment.windows[position];
-            match nccl.deregister(window.comm, window.handle) {
-                Ok(()) => {
-                    segment.windows.remove(position);
-                    self.counters.windows_deregistered += 1;
-                    released += 1;
-                }
-                Err(e) => {
-                    // The window stays recorded: the segment must then never reach ncclMemFree
-                    // (`untrack` reports it instead), and a retry can try again.
-                    self.counters.deregistration_failures += 1;
-                    first_failure.get_or_insert(e);
-                }
+            segment.pinned -= 1;
+            if let Some(&handle) = made.get(i) {
+                segment.windows.push(Window {
+                    comm: plan.comm,
+                    handle,
+                });
+                self.counters.windows_registered += 1;
             }
         }
-        if first_failure.is_none() {
+        if let Some(state) = self.comms.get_mut(&plan.comm) {
+            state.busy = false;
+            state.next = match (failed, plan.segments.get(made.len())) {
+                (true, Some(&(seq, _, _))) => seq,
+                _ => plan.upto,
+            };
+        }
+    }
+
+    /// Whether the segment at `ptr` has NCCL calls running on it.
+    pub fn is_pinned(&self, ptr: DevicePtr) -> bool {
+        self.seq_at(ptr)
+            .and_then(|seq| self.segments.get(&seq))
+            .is_some_and(|s| s.pinned > 0)
+    }
+
+    fn seq_at(&self, ptr: DevicePtr) -> Option<u64> {
+        self.by_address.get(&ptr.addr()).copied()
+    }
+
+    /// Takes the segment starting at `ptr` out of the table; its windows still need
+    /// deregistering. `None` if `ptr` is not a tracked segment.
+    pub fn remove(&mut self, ptr: DevicePtr) -> Option<Segment> {
+        let seq = self.by_address.remove(&ptr.addr())?;
+        let segment = self.segments.remove(&seq)?;
+        self.counters.segments_untracked += 1;
+        Some(segment)
+    }
+
+    /// Takes every window `comm` holds off its segment and pins those segments, for
+    /// deregistration outside the lock; marks the communicator busy meanwhile.
+    pub fn take_windows(&mut self, comm: CommPtr) -> Vec<(u64, WindowHandle)> {
+        let mut taken = Vec::new();
+        for segment in self.segments.values_mut() {
+            if let Some(position) = segment.windows.iter().position(|w| w.comm == comm) {
+                taken.push((segment.seq, segment.windows.remove(position).handle));
+                segment.pinned += 1;
+            }
+        }
+        if let Some(state) = self.comms.get_mut(&comm) {
+            state.busy = true;
+        }
+        taken
+    }
+
+    /// Ends a release: windows that failed to deregister go back on their segments (so those
+    /// segments are never freed under a live window, and a retry can try again); the
+    /// communicator is forgotten once it holds nothing.
+    pub fn finish_release(
+        &mut self,
+        comm: CommPtr,
+        taken: &[(u64, WindowHandle)],
+        failed: &HashSet<u64>,
+    ) {
+        for &(seq, handle) in taken {
+            let Some(segment) = self.segments.get_mut(&seq) else {
+                continue;
+            };
+            segment.pinned -= 1;
+            if failed.contains(&seq) {
+                segment.windows.push(Window { comm, handle });
+                self.counters.deregistration_failures += 1;
+            } else {
+                self.counters.windows_deregistered += 1;
+            }
+        }
+        if failed.is_empty() {
             self.comms.remove(&comm);
+        } else if let Some(state) = self.comms.get_mut(&comm) {
+            state.busy = false;
         }
-        match first_failure {
-            Some(e) => Err(e),
-            None => Ok(released),
+    }
+
+    /// Drops every window of a communicator that no longer exists, without calling NCCL (its
+    /// destruction released them), and forgets the communicator: an address NCCL reuses for a
+    /// new communicator then starts with no windows. Returns how many windows were dropped.
+    pub fn forget(&mut self, comm: CommPtr) -> usize {
+        let mut dropped = 0;
+        for segment in self.segments.values_mut() {
+            let before = segment.windows.len();
+            segment.windows.retain(|w| w.comm != comm);
+            dropped += before - segment.windows.len();
         }
+        self.comms.remove(&comm);
+        self.counters.windows_forgotten += dropped as u64;
+        dropped
     }
 
     /// The segment holding all of `[ptr, ptr + len)`, if any.
     pub fn find(&self, ptr: usize, len: usize) -> Option<&Segment> {
-        self.position(ptr, len)
-            .map(|(index, _)| &self.segments[index])
+        let (_, &seq) = self.by_address.range(..=ptr).next_back()?;
+        self.segments.get(&seq).filter(|s| s.contains(ptr, len))
     }
 
-    /// `(index in allocation order, byte offset)` of `[ptr, ptr + len)` in its segment, if any.
-    pub fn position(&self, ptr: usize, len: usize) -> Option<(usize, usize)> {
-        let index = self.segments.iter().position(|s| s.contains(ptr, len))?;
-        Some((index, ptr - self.segments[index].ptr))
+    /// `(position in allocation order, byte offset)` of `[ptr, ptr + len)` in its segment.
+    pub fn position(&self, ptr: usize, len: usize) -> Option<(u64, usize)> {
+        self.find(ptr, len).map(|s| (s.seq, ptr - s.ptr.addr()))
     }
 
     /// Whether `[ptr, ptr + len)` lies inside one window of `comm`.
-    pub fn is_registered(&self, ptr: usize, len: usize, comm: usize) -> bool {
+    pub fn is_registered(&self, ptr: usize, len: usize, comm: CommPtr) -> bool {
         self.find(ptr, len)
             .is_some_and(|s| s.window_for(comm).is_some())
     }
@@ -258,7 +345,7 @@ impl SegmentTable {
                     device: state.device,
                     ..CommSummary::default()
                 };
-                for segment in &self.segments {
+                for segment in self.segments.values() {
                     if segment.window_for(comm).is_some() {
                         summary.windows += 1;
                         summary.window_bytes += segment.size;
@@ -274,255 +361,134 @@ impl SegmentTable {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::RefCell;
+/// The table behind a mutex, with the NCCL calls made outside it. A `Condvar` lets a second
+/// registration of the same communicator, or the free of a segment being registered, wait for
+/// the first to finish instead of racing it.
+#[derive(Debug, Default)]
+pub struct SharedTable {
+    table: Mutex<SegmentTable>,
+    changed: Condvar,
+}
 
-    /// A stand-in NCCL that logs every call and can be told to fail.
-    #[derive(Default)]
-    struct FakeNccl {
-        log: RefCell<Vec<(&'static str, usize, usize)>>,
-        next_handle: RefCell<usize>,
-        fail_register_at_ptr: RefCell<Option<usize>>,
-        null_window_at_ptr: RefCell<Option<usize>>,
-        fail_deregister: RefCell<bool>,
-        device: i32,
+impl SharedTable {
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    impl WindowRegistrar for FakeNccl {
-        fn comm_device(&self, _comm: usize) -> Result<i32> {
-            Ok(self.device)
-        }
-        fn register(&self, comm: usize, ptr: usize, _size: usize) -> Result<usize> {
-            if *self.fail_register_at_ptr.borrow() == Some(ptr) {
-                return Err(Error::invalid_argument("injected register failure"));
-            }
-            if *self.null_window_at_ptr.borrow() == Some(ptr) {
-                return Ok(0);
-            }
-            self.log.borrow_mut().push(("register", comm, ptr));
-            let mut next = self.next_handle.borrow_mut();
-            *next += 1;
-            Ok(0x1000 + *next)
-        }
-        fn deregister(&self, comm: usize, window: usize) -> Result<()> {
-            if *self.fail_deregister.borrow() {
-                return Err(Error::invalid_argument("injected deregister failure"));
-            }
-            self.log.borrow_mut().push(("deregister", comm, window));
-            Ok(())
-        }
+    /// The table locked. A poisoned lock is recovered: every mutation leaves the table whole.
+    pub fn lock(&self) -> MutexGuard<'_, SegmentTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    impl FakeNccl {
-        fn registered(&self, comm: usize) -> Vec<usize> {
-            self.log
-                .borrow()
-                .iter()
-                .filter(|(what, c, _)| *what == "register" && *c == comm)
-                .map(|(_, _, ptr)| *ptr)
-                .collect()
-        }
+    fn wait<'a>(&self, guard: MutexGuard<'a, SegmentTable>) -> MutexGuard<'a, SegmentTable> {
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
     }
 
-    const A: usize = 0xA;
-    const B: usize = 0xB;
-
-    fn table_with(ptrs: &[usize]) -> SegmentTable {
-        let mut table = SegmentTable::new();
-        for &ptr in ptrs {
-            table.track(ptr, 0x100, 0);
+    /// Locks the table once `comm` is not busy.
+    fn lock_idle(&self, comm: CommPtr) -> MutexGuard<'_, SegmentTable> {
+        let mut table = self.lock();
+        while table.is_busy(comm) {
+            table = self.wait(table);
         }
         table
     }
 
-    #[test]
-    fn registers_in_allocation_order_once() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x3000, 0x1000, 0x2000]);
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 3);
-        assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000]);
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 0);
-        table.track(0x500, 0x100, 0);
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
-        assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000, 0x500]);
-    }
-
-    #[test]
-    fn several_communicators_share_one_pool() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000, 0x2000]);
-        table.register_pending(A, &nccl).unwrap();
-        table.track(0x3000, 0x100, 0);
-        table.register_pending(B, &nccl).unwrap();
-        assert_eq!(nccl.registered(B), vec![0x1000, 0x2000, 0x3000]);
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
-        assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
-        for segment in table.segments() {
-            assert!(segment.window_for(A).is_some() && segment.window_for(B).is_some());
+    /// Registers, in allocation order, every segment of the communicator's device that it has
+    /// not registered yet; returns how many windows were made. Registrations of one
+    /// communicator are serialised (the second waits, then finds what is left); other
+    /// communicators, and the allocator plugs, are never blocked by it.
+    pub fn register_pending<R: WindowRegistrar>(&self, comm: CommPtr, nccl: &R) -> Result<usize> {
+        let known = {
+            // The common exit: nothing new since the last registration, decided under one lock.
+            let table = self.lock();
+            match table.known_device(comm) {
+                Some(device)
+                    if !table.is_busy(comm) && table.pending(comm, device).next().is_none() =>
+                {
+                    return Ok(0)
+                }
+                known => known,
+            }
+        };
+        let device = match known {
+            Some(device) => device,
+            None => nccl.comm_device(comm)?,
+        };
+        let plan = self.lock_idle(comm).plan(comm, device);
+        let mut made = Vec::with_capacity(plan.segments.len());
+        let mut outcome = Ok(());
+        for &(_, ptr, size) in &plan.segments {
+            match nccl.register(comm, ptr, size) {
+                Ok(Some(handle)) => made.push(handle),
+                Ok(None) => {
+                    outcome = Err(Error::NullWindow { comm, ptr, size });
+                    break;
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
         }
-        let summaries = table.comm_summaries();
-        assert_eq!(summaries.len(), 2);
-        assert!(summaries
-            .iter()
-            .all(|s| s.windows == 3 && s.pending_segments == 0));
+        let count = made.len();
+        self.lock().finish(plan, &made, outcome.is_err());
+        self.changed.notify_all();
+        outcome.map(|()| count)
     }
 
-    #[test]
-    fn segment_reused_under_another_group_is_registered_with_it() {
-        // Group A allocates a block; torch frees it back to the pool (the segment stays) and a
-        // later allocation under group B reuses it. B's exit must register that segment with B.
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000]);
-        table.register_pending(A, &nccl).unwrap();
-        assert!(!table.is_registered(0x1010, 0x20, B));
-        table.register_pending(B, &nccl).unwrap();
-        assert!(table.is_registered(0x1010, 0x20, B));
-        assert_eq!(nccl.registered(B), vec![0x1000]);
+    /// Takes the segment at `ptr` out of the table after deregistering every window on it, so
+    /// the caller can free it. Waits while a registration of that segment is running. `None`
+    /// if `ptr` is not a tracked segment.
+    pub fn untrack<R: WindowRegistrar>(&self, ptr: DevicePtr, nccl: &R) -> Option<Untracked> {
+        let segment = {
+            let mut table = self.lock();
+            while table.is_pinned(ptr) {
+                table = self.wait(table);
+            }
+            table.remove(ptr)?
+        };
+        let mut failures = Vec::new();
+        for window in &segment.windows {
+            if let Err(e) = nccl.deregister(window.comm, window.handle) {
+                failures.push(e);
+            }
+        }
+        {
+            let mut table = self.lock();
+            let failed = failures.len() as u64;
+            table.counters.windows_deregistered += segment.windows.len() as u64 - failed;
+            table.counters.deregistration_failures += failed;
+        }
+        Some(Untracked { segment, failures })
     }
 
-    #[test]
-    fn freed_then_reallocated_address_is_a_new_segment() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000, 0x2000]);
-        table.register_pending(A, &nccl).unwrap();
-        let gone = table.untrack(0x1000, &nccl).unwrap();
-        assert!(gone.failures.is_empty());
-        table.track(0x1000, 0x100, 0);
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
-        assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x1000]);
-        assert_eq!(table.segments().len(), 2);
+    /// Deregisters every window `comm` holds and forgets the communicator, before it is
+    /// destroyed. Returns how many windows were released, or the first failure.
+    pub fn release_comm<R: WindowRegistrar>(&self, comm: CommPtr, nccl: &R) -> Result<usize> {
+        let taken = self.lock_idle(comm).take_windows(comm);
+        let mut failed = HashSet::new();
+        let mut first_failure = None;
+        for &(seq, handle) in &taken {
+            if let Err(e) = nccl.deregister(comm, handle) {
+                failed.insert(seq);
+                first_failure.get_or_insert(e);
+            }
+        }
+        self.lock().finish_release(comm, &taken, &failed);
+        self.changed.notify_all();
+        match first_failure {
+            Some(e) => Err(e),
+            None => Ok(taken.len()),
+        }
     }
 
-    #[test]
-    fn null_window_is_an_error_and_retry_resumes_there() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000, 0x2000, 0x3000]);
-        *nccl.null_window_at_ptr.borrow_mut() = Some(0x2000);
-        let err = table.register_pending(A, &nccl).unwrap_err();
-        assert!(
-            matches!(err, Error::NullWindow { ptr: 0x2000, .. }),
-            "{err}"
-        );
-        assert!(table.is_registered(0x1000, 1, A));
-        assert!(!table.is_registered(0x2000, 1, A));
-        assert_eq!(table.pending(A, 0).count(), 2);
-
-        *nccl.null_window_at_ptr.borrow_mut() = None;
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 2);
-        assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
-    }
-
-    #[test]
-    fn failed_registration_then_retry_registers_exactly_the_rest() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000, 0x2000, 0x3000]);
-        *nccl.fail_register_at_ptr.borrow_mut() = Some(0x3000);
-        assert!(table.register_pending(A, &nccl).is_err());
-        assert_eq!(nccl.registered(A), vec![0x1000, 0x2000]);
-        *nccl.fail_register_at_ptr.borrow_mut() = None;
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
-        assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
-        assert_eq!(table.counters().windows_registered, 3);
-    }
-
-    #[test]
-    fn untrack_deregisters_every_window_first_and_keeps_indices_right() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000, 0x2000]);
-        table.register_pending(A, &nccl).unwrap();
-        table.register_pending(B, &nccl).unwrap();
-        table.track(0x3000, 0x100, 0);
-        let gone = table.untrack(0x1000, &nccl).unwrap();
-        assert_eq!(gone.segment.windows.len(), 2);
-        let deregistered: Vec<_> = nccl
-            .log
-            .borrow()
-            .iter()
-            .filter(|(what, _, _)| *what == "deregister")
-            .map(|(_, comm, _)| *comm)
-            .collect();
-        assert_eq!(deregistered, vec![A, B]);
-        // Only the segment allocated after the last exit is still pending, for both.
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
-        assert_eq!(table.register_pending(B, &nccl).unwrap(), 1);
-        assert_eq!(table.counters().windows_deregistered, 2);
-    }
-
-    #[test]
-    fn failed_deregistration_is_reported_not_hidden() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000]);
-        table.register_pending(A, &nccl).unwrap();
-        *nccl.fail_deregister.borrow_mut() = true;
-        let gone = table.untrack(0x1000, &nccl).unwrap();
-        assert_eq!(gone.failures.len(), 1);
-        assert_eq!(table.counters().deregistration_failures, 1);
-        assert!(table.segments().is_empty());
-    }
-
-    #[test]
-    fn other_devices_segments_are_skipped() {
-        let nccl = FakeNccl::default();
-        let mut table = SegmentTable::new();
-        table.track(0x1000, 0x100, 0);
-        table.track(0x2000, 0x100, 1);
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
-        assert_eq!(nccl.registered(A), vec![0x1000]);
-        assert_eq!(table.comm_summaries()[0].pending_segments, 0);
-    }
-
-    #[test]
-    fn failed_release_keeps_the_window_so_the_segment_is_never_freed_under_it() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000]);
-        table.register_pending(A, &nccl).unwrap();
-        *nccl.fail_deregister.borrow_mut() = true;
-        assert!(table.release_comm(A, &nccl).is_err());
-        assert!(table.is_registered(0x1000, 1, A));
-        let gone = table.untrack(0x1000, &nccl).unwrap();
-        assert_eq!(
-            gone.failures.len(),
-            1,
-            "untrack must see the window and refuse to free"
-        );
-    }
-
-    #[test]
-    fn release_comm_retry_after_failure_releases_the_rest() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000, 0x2000]);
-        table.register_pending(A, &nccl).unwrap();
-        *nccl.fail_deregister.borrow_mut() = true;
-        assert!(table.release_comm(A, &nccl).is_err());
-        *nccl.fail_deregister.borrow_mut() = false;
-        assert_eq!(table.release_comm(A, &nccl).unwrap(), 2);
-        assert!(!table.is_registered(0x1000, 1, A));
-    }
-
-    #[test]
-    fn release_comm_deregisters_only_that_communicator() {
-        let nccl = FakeNccl::default();
-        let mut table = table_with(&[0x1000, 0x2000]);
-        table.register_pending(A, &nccl).unwrap();
-        table.register_pending(B, &nccl).unwrap();
-        assert_eq!(table.release_comm(A, &nccl).unwrap(), 2);
-        assert!(!table.is_registered(0x1000, 1, A));
-        assert!(table.is_registered(0x1000, 1, B));
-        // A communicator seen again later starts from scratch.
-        assert_eq!(table.register_pending(A, &nccl).unwrap(), 2);
-    }
-
-    #[test]
-    fn lookup_needs_the_whole_range_inside_one_segment() {
-        let table = table_with(&[0x1000]);
-        assert!(table.find(0x1000, 0x100).is_some());
-        assert!(table.find(0x10ff, 1).is_some());
-        assert!(table.find(0x10ff, 2).is_none());
-        assert!(table.find(0xfff, 1).is_none());
-        assert!(table.find(usize::MAX, 2).is_none());
-        assert_eq!(table.position(0x1010, 0x10), Some((0, 0x10)));
-        assert_eq!(table.position(usize::MAX, 2), None);
+    /// Forgets a destroyed communicator (see `SegmentTable::forget`), once nothing runs on it.
+    pub fn forget_comm(&self, comm: CommPtr) -> usize {
+        let dropped = self.lock_idle(comm).forget(comm);
+        self.changed.notify_all();
+        dropped
     }
 }
+
+#[cfg(test)]
+mod tests;

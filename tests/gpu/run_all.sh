@@ -1,27 +1,45 @@
 #!/usr/bin/env bash
-# Runs every GPU suite on 2 GPUs (the first two) and on 4, writing JSON summaries to $1
-# (default tests/gpu/results). Usage on a GPU host with symm_rs importable:
+# Runs every GPU suite on 2 GPUs (the first two) and on 4, the transport suite three ways, and
+# the examples, writing JSON summaries to $1 (default tests/gpu/results). Exits non-zero when any
+# suite fails. Usage on a GPU host with symm_rs importable:
 #   tests/gpu/run_all.sh [OUT_DIR] [SUITE...]
-set -u
+set -u -o pipefail
 out=${1:-tests/gpu/results}
 shift || true
-suites=${*:-suite_core suite_comm suite_cp suite_safety suite_alignment}
+suites=${*:-suite_core suite_comm suite_cp suite_safety suite_alignment suite_engine}
 here=$(cd "$(dirname "$0")" && pwd)
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 status=0
 # NCCL's watchdog prints long traces when a case leaves ranks out of step; the JSON has the story.
 noise='^\[rank.*(ProcessGroupNCCL|Watchdog)|^frame #|^Exception raised|terminate called|what\(\)'
+
+run_suite() {  # world suite [tag [VAR=value...]]: the variables are set for that run only
+  local world=$1 suite=$2 tag=${3:-}
+  shift 3 2>/dev/null || shift $#
+  env "$@" CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((world - 1)))" PYTHONUNBUFFERED=1 timeout 200 \
+    python3 "$here/harness.py" "$suite" --world-size "$world" --out "$out" --timeout 180 \
+    --tag "$tag" 2>&1 | grep -vE "$noise" | grep -E "^ *(passed|failed|skipped)|^suite_|rank [0-9]+:"
+  local rc=$?
+  if [ $rc -ne 0 ]; then echo "FAILED: $suite on $world GPUs $tag (exit $rc)"; status=1; fi
+}
+
 for world in 2 4; do
   if [ "$gpus" -lt "$world" ]; then
     echo "skipping $world-GPU runs: $gpus GPU(s) visible"
     continue
   fi
-  visible=$(seq -s, 0 $((world - 1)))
   for suite in $suites; do
-    CUDA_VISIBLE_DEVICES=$visible PYTHONUNBUFFERED=1 timeout 300 \
-      python3 "$here/harness.py" "$suite" --world-size "$world" --out "$out" --timeout 280 2>&1 \
-      | grep -vE "$noise" | grep -E "^ *(passed|failed|skipped)|^suite_|rank [0-9]+:" \
-      || status=1
+    run_suite "$world" "$suite"
+  done
+  # Where NCCL can and cannot run symmetric kernels: NVLink, forced network, P2P off (SHM on).
+  for variant in nvlink network p2p_off; do
+    log=$(mktemp -d)
+    case $variant in
+      nvlink) extra=() ;;
+      network) extra=(NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1) ;;
+      p2p_off) extra=(NCCL_P2P_DISABLE=1) ;;
+    esac
+    run_suite "$world" suite_transport "_$variant" SYMM_RS_TRANSPORT_LOG_DIR="$log" "${extra[@]}"
   done
 done
 if [ "$gpus" -ge 2 ]; then

@@ -190,7 +190,7 @@ def case_wrong_arguments_raise_before_nccl(ctx: Ctx) -> None:
         (
             lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws, device="cuda"), x.cpu()),
             ValueError,
-            "inp is on cpu",
+            "inp is not a CUDA tensor",
         ),
         (lambda: comm.all_reduce(torch.zeros(8, 2, device="cuda").t()), ValueError, "contiguous"),
         (
@@ -249,3 +249,38 @@ def case_grouped_collectives_and_close(ctx: Ctx) -> None:
         torch.cuda.synchronize()
         assert torch.equal(b, torch.full_like(b, float(ctx.world_size**2)))
     assert fresh.closed
+
+
+def case_even_16bit_counts_run_symmetric_kernels_exactly(ctx: Ctx) -> None:
+    """N above is odd, so 16-bit calls there take the staging path; here the per-rank counts
+    are even, so all-gather and reduce-scatter run on the windows themselves (no staging)."""
+    comm = _communicator(ctx)
+    ws = ctx.world_size
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for n in (4098, 1 << 16):
+            with symm_rs.use_symmetric_memory(comm):
+                ag_in = torch.empty(n, dtype=dtype, device="cuda")
+                ag_out = torch.empty(n * ws, dtype=dtype, device="cuda")
+                rs_in = torch.empty(n * ws, dtype=dtype, device="cuda")
+                rs_out = torch.empty(n, dtype=dtype, device="cuda")
+            assert not comm._needs_staging(ag_in, ag_out, ag_in)
+            ag_in.copy_(_integers(n, ctx.rank, dtype))
+            rs_in.copy_(_integers(n * ws, ctx.rank, dtype, 1))
+            comm.all_gather_into_tensor(ag_out, ag_in)
+            comm.reduce_scatter_tensor(rs_out, rs_in)
+            torch.cuda.synchronize()
+            expected_ag = torch.cat([_integers(n, r, dtype) for r in range(ws)])
+            expected_rs = sum(_integers(n * ws, r, torch.float64, 1) for r in range(ws))
+            expected_rs = expected_rs[ctx.rank * n : (ctx.rank + 1) * n]
+            row = {
+                "dtype": str(dtype),
+                "count": n,
+                "all_gather": torch.equal(ag_out, expected_ag),
+                "reduce_scatter": torch.equal(rs_out.double(), expected_rs),
+                "symmetric": symm_rs.is_symmetric(ag_out, comm)
+                and symm_rs.is_symmetric(rs_in, comm),
+            }
+            rows.append(row)
+    ctx.details["rows"] = rows
+    assert all(r["all_gather"] and r["reduce_scatter"] and r["symmetric"] for r in rows), rows

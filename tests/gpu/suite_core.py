@@ -82,7 +82,7 @@ def case_buffers_are_symmetric_for_their_group_only(ctx: Ctx) -> None:
     with symm_rs.use_symmetric_memory(ctx.group, disabled=True):
         skipped = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
     assert not symm_rs.is_symmetric(skipped, ctx.group), "disabled=True still used the pool"
-    ctx.details["stats"] = {k: v for k, v in symm_rs.stats().items() if k != "segment_list"}
+    ctx.details["stats"] = symm_rs.stats().as_dict()
 
 
 def case_collectives_match_plain_buffers(ctx: Ctx) -> None:
@@ -227,8 +227,8 @@ def case_destroying_the_pool_deregisters_every_window(ctx: Ctx) -> None:
     freed = symm_rs.destroy_pool()
     after = symm_rs.stats()
     ctx.details["freed_segments"] = freed
-    ctx.details["before"] = {k: v for k, v in before.items() if k != "segment_list"}
-    ctx.details["after"] = {k: v for k, v in after.items() if k != "segment_list"}
+    ctx.details["before"] = before.as_dict()
+    ctx.details["after"] = after.as_dict()
     assert freed == before["segments"] > 0
     assert after["segments"] == 0 and after["bytes"] == 0
     assert after["windows_deregistered"] == after["windows_registered"]

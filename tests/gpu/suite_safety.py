@@ -1,16 +1,21 @@
 """Safety on real GPUs: CUDA-graph capture and 1,000 replays on symmetric buffers, registration
 deferred out of a capture, out-of-memory inside the context, reservation, the silent-fallback
-check, and the cross-rank verification that turns a would-be hang into an error on every rank."""
+check, cross-rank verification that turns a would-be hang into an error on every rank in bounded
+time, threads without set_device, groups destroyed and recreated, concurrent contexts, NCCL
+groups, and producers racing symmetric collectives (NVIDIA/nccl #1924)."""
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 import symm_rs
+from symm_rs import agreement
 
 from harness import Ctx
 
@@ -22,44 +27,44 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
     src = torch.zeros(N, dtype=torch.float32, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    # Warm-up outside the capture, on the stream the capture will use (cached blocks belong to
-    # a stream; torch.cuda.graph captures on its own stream unless told): the segments exist
-    # and are registered before capturing.
-    with torch.cuda.stream(side), symm_rs.use_symmetric_memory(ctx.group):
-        warm = [torch.empty(N, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
-        warm.append(torch.empty(N * ws, dtype=torch.bfloat16, device="cuda"))
-    del warm
-    segments_before = symm_rs.stats()["segments_tracked"]
-    g = torch.cuda.CUDAGraph()
-    # Older torch cannot tell symm_rs which pool a capture uses: name it and pass it.
     pool = torch.cuda.graph_pool_handle()
-    with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool, stream=side):
-        with symm_rs.use_symmetric_memory(ctx.group, graph_pool=pool):
-            ag_in = torch.empty(N, dtype=torch.bfloat16, device="cuda")
-            ar = torch.empty(N, dtype=torch.bfloat16, device="cuda")
-            ag_out = torch.empty(N * ws, dtype=torch.bfloat16, device="cuda")
-        ag_in.copy_(src)
-        ar.copy_(src)
-        dist.all_gather_into_tensor(ag_out, ag_in, group=ctx.group)
-        dist.all_reduce(ar, group=ctx.group)
+    # As engines do: the graph pool is named once, the warm-up runs on the capture stream
+    # before the capture (into the graph pool's symmetric capture pool, registered at its
+    # exit), and the capture then reuses those registered segments.
+    with symm_rs.graph_capture(pool):
+        with torch.cuda.stream(side), symm_rs.use_symmetric_memory(ctx.group):
+            warm = [torch.empty(N, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+            warm.append(torch.empty(N * ws, dtype=torch.bfloat16, device="cuda"))
+        del warm
+        segments_before = symm_rs.stats()["segments_tracked"]
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool, stream=side):
+            with symm_rs.use_symmetric_memory(ctx.group):
+                ag_in = torch.empty(N, dtype=torch.bfloat16, device="cuda")
+                ar = torch.empty(N, dtype=torch.bfloat16, device="cuda")
+                ag_out = torch.empty(N * ws, dtype=torch.bfloat16, device="cuda")
+            ag_in.copy_(src)
+            ar.copy_(src)
+            dist.all_gather_into_tensor(ag_out, ag_in, group=ctx.group)
+            dist.all_reduce(ar, group=ctx.group)
     torch.cuda.current_stream().wait_stream(side)
     assert symm_rs.stats()["segments_tracked"] == segments_before, "capture grew the pool"
     assert symm_rs.is_symmetric(ag_in, ctx.group) and symm_rs.is_symmetric(ag_out, ctx.group)
     assert symm_rs.is_symmetric(ar, ctx.group)
     base = torch.arange(N, device="cuda", dtype=torch.float32) % 13
-    wrong = 0
+    ranks = torch.arange(ws, device="cuda", dtype=torch.float32)
+    wrong = torch.zeros((), dtype=torch.int64, device="cuda")
     for step in range(1000):
         src.copy_(base + (step % 17) + ctx.rank)
         g.replay()
-        if step % 10 == 0 or step >= 990:
-            torch.cuda.synchronize()
-            expected_ag = torch.cat([base + (step % 17) + r for r in range(ws)]).bfloat16()
-            expected_ar = sum(base + (step % 17) + r for r in range(ws)).bfloat16()
-            wrong += int(not torch.equal(ag_out, expected_ag))
-            wrong += int(not torch.equal(ar, expected_ar))
+        # Every replay is compared, on the GPU, in stream order: no sync per step.
+        expected_ag = (base[None, :] + (step % 17) + ranks[:, None]).flatten().bfloat16()
+        expected_ar = (base * ws + (step % 17) * ws + ranks.sum()).bfloat16()
+        wrong += (ag_out != expected_ag).any()
+        wrong += (ar != expected_ar).any()
     torch.cuda.synchronize()
-    ctx.details.update(replays=1000, checked=2 * (100 + 9), wrong=wrong)
-    assert wrong == 0, f"{wrong} replays gave wrong results"
+    ctx.details.update(replays=1000, checked=2000, wrong=int(wrong.item()))
+    assert int(wrong.item()) == 0, f"{int(wrong.item())} replay outputs were wrong"
     del g
 
 
@@ -125,16 +130,12 @@ def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
         if len(live) > 12:
             live = live[4:]
     after = symm_rs.stats()
-    ctx.details.update(
-        new_segments=made,
-        reserved_bytes=after["reserved_bytes"],
-        pool_bytes=after["pool_bytes"],
-        in_use_bytes=after["in_use_bytes"],
-    )
+    usage = symm_rs.pool_usage()
+    ctx.details.update(new_segments=made, **usage)
     assert made >= 1
     assert after["segments_tracked"] == tracked, "steady state called ncclMemAlloc"
     assert after["windows_registered"] == registered, "steady state registered again"
-    assert 0 < after["in_use_bytes"] <= after["pool_bytes"]
+    assert 0 < usage["in_use_bytes"] <= usage["pool_bytes"]
     assert all(symm_rs.is_symmetric(t, ctx.group) for t in live)
 
 
@@ -165,19 +166,26 @@ def case_silent_fallback_is_reported(ctx: Ctx) -> None:
     assert raised
 
 
-def case_verification_cost_per_exit(ctx: Ctx) -> None:
-    timings = {}
-    for verify in (False, True, False, True):
-        for _ in range(20):
-            with symm_rs.use_symmetric_memory(ctx.group, verify=verify):
-                pass
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(200):
-            with symm_rs.use_symmetric_memory(ctx.group, verify=verify):
-                pass
-        timings[f"verify={verify}"] = (time.perf_counter() - start) / 200 * 1e6
-    ctx.details["exit_us"] = {k: round(v, 2) for k, v in timings.items()}
+def case_verification_runs_on_every_exit_it_is_asked_for(ctx: Ctx) -> None:
+    # Its cost is measured by the bench; here: each verify=True exit is one cross-rank round,
+    # and verify=False exits make none.
+    group = symm_rs.groups.resolve(ctx.group)
+    key = agreement.round_key(group, "verify")
+
+    def rounds() -> int:
+        counter = agreement._rounds.get(key)
+        return -1 if counter is None else int(repr(counter).split("(")[1].rstrip(")")) - 1
+
+    before = rounds()
+    for _ in range(20):
+        with symm_rs.use_symmetric_memory(ctx.group, verify=False):
+            pass
+    assert rounds() == before, "verify=False exchanged"
+    for _ in range(20):
+        with symm_rs.use_symmetric_memory(ctx.group, verify=True):
+            pass
+    ctx.details.update(rounds_before=before, rounds_after=rounds(), over_store=bool(group.channel))
+    assert rounds() == before + 20, (before, rounds())
 
 
 def case_rank_mismatch_fails_fast_on_every_rank(ctx: Ctx) -> None:
@@ -196,6 +204,7 @@ def case_rank_mismatch_fails_fast_on_every_rank(ctx: Ctx) -> None:
     ctx.details.update(error=error[:600], seconds=round(seconds, 3))
     assert error, "the mismatch was not detected"
     assert "rank(s) [0]" in error and "1073741824" in error, error
+    assert seconds < agreement.default_timeout(), "the mismatch was found only by the timeout"
     # Leave the process consistent: drop everything and free the pool on every rank.
     del odd, common
     symm_rs.destroy_pool()
@@ -204,3 +213,245 @@ def case_rank_mismatch_fails_fast_on_every_rank(ctx: Ctx) -> None:
     dist.all_reduce(ok, group=ctx.group)
     torch.cuda.synchronize()
     assert bool((ok == ctx.world_size).all())
+
+
+def case_thread_without_set_device_uses_the_communicators_device(ctx: Ctx) -> None:
+    results: dict[str, object] = {}
+
+    def worker(set_device: bool) -> None:
+        if set_device:
+            torch.cuda.set_device(ctx.device)
+        before = torch.cuda.current_device()
+        with symm_rs.use_symmetric_memory(ctx.group, verify=True):
+            t = torch.full((1 << 16,), float(ctx.rank + 1), device="cuda")
+        results[f"set_device={set_device}"] = (before, t.device.index, torch.cuda.current_device())
+        results[f"tensor_{set_device}"] = t
+
+    for set_device in (False, True):
+        thread = threading.Thread(target=worker, args=(set_device,))
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the worker thread hung"
+        t = results[f"tensor_{set_device}"]
+        assert isinstance(t, torch.Tensor)
+        assert t.device.index == ctx.rank, f"allocated on {t.device}, communicator on {ctx.rank}"
+        assert symm_rs.is_symmetric(t, ctx.group)
+        dist.all_reduce(t, group=ctx.group)
+        torch.cuda.synchronize()
+        assert bool((t == sum(range(1, ctx.world_size + 1))).all())
+    ctx.details.update({k: v for k, v in results.items() if not k.startswith("tensor")})
+    # The thread's own device comes back after the context.
+    before, _, after = results["set_device=False"]  # type: ignore[misc]
+    assert before == after
+
+
+def case_rank_that_raises_inside_the_context_fails_every_rank_fast(ctx: Ctx) -> None:
+    error = ""
+    start = time.perf_counter()
+    try:
+        with symm_rs.use_symmetric_memory(ctx.group, verify=True, timeout=60):
+            torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+            if ctx.rank == 1:
+                raise KeyError("rank 1 went wrong inside the context")
+    except KeyError as e:
+        error = f"own: {e}"
+    except agreement.AgreementError as e:
+        error = str(e)
+    seconds = time.perf_counter() - start
+    ctx.details.update(error=error[:400], seconds=round(seconds, 3))
+    if ctx.rank == 1:
+        assert error.startswith("own:"), error
+    else:
+        assert "rank 1" in error and "went wrong inside the context" in error, error
+        assert seconds < 60, "the peer's failure was found only by the timeout"
+
+
+def case_rank_that_never_arrives_times_out_on_the_others(ctx: Ctx) -> None:
+    group = dist.new_group(list(range(ctx.world_size)), device_id=ctx.device)
+    error = ""
+    start = time.perf_counter()
+    if ctx.rank != 1:
+        try:
+            with symm_rs.use_symmetric_memory(group, verify=True, timeout=5):
+                torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+        except agreement.AgreementError as e:
+            error = str(e)
+    seconds = time.perf_counter() - start
+    ctx.details.update(error=error[:400], seconds=round(seconds, 3))
+    # Rank 1 waits here for the others' verdicts before the group goes (its rounds are spent).
+    store = symm_rs.groups.store_of(ctx.group)
+    store.add("never_arrives_done", 1)
+    store.wait(["never_arrives_done"], timedelta(seconds=60))
+    while int(store.add("never_arrives_done", 0)) < ctx.world_size:
+        time.sleep(0.05)
+    dist.destroy_process_group(group)
+    if ctx.rank != 1:
+        assert "rank(s) [1]" in error and "did not reach" in error, error
+        assert 5 <= seconds < 30, seconds
+
+
+def case_destroyed_groups_are_never_passed_to_nccl_again(ctx: Ctx) -> None:
+    cycles = []
+    kept = []
+    for cycle in range(3):
+        group = dist.new_group(list(range(ctx.world_size)), device_id=ctx.device)
+        with symm_rs.use_symmetric_memory(group):
+            t = torch.full((1 << 20,), float(cycle + 1), device="cuda")
+        assert symm_rs.is_symmetric(t, group)
+        dist.all_reduce(t, group=group)
+        torch.cuda.synchronize()
+        assert bool((t == (cycle + 1) * ctx.world_size).all())
+        comm = symm_rs.resolve_comm(group)
+        before = symm_rs.stats()
+        dist.destroy_process_group(group)  # symm_rs releases first (local deregistration)
+        after = symm_rs.stats()
+        listed = comm in after["communicators"]
+        cycles.append(
+            {
+                "comm": hex(comm),
+                "released_windows": after["windows_deregistered"] - before["windows_deregistered"],
+                "still_listed": listed,
+            }
+        )
+        assert not listed, "a destroyed communicator is still in the table"
+        assert after["windows_deregistered"] > before["windows_deregistered"]
+        # Its windows are gone: no later free may deregister on the destroyed communicator,
+        # and a new communicator at the same address starts with none. (Asked of the table
+        # directly: asking NCCL about a destroyed communicator would read freed memory.)
+        assert not symm_rs._native.is_registered(t.data_ptr(), t.numel() * 4, comm)
+        kept.append(t)
+    ctx.details["cycles"] = cycles
+    # The segments of destroyed groups are freed with no NCCL call on dead communicators.
+    del kept, t
+    freed = symm_rs.destroy_pool()
+    stats = symm_rs.stats()
+    ctx.details["freed"] = freed
+    assert stats["deregistration_failures"] == 0 and stats["free_failures"] == 0
+
+
+def case_concurrent_contexts_from_threads(ctx: Ctx) -> None:
+    groups = [ctx.new_group(), ctx.new_group()]
+    symm_rs.register(groups[0])
+    symm_rs.register(groups[1])
+    out: dict[int, torch.Tensor] = {}
+    errors: list[str] = []
+    allocated = [threading.Event(), threading.Event()]
+
+    def worker(i: int) -> None:
+        try:
+            torch.cuda.set_device(ctx.device)
+            # Allocation order is fixed (thread 0, then 1) on every rank; exits run at once.
+            if i == 1:
+                allocated[0].wait(30)
+            with symm_rs.use_symmetric_memory(groups[i]):
+                t = torch.full((3 << 20,), float(i + 1), device="cuda")
+                allocated[i].set()
+                allocated[1 - i].wait(30)
+            out[i] = t
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a context thread hung"
+    assert not errors, errors
+    for i, group in enumerate(groups):
+        assert symm_rs.is_symmetric(out[i], group), f"thread {i}'s buffer not registered"
+        dist.all_reduce(out[i], group=group)
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert bool((out[i] == (i + 1) * ctx.world_size).all())
+    ctx.details["registered_per_comm"] = {
+        hex(c): v["windows"] for c, v in symm_rs.stats()["communicators"].items()
+    }
+
+
+def case_registration_inside_an_nccl_group_waits_for_its_end(ctx: Ctx) -> None:
+    with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
+        a = torch.ones(1024, device="cuda")
+        with symm_rs.nccl_group():
+            comm.all_reduce(a)
+            with symm_rs.use_symmetric_memory(comm):
+                fresh = torch.full((5 << 20,), 2.0, device="cuda")  # a new segment
+            during = symm_rs.is_registered(fresh, comm)
+            deferred = symm_rs.stats().deferred_registrations
+        after = symm_rs.is_registered(fresh, comm)
+        # The staging copy of an odd 16-bit all-gather inside a group must wait for the launch.
+        n = 4097
+        with symm_rs.use_symmetric_memory(comm):
+            src = torch.full((n,), float(ctx.rank + 1), dtype=torch.bfloat16, device="cuda")
+            dst = torch.zeros(n * ctx.world_size, dtype=torch.bfloat16, device="cuda")
+        with symm_rs.nccl_group():
+            comm.all_gather_into_tensor(dst, src)
+        comm.all_reduce(fresh)
+        torch.cuda.synchronize()
+        expected = torch.arange(1, ctx.world_size + 1, device="cuda").repeat_interleave(n)
+        ctx.details.update(during=during, deferred=deferred, after=after)
+        assert not during and deferred >= 1 and after
+        assert torch.equal(dst, expected.bfloat16()), "staging copy read before the launch"
+        assert bool((a == ctx.world_size).all()) and bool((fresh == 2 * ctx.world_size).all())
+
+
+def case_producers_racing_symmetric_collectives_give_exact_results(ctx: Ctx) -> None:
+    """NVIDIA/nccl #1924: on 2.28-2.30.6 a symmetric kernel may start before the kernel just
+    before it on its stream has finished writing. Tried: a chain of in-place all-reduces, a
+    matmul, and a slow copy, each immediately before a symmetric all-reduce, eager and in
+    replayed graphs. Records what was found; asserts the results symm_rs users get are exact."""
+    ws = ctx.world_size
+    n = 1 << 16
+    with symm_rs.use_symmetric_memory(ctx.group):
+        x = torch.empty(n, device="cuda")
+        y = torch.empty(128, 256, device="cuda")
+        z = torch.empty(n, device="cuda")
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(5)
+    a = torch.randint(0, 2, (128, 512), generator=gen, device="cuda").float()
+    b = torch.randint(0, 2, (512, 256), generator=gen, device="cuda").float()
+    src = torch.arange(n, device="cuda", dtype=torch.float32) % 17
+
+    def chain() -> None:
+        x.fill_(1.0)
+        for _ in range(4):
+            dist.all_reduce(x, group=ctx.group)
+
+    def matmul() -> None:
+        torch.matmul(a, b, out=y)
+        dist.all_reduce(y, group=ctx.group)
+
+    def slow_copy() -> None:
+        z.zero_()
+        torch.cuda._sleep(20000)
+        z.copy_(src)
+        dist.all_reduce(z, group=ctx.group)
+
+    checks = {
+        "chain": lambda: (x != float(ws**4)).any(),
+        "matmul": lambda: (y != (a @ b) * ws).any(),
+        "slow_copy": lambda: (z != src * ws).any(),
+    }
+    steps = {"chain": chain, "matmul": matmul, "slow_copy": slow_copy}
+    wrong = {}
+    stream = torch.cuda.Stream()
+    for name, step in steps.items():
+        count = torch.zeros((), dtype=torch.int64, device="cuda")
+        for _ in range(200):
+            step()
+            count += checks[name]()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                step()
+            for _ in range(200):
+                graph.replay()
+                count += checks[name]()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        wrong[name] = int(count.item())
+        del graph
+    ctx.details.update(wrong_of_400=wrong, nccl=".".join(map(str, symm_rs.nccl_version())))
+    assert not any(wrong.values()), wrong

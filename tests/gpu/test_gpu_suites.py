@@ -15,7 +15,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 SUITES = [
     (suite, world_size)
-    for suite in ("suite_core", "suite_comm", "suite_cp", "suite_safety", "suite_alignment")
+    for suite in (
+        "suite_core",
+        "suite_comm",
+        "suite_cp",
+        "suite_safety",
+        "suite_alignment",
+        "suite_engine",
+        "suite_transport",
+    )
     for world_size in (2, 4)
 ]
 

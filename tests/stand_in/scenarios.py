@@ -133,7 +133,7 @@ def scenario(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def stats() -> dict[str, Any]:
-    return dict(_native.stats())
+    return _native.stats().as_dict()
 
 
 def expect_clean(si: StandIn) -> None:
@@ -273,8 +273,8 @@ def plugs_and_table() -> None:
     check(len(set(ptrs)) == 3, f"duplicate pointers {ptrs}")
     s = stats()
     check(s["segments"] == 3 and s["bytes"] == sum(sizes), f"{s}")
-    listed = [(p, size, dev, windows) for p, size, dev, windows in s["segment_list"]]
-    check(listed == [(p, size, 0, 0) for p, size in zip(ptrs, sizes)], f"segment_list {listed}")
+    listed = [_native.segment_of(p, 1) for p in ptrs]
+    check(listed == [(p, size, 0) for p, size in zip(ptrs, sizes)], f"segments {listed}")
     check(list(_native.pending_sizes(COMM_A)) == sizes, "pending not in allocation order")
 
     check(_native.register_pending(COMM_A) == 3, "register_pending count")
@@ -311,7 +311,7 @@ def plugs_and_table() -> None:
     check(_native.register_pending(COMM_B) == 4, "B registers the whole pool")
     check(_native.register_pending(COMM_A) == 1, "A registers only the new segment")
     check(si.get("live_windows") == 8, f"{si.counters()}")
-    check(all(w == 2 for *_, w in stats()["segment_list"]), f"{stats()['segment_list']}")
+    check(all(len(w) == 2 for *_, w in _native.segments()), f"{_native.segments()}")
     for p, size in zip(ptrs, sizes):
         check(_native.is_registered(p, size, COMM_A) and _native.is_registered(p, size, COMM_B), "")
 
@@ -474,7 +474,7 @@ def null_window_then_retry() -> None:
     check(not any(_native.is_registered(p, 1, COMM_A) for p in ptrs), "NULL window recorded")
     s = stats()
     check(s["windows_registered"] == 0, f"{s}")
-    check(all(w == 0 for *_, w in s["segment_list"]), f"{s['segment_list']}")
+    check(all(not w for *_, w in _native.segments()), f"{_native.segments()}")
     check(s["communicators"][COMM_A]["pending_segments"] == 2, f"{s}")
     check(si.get("live_windows") == 0, f"{si.counters()}")
 
@@ -549,15 +549,9 @@ def release_comm_failure_keeps_segment_safe() -> None:
 @scenario
 def null_communicator() -> None:
     _native.load_nccl([])
-    for fn, name in (
-        (_native.comm_size, "ncclCommCount"),
-        (_native.comm_rank, "ncclCommUserRank"),
-        (_native.comm_device, "ncclCommCuDevice"),
-    ):
-        contains_all(raises(ValueError, fn, 0), name, "NULL")
+    contains_all(raises(ValueError, _native.comm_info, 0), "ncclCommCount", "NULL")
     contains_all(raises(ValueError, _native.register_pending, 0), "NULL")
-    check(_native.comm_size(COMM_A) == 2, "ncclCommCount of the stand-in")
-    check(_native.comm_rank(COMM_A) == 0 and _native.comm_device(COMM_A) == 0, "")
+    check(_native.comm_info(COMM_A) == (2, 0, 0), "size, rank and device of the stand-in")
     check(COMM_A not in stats()["communicators"], "queries must not register a communicator")
 
 
@@ -617,12 +611,11 @@ def stress(threads: str = "8", iterations: str = "200") -> None:
 
     def sampler() -> None:
         while not workers_done.is_set():
-            s = stats()  # one consistent snapshot: taken under the table lock
-            per_segment = [w for *_, w in s["segment_list"]]
-            check(all(w <= len(all_comms) for w in per_segment), f"{per_segment}")
-            per_comm = sum(c["windows"] for c in s["communicators"].values())
-            # A window per (segment, communicator) at most: duplicates would make these differ.
-            check(sum(per_segment) == per_comm, f"duplicate windows: {s}")
+            listing = _native.segments()  # one consistent snapshot, under the table lock
+            for ptr, _, _, comms in listing:
+                # A window per (segment, communicator) at most.
+                check(len(set(comms)) == len(comms), f"duplicate windows on {ptr:#x}: {comms}")
+                check(set(comms) <= set(all_comms), f"unknown communicator on {ptr:#x}")
             samples[0] += 1
 
     pool = [threading.Thread(target=guarded(lambda i=i: worker(i))) for i in range(n_threads)]

@@ -1,13 +1,30 @@
-//! `Result`-returning wrappers over the raw symbols. Pointers that cross into NCCL are plain
-//! addresses (`usize`) at this layer: they come from Python or from our own table, and NCCL, not
-//! Rust, owns what they point to.
+//! `Result`-returning wrappers over the raw symbols. Addresses cross this layer as the typed
+//! handles of `crate::handles`; this is the one place they become the raw pointers of `nccl.h`.
 
+use std::cell::Cell;
 use std::ffi::{c_int, c_void, CStr};
+use std::time::{Duration, Instant};
 
 use super::library::Nccl;
 use super::sys::{self, NcclComm, NcclUniqueId};
 use super::version::NcclVersion;
+use crate::collective::{Collective, CollectiveKind};
 use crate::error::{Error, Result};
+use crate::handles::{CommPtr, DevicePtr, WindowHandle};
+
+/// How long symm_rs waits for a non-blocking communicator to finish one of its calls.
+const IN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(120);
+
+thread_local! {
+    // ncclGroupStart/End nest per thread; inside a group NCCL defers work (and writes a
+    // window handle only at the outermost end), so calls that need the result now refuse.
+    static GROUP_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether this thread is inside `group_start` / `group_end` made through symm_rs.
+pub fn in_group() -> bool {
+    GROUP_DEPTH.with(|depth| depth.get() > 0)
+}
 
 /// Human names for `ncclResult_t`, so an error says what kind of failure it was.
 pub fn result_name(code: c_int) -> &'static str {
@@ -24,39 +41,8 @@ pub fn result_name(code: c_int) -> &'static str {
     }
 }
 
-/// The arguments of one collective, checked by the caller (the Communicator) beforehand.
-#[derive(Debug, Clone, Copy)]
-pub struct Collective {
-    pub send: usize,
-    pub recv: usize,
-    pub count: usize,
-    pub dtype: c_int,
-    pub comm: usize,
-    pub stream: usize,
-}
-
-impl Collective {
-    pub fn new(
-        send: usize,
-        recv: usize,
-        count: usize,
-        dtype: c_int,
-        comm: usize,
-        stream: usize,
-    ) -> Self {
-        Self {
-            send,
-            recv,
-            count,
-            dtype,
-            comm,
-            stream,
-        }
-    }
-}
-
 impl Nccl {
-    fn check(&self, call: &'static str, code: c_int, comm: Option<usize>) -> Result<()> {
+    fn check(&self, call: &'static str, code: c_int, comm: Option<CommPtr>) -> Result<()> {
         if code == sys::NCCL_SUCCESS {
             return Ok(());
         }
@@ -65,7 +51,7 @@ impl Nccl {
         if let Some(last_error) = self.symbols.get_last_error {
             // NCCL keeps the last error per thread and accepts NULL for calls with no
             // communicator (ncclMemAlloc); the text is where it explains *why* (e.g. OOM).
-            let comm = comm.unwrap_or(0) as NcclComm;
+            let comm = comm.map_or(std::ptr::null_mut(), raw_comm);
             // SAFETY: comm is the communicator the failed call used, or NULL; NCCL returns a
             // string it owns.
             let detail = cstr_or_empty(unsafe { last_error(comm) });
@@ -139,7 +125,7 @@ impl Nccl {
     }
 
     /// `ncclMemAlloc` on the current device. Never returns a pointer NCCL did not vouch for.
-    pub fn mem_alloc(&self, size: usize) -> Result<usize> {
+    pub fn mem_alloc(&self, size: usize) -> Result<DevicePtr> {
         let alloc = self.need(
             self.symbols.mem_alloc,
             "ncclMemAlloc",
@@ -158,14 +144,14 @@ impl Nccl {
                 message: format!("reported success for {size} bytes but returned NULL"),
             });
         }
-        Ok(ptr as usize)
+        Ok(DevicePtr::new(ptr as usize))
     }
 
     /// `ncclMemFree`.
     ///
     /// # Safety
     /// `ptr` must come from `ncclMemAlloc` of this library and not have been freed.
-    pub unsafe fn mem_free(&self, ptr: usize) -> Result<()> {
+    pub unsafe fn mem_free(&self, ptr: DevicePtr) -> Result<()> {
         let free = self.need(
             self.symbols.mem_free,
             "ncclMemFree",
@@ -173,69 +159,128 @@ impl Nccl {
             NcclVersion::MEM_ALLOC_TEXT,
         )?;
         // SAFETY: the caller guarantees `ptr` is a live ncclMemAlloc allocation.
-        let code = unsafe { free(ptr as *mut c_void) };
+        let code = unsafe { free(ptr.addr() as *mut c_void) };
         self.check("ncclMemFree", code, None)
     }
 
-    /// Registers `[ptr, ptr + size)` as a symmetric window. Returns the raw handle, which is 0
-    /// when NCCL has symmetric support switched off: the caller decides that is an error.
+    /// Registers `[ptr, ptr + size)` as a symmetric window. `None` when NCCL handed back a NULL
+    /// window (symmetric support switched off): the caller decides that is an error. Refused
+    /// inside `group_start`/`group_end`, where NCCL would write the handle only at the group's
+    /// end; a non-blocking communicator is waited for.
     ///
     /// # Safety
     /// `comm` must be a live communicator of this library; collective over its ranks.
-    pub unsafe fn window_register(&self, comm: usize, ptr: usize, size: usize) -> Result<usize> {
+    pub unsafe fn window_register(
+        &self,
+        comm: CommPtr,
+        ptr: DevicePtr,
+        size: usize,
+    ) -> Result<Option<WindowHandle>> {
         let (register, _) = self.window_fns()?;
-        let mut window: sys::NcclWindow = std::ptr::null_mut();
-        // SAFETY: the caller guarantees `comm` is live; NCCL validates the buffer itself.
+        if in_group() {
+            return Err(Error::Usage(
+                "cannot register symmetric windows inside symm_rs.nccl_group(): NCCL writes the \
+                 window only when the group ends; leave the group first"
+                    .to_owned(),
+            ));
+        }
+        // NCCL may write the handle after this call returns (a group opened by another
+        // library, a non-blocking communicator), so the slot lives on the heap and is only
+        // freed once NCCL has certainly written it.
+        let slot: *mut sys::NcclWindow = Box::into_raw(Box::new(std::ptr::null_mut()));
+        // SAFETY: the caller guarantees `comm` is live; `slot` is a valid, heap-allocated
+        // out-pointer that outlives every write NCCL may make to it (see below).
         let code = unsafe {
             register(
-                comm as NcclComm,
-                ptr as *mut c_void,
+                raw_comm(comm),
+                ptr.addr() as *mut c_void,
                 size,
-                &mut window,
+                slot,
                 sys::NCCL_WIN_COLL_SYMMETRIC,
             )
         };
-        self.check("ncclCommWindowRegister", code, Some(comm))?;
-        Ok(window as usize)
+        let outcome = match code {
+            sys::NCCL_IN_PROGRESS => self.wait_for(comm, "ncclCommWindowRegister"),
+            code => self.check("ncclCommWindowRegister", code, Some(comm)),
+        };
+        // On failure the slot is left allocated: a call that timed out may still complete.
+        outcome?;
+        // SAFETY: `slot` came from Box::into_raw above and NCCL has finished with it.
+        let window = unsafe { *slot };
+        if window.is_null() {
+            // Inside a group another library opened, NCCL writes the handle at that group's
+            // end: the slot is deliberately leaked (one pointer) rather than freed under it.
+            return Ok(None);
+        }
+        // SAFETY: as above; reclaimed exactly once.
+        drop(unsafe { Box::from_raw(slot) });
+        Ok(Some(WindowHandle::new(window as usize)))
     }
 
     /// # Safety
     /// `comm` must be live and `window` a handle it returned that has not been deregistered.
-    pub unsafe fn window_deregister(&self, comm: usize, window: usize) -> Result<()> {
+    pub unsafe fn window_deregister(&self, comm: CommPtr, window: WindowHandle) -> Result<()> {
         let (_, deregister) = self.window_fns()?;
         // SAFETY: guaranteed by the caller.
-        let code = unsafe { deregister(comm as NcclComm, window as sys::NcclWindow) };
-        self.check("ncclCommWindowDeregister", code, Some(comm))
+        let code = unsafe { deregister(raw_comm(comm), window.addr() as sys::NcclWindow) };
+        match code {
+            sys::NCCL_IN_PROGRESS => self.wait_for(comm, "ncclCommWindowDeregister"),
+            code => self.check("ncclCommWindowDeregister", code, Some(comm)),
+        }
+    }
+
+    /// Polls a non-blocking communicator until the call that returned `ncclInProgress` ends.
+    fn wait_for(&self, comm: CommPtr, call: &'static str) -> Result<()> {
+        let get = self.basic(self.symbols.comm_get_async_error, "ncclCommGetAsyncError")?;
+        let deadline = Instant::now() + IN_PROGRESS_TIMEOUT;
+        loop {
+            let mut state = sys::NCCL_IN_PROGRESS;
+            // SAFETY: `comm` is live (the caller's guarantee for the call being waited for);
+            // NCCL writes one result code we own.
+            let code = unsafe { get(raw_comm(comm), &mut state) };
+            self.check("ncclCommGetAsyncError", code, Some(comm))?;
+            if state != sys::NCCL_IN_PROGRESS {
+                return self.check(call, state, Some(comm));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    call,
+                    seconds: IN_PROGRESS_TIMEOUT.as_secs_f64(),
+                    what: format!("communicator {comm} is still in progress"),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     fn comm_query(
         &self,
         f: Option<sys::CommIntQueryFn>,
         name: &'static str,
-        comm: usize,
+        comm: CommPtr,
     ) -> Result<i32> {
         let f = self.basic(f, name)?;
         ensure_communicator_readable(comm, name)?;
         let mut value: c_int = -1;
-        // SAFETY: `comm` is non-NULL and the caller vouches it is live (see `Communicator`
-        // and the group resolution in Python); NCCL writes one int we own.
-        let code = unsafe { f(comm as NcclComm, &mut value) };
+        // SAFETY: `comm` is readable memory and the caller vouches it is live (a
+        // `Communicator`, or a group the Python layer resolved); NCCL writes one int we own.
+        let code = unsafe { f(raw_comm(comm), &mut value) };
         self.check(name, code, Some(comm))?;
         Ok(value)
     }
 
     /// The CUDA device a communicator runs on.
-    pub fn comm_device(&self, comm: usize) -> Result<i32> {
+    pub fn comm_device(&self, comm: CommPtr) -> Result<i32> {
         self.comm_query(self.symbols.comm_cu_device, "ncclCommCuDevice", comm)
     }
 
     /// How many ranks a communicator has.
-    pub fn comm_count(&self, comm: usize) -> Result<i32> {
+    pub fn comm_count(&self, comm: CommPtr) -> Result<i32> {
         self.comm_query(self.symbols.comm_count, "ncclCommCount", comm)
     }
 
     /// This process's rank in a communicator.
-    pub fn comm_user_rank(&self, comm: usize) -> Result<i32> {
+    pub fn comm_user_rank(&self, comm: CommPtr) -> Result<i32> {
         self.comm_query(self.symbols.comm_user_rank, "ncclCommUserRank", comm)
     }
 
@@ -251,106 +296,100 @@ impl Nccl {
     }
 
     /// Creates a communicator on the current device. Collective over `nranks` processes.
-    pub fn comm_init_rank(&self, nranks: i32, id: NcclUniqueId, rank: i32) -> Result<usize> {
+    pub fn comm_init_rank(&self, nranks: i32, id: NcclUniqueId, rank: i32) -> Result<CommPtr> {
         let f = self.basic(self.symbols.comm_init_rank, "ncclCommInitRank")?;
         let mut comm: NcclComm = std::ptr::null_mut();
         // SAFETY: NCCL writes the new communicator through a pointer we own.
         let code = unsafe { f(&mut comm, nranks, id, rank) };
         self.check("ncclCommInitRank", code, None)?;
         if comm.is_null() {
-            return Err(Error::invalid_argument(
-                "ncclCommInitRank reported success but returned a NULL communicator",
-            ));
+            return Err(Error::Nccl {
+                call: "ncclCommInitRank",
+                code,
+                code_name: result_name(code),
+                message: "reported success but returned a NULL communicator".to_owned(),
+            });
         }
-        Ok(comm as usize)
+        Ok(CommPtr::new(comm as usize))
     }
 
     /// # Safety
     /// `comm` must be live and never used again.
-    pub unsafe fn comm_destroy(&self, comm: usize) -> Result<()> {
+    pub unsafe fn comm_destroy(&self, comm: CommPtr) -> Result<()> {
         let f = self.basic(self.symbols.comm_destroy, "ncclCommDestroy")?;
         // SAFETY: guaranteed by the caller.
-        let code = unsafe { f(comm as NcclComm) };
+        let code = unsafe { f(raw_comm(comm)) };
         self.check("ncclCommDestroy", code, None)
     }
 
+    /// Enqueues one collective on its stream.
+    ///
     /// # Safety
-    /// Buffers must be device memory of the communicator's device, large enough for `count`
-    /// elements (send) and `count * nranks` (recv); `comm` and `stream` must be live.
-    pub unsafe fn all_gather(&self, c: Collective) -> Result<()> {
-        let f = self.basic(self.symbols.all_gather, "ncclAllGather")?;
-        // SAFETY: guaranteed by the caller.
-        let code = unsafe {
-            f(
-                c.send as *const c_void,
-                c.recv as *mut c_void,
-                c.count,
-                c.dtype,
-                c.comm as NcclComm,
-                c.stream as sys::CudaStream,
-            )
+    /// `c` must come from `collective::plan` (buffers of the right size, dtype and device) for
+    /// tensors that stay alive until the stream has run it, and `c.comm` and `c.stream` must be
+    /// live.
+    pub unsafe fn launch(&self, c: &Collective) -> Result<()> {
+        let send = c.send.addr() as *const c_void;
+        let recv = c.recv.addr() as *mut c_void;
+        let (comm, stream, dtype) = (
+            raw_comm(c.comm),
+            c.stream.addr() as sys::CudaStream,
+            c.dtype as c_int,
+        );
+        let (call, code) = match c.kind {
+            CollectiveKind::AllGather => {
+                let f = self.basic(self.symbols.all_gather, "ncclAllGather")?;
+                // SAFETY: guaranteed by the caller.
+                ("ncclAllGather", unsafe {
+                    f(send, recv, c.count, dtype, comm, stream)
+                })
+            }
+            CollectiveKind::AllReduce(op) => {
+                let f = self.basic(self.symbols.all_reduce, "ncclAllReduce")?;
+                // SAFETY: guaranteed by the caller.
+                ("ncclAllReduce", unsafe {
+                    f(send, recv, c.count, dtype, op as c_int, comm, stream)
+                })
+            }
+            CollectiveKind::ReduceScatter(op) => {
+                let f = self.basic(self.symbols.reduce_scatter, "ncclReduceScatter")?;
+                // SAFETY: guaranteed by the caller.
+                ("ncclReduceScatter", unsafe {
+                    f(send, recv, c.count, dtype, op as c_int, comm, stream)
+                })
+            }
         };
-        self.check("ncclAllGather", code, Some(c.comm))
-    }
-
-    /// # Safety
-    /// As `all_gather`, with `count` elements in both buffers.
-    pub unsafe fn all_reduce(&self, c: Collective, op: c_int) -> Result<()> {
-        let f = self.basic(self.symbols.all_reduce, "ncclAllReduce")?;
-        // SAFETY: guaranteed by the caller.
-        let code = unsafe {
-            f(
-                c.send as *const c_void,
-                c.recv as *mut c_void,
-                c.count,
-                c.dtype,
-                op,
-                c.comm as NcclComm,
-                c.stream as sys::CudaStream,
-            )
-        };
-        self.check("ncclAllReduce", code, Some(c.comm))
-    }
-
-    /// # Safety
-    /// As `all_gather`, with `count` elements received and `count * nranks` sent.
-    pub unsafe fn reduce_scatter(&self, c: Collective, op: c_int) -> Result<()> {
-        let f = self.basic(self.symbols.reduce_scatter, "ncclReduceScatter")?;
-        // SAFETY: guaranteed by the caller.
-        let code = unsafe {
-            f(
-                c.send as *const c_void,
-                c.recv as *mut c_void,
-                c.count,
-                c.dtype,
-                op,
-                c.comm as NcclComm,
-                c.stream as sys::CudaStream,
-            )
-        };
-        self.check("ncclReduceScatter", code, Some(c.comm))
+        self.check(call, code, Some(c.comm))
     }
 
     pub fn group_start(&self) -> Result<()> {
         let f = self.basic(self.symbols.group_start, "ncclGroupStart")?;
         // SAFETY: takes no arguments; only changes NCCL's thread-local group depth.
         let code = unsafe { f() };
-        self.check("ncclGroupStart", code, None)
+        self.check("ncclGroupStart", code, None)?;
+        GROUP_DEPTH.with(|depth| depth.set(depth.get() + 1));
+        Ok(())
     }
 
     pub fn group_end(&self) -> Result<()> {
         let f = self.basic(self.symbols.group_end, "ncclGroupEnd")?;
+        // NCCL leaves the group even when launching what it queued fails.
+        GROUP_DEPTH.with(|depth| depth.set(depth.get().saturating_sub(1)));
         // SAFETY: takes no arguments; launches what was queued since ncclGroupStart.
         let code = unsafe { f() };
         self.check("ncclGroupEnd", code, None)
     }
 }
 
+fn raw_comm(comm: CommPtr) -> NcclComm {
+    comm.addr() as NcclComm
+}
+
 /// A communicator address from Python is just an int. NCCL checks a magic number at its start,
 /// but reading an unmapped address would crash the process first; copying those bytes through
 /// the kernel turns that crash into an error.
-fn ensure_communicator_readable(comm: usize, call: &'static str) -> Result<()> {
-    if comm == 0 {
+fn ensure_communicator_readable(comm: CommPtr, call: &'static str) -> Result<()> {
+    if comm.is_null() {
         return Err(Error::invalid_argument(format!(
             "{call}: the communicator is NULL (0); pass a live ncclComm_t"
         )));
@@ -361,7 +400,7 @@ fn ensure_communicator_readable(comm: usize, call: &'static str) -> Result<()> {
         iov_len: probe.len(),
     };
     let remote = libc::iovec {
-        iov_base: comm as *mut c_void,
+        iov_base: comm.addr() as *mut c_void,
         iov_len: probe.len(),
     };
     // SAFETY: reads 8 bytes of our own address space into a local buffer; the kernel reports
@@ -369,7 +408,7 @@ fn ensure_communicator_readable(comm: usize, call: &'static str) -> Result<()> {
     let copied = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
     if copied != probe.len() as isize {
         return Err(Error::invalid_argument(format!(
-            "{call}: {comm:#x} is not a live ncclComm_t (that address is not readable memory)"
+            "{call}: {comm} is not a live ncclComm_t (that address is not readable memory)"
         )));
     }
     Ok(())

@@ -110,6 +110,7 @@ impl Nccl {
             reduce_scatter: optional(&library, b"ncclReduceScatter\0"),
             group_start: optional(&library, b"ncclGroupStart\0"),
             group_end: optional(&library, b"ncclGroupEnd\0"),
+            comm_get_async_error: optional(&library, b"ncclCommGetAsyncError\0"),
         };
         let mut code: c_int = 0;
         // SAFETY: ncclGetVersion only writes one int through the pointer we own.

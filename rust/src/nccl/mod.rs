@@ -6,6 +6,6 @@ pub mod library;
 pub mod sys;
 pub mod version;
 
-pub use api::{result_name, Collective};
+pub use api::{in_group, result_name};
 pub use library::{get, load, loaded, Nccl, Origin, LIBRARY_ENV};
 pub use version::NcclVersion;

@@ -57,6 +57,7 @@ pub type ReduceFn = unsafe extern "C" fn(
     CudaStream,
 ) -> NcclResult;
 pub type GroupFn = unsafe extern "C" fn() -> NcclResult;
+pub type CommGetAsyncErrorFn = unsafe extern "C" fn(NcclComm, *mut NcclResult) -> NcclResult;
 
 /// Every symbol symm_rs may use. `ncclGetVersion` and `ncclGetErrorString` exist in every NCCL
 /// and are required at load time; the rest are resolved as optional so that an old library can
@@ -80,4 +81,5 @@ pub struct Symbols {
     pub reduce_scatter: Option<ReduceFn>,
     pub group_start: Option<GroupFn>,
     pub group_end: Option<GroupFn>,
+    pub comm_get_async_error: Option<CommGetAsyncErrorFn>,
 }

@@ -1,0 +1,129 @@
+"""python -m symm_rs bench: symmetric memory against its baselines, on 2 or more GPUs.
+
+One process per GPU; every section compares with its baseline in the same processes. Sizes are
+bytes per rank (all-gather input, all-reduce buffer, reduce-scatter output) of bf16 zeros.
+
+* registration, first, on an empty pool: the first window on a communicator (20 MiB), 16 new
+  segments registered at one context exit, symm_rs.reserve(1 GiB); last, destroy_pool().
+* collectives: all-gather, all-reduce and reduce-scatter through torch.distributed on
+  caching-allocator buffers (plain) and symmetric windows (symm). Eager: N back-to-back calls
+  between CUDA events; graph: R replays of a CUDA graph of K calls. Before each repetition the
+  GPUs are idle and the ranks meet; N, K and R fit a time budget, equal on every rank. A rank's
+  latency is its median over repetitions; the run reports the maximum over ranks.
+* communicator: symm_rs.Communicator against torch.distributed on the same symmetric buffers
+  (1 KiB to 1 MiB, eager): GPU time, host time to issue, and wall time per call.
+* context: use_symmetric_memory enter+exit with nothing new, against torch.cuda.use_mem_pool
+  and the raw begin/end/release calls.
+* coldstart: fresh interpreters: import torch, import symm_rs, the first symmetric allocation
+  and the first registration.
+
+Writes <out>/bench_<N>gpu<tag>.json and .png and prints the Markdown table. A section failing on
+every rank is recorded; one failing on some ranks only stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+import symm_rs
+from symm_rs.bench.coldstart import run_coldstart
+from symm_rs.bench.config import (
+    add_arguments,
+    config_from_args,
+    format_bytes,
+    output_stem,
+    parse_env,
+)
+from symm_rs.bench.merge import merge_results
+from symm_rs.bench.report import plot_results, render_markdown
+from symm_rs.bench.sections import bench_rank
+from symm_rs.launch import run_ranks
+
+__all__ = ["add_arguments", "run"]
+OTHER_ENV = ("TORCH_NCCL_", "SYMM_RS_", "TORCH_SYMM_MEM_", "NVSHMEM_", "CUDA_VISIBLE_DEVICES")
+
+
+def visible_gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_info(world: int) -> dict[str, Any]:
+    """Machine, versions and environment (the ranks inherit this process's environment)."""
+    gpu, nccl = torch.cuda.get_device_name(0), symm_rs.library_info()
+    environ = sorted(os.environ.items())
+    return {
+        "machine": {"gpu": gpu, "gpu_count": visible_gpu_count(), "gpus_used": world},
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, nccl["version"])),
+            "nccl_path": nccl["path"],
+            "symm_rs": symm_rs.__version__,
+            "python": platform.python_version(),
+        },
+        "env": {k: v for k, v in environ if k.startswith("NCCL_")},
+        "other_env": {k: v for k, v in environ if k.startswith(OTHER_ENV)},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m symm_rs bench``: returns 0, 1 (errors, recorded in the JSON) or 2 (usage)."""
+    try:
+        cfg, env_set = config_from_args(args), parse_env(args.env)
+        output_stem(2, args.tag)  # checks the tag
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    os.environ.update(env_set)  # before anything starts CUDA or NCCL: the ranks inherit it
+    visible = visible_gpu_count()
+    world = visible if args.world_size is None else args.world_size
+    if not 2 <= world <= visible:
+        print(f"bench needs 2 or more GPUs: {world} asked for, {visible} visible", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    started, now = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
+    sizes = ", ".join(map(format_bytes, cfg.sizes))
+    print(f"symm_rs bench: {world} GPUs, {sizes}; {', '.join(cfg.sections)}", flush=True)
+    sections: dict[str, dict[int, Any]] = {}
+    errors: dict[int, str] = {}
+    if set(cfg.sections) - {"coldstart"}:
+        outcomes = run_ranks(bench_rank, world, args=(cfg,), timeout=args.timeout, grace=15.0)
+        for rank, (ok, value) in enumerate(outcomes):
+            if not ok or "error" in value:
+                errors[rank] = value["error"] if ok else value
+            for name, data in (value["sections"] if ok else {}).items():
+                sections.setdefault(name, {})[rank] = data
+    if "coldstart" in cfg.sections:
+        print("[coldstart] fresh processes", flush=True)
+        sections["coldstart"] = run_coldstart(world, min(args.timeout, 180.0))
+    result = merge_results(
+        world_size=world,
+        sections=sections,
+        rank_errors=errors,
+        timestamp=now.isoformat(),
+        **run_info(world),
+        env_set=env_set,
+        config={**asdict(cfg), "timeout_s": args.timeout},
+        method=__doc__,
+        elapsed_s=round(time.perf_counter() - started, 3),
+    )
+    stem = os.path.join(args.out, output_stem(world, args.tag))
+    with open(stem + ".json", "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {stem}.json", flush=True)
+    if not args.no_plot:
+        print(plot_results(result, stem + ".png") or f"wrote {stem}.png", flush=True)
+    print("\n" + render_markdown(result), flush=True)
+    for error in result["errors"]:
+        print(f"error: {error.strip()[:2000]}", file=sys.stderr)
+    return 1 if result["errors"] else 0

@@ -1,0 +1,230 @@
+"""The sections one rank runs, in a process per GPU (``bench_rank``); coldstart.py runs apart."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+import symm_rs
+from symm_rs.bench.config import BUFFERS, MODES, OPS, BenchConfig, MiB, format_bytes
+from symm_rs.bench.timing import BenchAbort, Rank, time_eager, time_graph, time_host
+from symm_rs.launch import init_nccl
+
+# Each >= 10 MiB and a multiple of 2 MiB, so the caching allocator gives every tensor a segment
+# of its own (smaller requests share 20 MiB segments) while the earlier ones are alive.
+REGISTRATION_SEGMENT_MIB = (12, 16, 24, 32, 48, 64)
+
+
+def allocate(r: Rank, nbytes: int, *owners: Any) -> tuple[Any, Any]:
+    """``(small, big)``: bf16 zeros of ``nbytes`` and ``world * nbytes``; with ``owners``,
+    allocated in ``use_symmetric_memory(owners[0])`` and registered with every owner."""
+    n = nbytes // 2
+    if not owners:
+        small = torch.zeros(n, dtype=torch.bfloat16, device=r.device)
+        return small, torch.zeros(n * r.world, dtype=torch.bfloat16, device=r.device)
+    with symm_rs.use_symmetric_memory(owners[0]):
+        small = torch.empty(n, dtype=torch.bfloat16, device=r.device)
+        big = torch.empty(n * r.world, dtype=torch.bfloat16, device=r.device)
+    for owner in owners[1:]:  # registration is per communicator
+        with symm_rs.use_symmetric_memory(owner):
+            pass
+    for t in (small, big):
+        t.zero_()
+    if not all(symm_rs.is_symmetric(t, o) for t in (small, big) for o in owners):
+        raise RuntimeError("buffers allocated inside use_symmetric_memory are not symmetric")
+    torch.cuda.synchronize()
+    return small, big
+
+
+def collective(op: str, small: Any, big: Any, group: Any, comm: Any = None) -> Callable[[], Any]:
+    """The call to time (zeros stay zeros, so repeated sums cannot overflow): through
+    ``torch.distributed`` on ``group``, or through the ``symm_rs.Communicator`` ``comm``."""
+    kw = {} if comm is not None else {"group": group}
+    call = {
+        "all_gather": ("all_gather_into_tensor", big, small),
+        "all_reduce": ("all_reduce", small),
+        "reduce_scatter": ("reduce_scatter_tensor", small, big),
+    }[op]
+    return functools.partial(getattr(dist if comm is None else comm, call[0]), *call[1:], **kw)
+
+
+def collectives(r: Rank) -> dict[str, Any]:
+    """torch.distributed on caching-allocator (``plain``) and symmetric (``symm``) buffers."""
+    rows = []
+    for nbytes in r.cfg.sizes:
+        pairs = {"plain": allocate(r, nbytes), "symm": allocate(r, nbytes, r.group)}
+        estimate_s: dict[str, float] = {}  # the eager median plans the graph measurement
+        for op in OPS:
+            for mode in MODES:
+                for kind in BUFFERS:
+                    fn = collective(op, *pairs[kind], r.group)
+                    if mode == "eager":
+                        row = time_eager(r, fn)
+                        estimate_s[kind] = row.pop("estimate_s")
+                    else:
+                        row = time_graph(r, fn, estimate_s[kind])
+                    rows.append({"op": op, "bytes": nbytes, "mode": mode, "buffers": kind, **row})
+                    label = f"{op} {format_bytes(nbytes)} {kind} {mode}"
+                    r.log(f"[collectives] {label}: {row['median_us']:.1f} us (rank 0)")
+        del pairs, fn
+    return {"rows": rows}
+
+
+def communicator(r: Rank) -> dict[str, Any]:
+    """``symm_rs.Communicator`` against torch.distributed, eager, on the same buffers (the sizes
+    up to 1 MiB, and 1 MiB), registered with both communicators."""
+    sizes = sorted({s for s in r.cfg.sizes if s <= MiB} | {MiB})
+    comm = symm_rs.Communicator.from_process_group(r.group, device=r.rank)
+    rows = []
+    for nbytes in sizes:
+        small, big = allocate(r, nbytes, comm, r.group)
+        for op in ("all_gather", "all_reduce"):
+            for path, via in (("symm_rs", comm), ("torch", None)):
+                row = time_host(r, collective(op, small, big, r.group, via))
+                rows.append({"op": op, "bytes": nbytes, "path": path, **row})
+                label = f"{op} {format_bytes(nbytes)} {path}"
+                r.log(f"[communicator] {label}: wall {row['wall_us']:.1f} us (rank 0)")
+        del small, big
+    torch.cuda.synchronize()
+    comm.close()
+    return {"rows": rows}
+
+
+def _loop(n: int, context: Callable[[Any], Any], arg: Any) -> int:
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        with context(arg):
+            pass
+    return time.perf_counter_ns() - t0
+
+
+def _loop_raw(n: int, pool: Any) -> int:
+    c, device, pool_id = torch._C, torch.cuda.current_device(), pool.id
+    begin, end = c._cuda_beginAllocateCurrentThreadToPool, c._cuda_endAllocateToPool
+    release = c._cuda_releasePool
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        begin(device, pool_id)
+        end(device, pool_id)
+        release(device, pool_id)
+    return time.perf_counter_ns() - t0
+
+
+def context(r: Rank) -> dict[str, Any]:
+    """One ``use_symmetric_memory`` enter+exit with nothing to register, against torch's
+    ``use_mem_pool`` and the raw begin/end/release calls: 20 batches on the host clock."""
+    symm_rs.register(r.group)  # collective; afterwards nothing is pending on any rank
+    batch, pool = max(1, r.cfg.context_iters // 20), torch.cuda.MemPool()
+    out: dict[str, Any] = {"iterations_per_batch": batch, "batches": 20}
+    variants: list[tuple[str, Callable[..., int], tuple[Any, ...]]] = [
+        ("symm_rs.use_symmetric_memory", _loop, (symm_rs.use_symmetric_memory, r.group)),
+        ("torch.cuda.use_mem_pool", _loop, (torch.cuda.use_mem_pool, pool)),
+        ("raw begin/end/release", _loop_raw, (pool,)),
+    ]
+    for name, loop, args in variants:
+        loop(batch, *args)  # warm-up
+        us = [loop(batch, *args) / batch / 1e3 for _ in range(20)]
+        out[name] = {"mean_us": statistics.mean(us), "median_batch_us": statistics.median(us)}
+        out[name]["min_batch_us"] = min(us)
+        r.log(f"[context] {name}: {out[name]['median_batch_us']:.2f} us (rank 0)")
+    return out
+
+
+def _timed_exit(r: Rank, sizes: list[int], keep: list[Any]) -> dict[str, Any]:
+    """Allocates ``sizes`` (kept alive in ``keep``) in one ``use_symmetric_memory``; times the
+    allocation and the exit, where the new segments are registered (collective)."""
+    windows = symm_rs.stats()["windows_registered"]
+    r.barrier()
+    t0 = time.perf_counter()
+    with symm_rs.use_symmetric_memory(r.group):
+        keep += [torch.empty(n // 2, dtype=torch.bfloat16, device=r.device) for n in sizes]
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        r.barrier()  # start the clock with every rank there
+        t2 = time.perf_counter()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t2) * 1e3
+    windows = symm_rs.stats()["windows_registered"] - windows
+    return {
+        "alloc_ms": (t1 - t0) * 1e3,
+        "register_ms": ms,
+        "windows_registered": windows,
+        "register_ms_per_window": ms / windows if windows else None,
+    }
+
+
+def registration(r: Rank) -> dict[str, Any]:
+    """Run first, on an empty pool: the first window on the communicator (20 MiB), a batch of
+    new segments registered at one exit, then ``symm_rs.reserve(1 GiB)``."""
+    keep: list[Any] = []
+    batch = [REGISTRATION_SEGMENT_MIB[i % 6] * MiB for i in range(r.cfg.registration_segments)]
+    out = {"first": _timed_exit(r, [20 * MiB], keep), "batch": _timed_exit(r, batch, keep)}
+    r.barrier()
+    t0 = time.perf_counter()
+    segments = symm_rs.reserve(1 << 30, r.group)
+    torch.cuda.synchronize()
+    out["reserve"] = {
+        "nbytes": 1 << 30,
+        "ms": (time.perf_counter() - t0) * 1e3,
+        "segments_created": segments,
+    }
+    for name, data in out.items():
+        r.log(f"[registration] {name}: {data.get('register_ms', data.get('ms')):.1f} ms (rank 0)")
+    return out
+
+
+def destroy_pool(r: Rank) -> dict[str, Any]:
+    """``symm_rs.destroy_pool()`` at the very end: deregisters every window, then frees."""
+    for _ in range(100):  # torch's NCCL watchdog may hold the last tensors for a moment
+        gc.collect()
+        if not symm_rs.pool_usage()["in_use_bytes"]:
+            break
+        time.sleep(0.1)
+    windows = symm_rs.stats()["windows_deregistered"]
+    r.barrier()
+    t0 = time.perf_counter()
+    freed = symm_rs.destroy_pool()  # raises while pool tensors are alive
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3
+    windows = symm_rs.stats()["windows_deregistered"] - windows
+    r.log(f"[registration] destroy_pool: {ms:.1f} ms, {windows} window(s) (rank 0)")
+    return {
+        "ms": ms,
+        "segments_freed": freed,
+        "windows_deregistered": windows,
+        "ms_per_window": ms / windows if windows else None,
+    }
+
+
+def bench_rank(rank: int, world: int, cfg: BenchConfig) -> dict[str, Any]:
+    """One GPU's run, for ``symm_rs.launch.run_ranks``: ``{"sections": {name: data}}``, with
+    ``"error"`` when the run stopped early (the sections finished before are kept)."""
+    started = time.perf_counter()
+    r = Rank(rank, world, init_nccl(rank, world, timeout_s=60.0), cfg)
+    r.log(f"[setup] {world} ranks up in {time.perf_counter() - started:.1f} s")
+    done: dict[str, Any] = {}
+    try:
+        for name, fn in (
+            ("registration", registration),  # first, while the pool is empty
+            ("collectives", collectives),
+            ("communicator", communicator),
+            ("context", context),
+        ):
+            if name in cfg.sections:
+                done[name] = r.section(name, fn)
+        if "registration" in done:
+            done["registration"]["destroy_pool"] = r.section("destroy_pool", destroy_pool)
+    except BenchAbort as e:  # no teardown: the ranks may be stuck in a collective
+        return {"sections": done, "error": f"BenchAbort: {e}"}
+    gc.collect()
+    torch.cuda.synchronize()
+    symm_rs.release(r.group)
+    dist.destroy_process_group()
+    r.log(f"[teardown] done; {time.perf_counter() - started:.1f} s in the rank processes")
+    return {"sections": done}

@@ -1,0 +1,303 @@
+"""The memory pools symm_rs allocates from, and how allocations are routed into them.
+
+Every pool is a ``torch.cuda.MemPool`` on the same ``ncclMemAlloc`` plugs, so every segment is
+in the one segment table and can be registered with any communicator:
+
+* one **shared pool** per device and thread, for allocations made outside CUDA-graph captures
+  (torch routes only one thread at a time into a pool, so each thread that enters a context
+  gets its own; every rank's thread allocates the same sequence, so placement stays symmetric);
+* one **capture pool** per (device, graph pool): allocations made inside a capture into graph
+  pool P come from capture pool S(P), and so do blocks freed during that capture. Eager code
+  never receives a block of S(P) once a capture has used it, so no block a live graph writes is
+  ever handed to code outside that graph's replays. Captures that share P share S(P), as they
+  share P (torch's rule for a shared graph pool). Before its first capture, S(P) also serves
+  the warm-up runs made while P is set (``set_graph_pool``), so that the capture reuses warmed,
+  registered segments and its collectives run NCCL's symmetric kernels.
+
+Routing uses torch's allocator routing (``_cuda_beginAllocateCurrentThreadToPool``): this
+thread's allocations, on every stream, go to the pool. torch >= 2.10 consults the newest route
+first, so a capture's own route is left untouched underneath; older torch consults the oldest
+first, and the capture's route has to be paused (see ``Route``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from symm_rs import _native
+from symm_rs.library import require_windows
+
+log = logging.getLogger("symm_rs")
+
+PoolId = tuple[int, int]
+
+_C: Any = torch._C
+_begin_thread = getattr(_C, "_cuda_beginAllocateCurrentThreadToPool", None)
+_end_route = getattr(_C, "_cuda_endAllocateToPool", None) or getattr(
+    _C, "_cuda_endAllocateCurrentStreamToPool", None
+)
+_release_route = getattr(_C, "_cuda_releasePool", None)
+
+
+def require_routing() -> None:
+    """Raises unless torch has a GPU and the routing functions symm_rs uses."""
+    if not torch.cuda.is_available():
+        raise _native.SymmetricMemoryError(
+            "symmetric memory needs a CUDA GPU, and torch sees none; "
+            "pass disabled=True to run this code path without one"
+        )
+    missing = [
+        name
+        for name, fn in (
+            ("_cuda_beginAllocateCurrentThreadToPool", _begin_thread),
+            ("_cuda_endAllocateToPool", _end_route),
+            ("_cuda_releasePool", _release_route),
+        )
+        if fn is None
+    ]
+    if missing:
+        raise _native.SymmetricMemoryError(
+            f"torch {torch.__version__} lacks {', '.join(missing)}; symm_rs needs torch >= 2.8"
+        )
+
+
+@dataclass
+class CapturePool:
+    """S(P): the symmetric pool of the captures into graph pool P."""
+
+    pool: Any
+    graph_pool: PoolId
+    # Set by the first capture that allocates from it; eager code is never routed here after.
+    sealed: bool = False
+
+
+@dataclass
+class _Pools:
+    allocator: Any = None  # keeps torch's CUDAPluggableAllocator (and our plugs) referenced
+    shared: dict[tuple[int, int], Any] = field(default_factory=dict)
+    capture: dict[tuple[int, PoolId], CapturePool] = field(default_factory=dict)
+    inner_route_wins: dict[int, bool] = field(default_factory=dict)
+
+
+_lock = threading.RLock()
+_pools = _Pools()
+
+
+def _new_pool(device: int) -> Any:
+    if _pools.allocator is None:
+        require_routing()
+        require_windows()
+        _pools.allocator = torch.cuda.memory.CUDAPluggableAllocator(
+            _native.__file__, "symm_rs_alloc", "symm_rs_free"
+        )
+    # A MemPool belongs to the device current when it is made.
+    with torch.cuda.device(device):
+        return torch.cuda.MemPool(_pools.allocator.allocator())
+
+
+def shared_pool(device: Optional[int] = None) -> Any:
+    """This thread's ``torch.cuda.MemPool`` on ``device`` (default: the current one) whose
+    segments come from ``ncclMemAlloc``, for allocations outside CUDA-graph captures."""
+    index = torch.cuda.current_device() if device is None else int(device)
+    key = (index, threading.get_ident())
+    pool = _pools.shared.get(key)
+    if pool is None:
+        with _lock:
+            pool = _pools.shared.get(key)
+            if pool is None:
+                pool = _pools.shared[key] = _new_pool(index)
+                log.info("symmetric pool created on cuda:%d (MemPool id %s)", index, pool.id)
+    return pool
+
+
+def capture_pool(device: int, graph_pool: PoolId) -> CapturePool:
+    """S(``graph_pool``) on ``device``, created on first use and kept until ``destroy_pool``
+    or ``release_graph_pool``: graphs that used it write into its blocks on every replay."""
+    key = (device, graph_pool)
+    found = _pools.capture.get(key)
+    if found is None:
+        with _lock:
+            found = _pools.capture.get(key)
+            if found is None:
+                found = _pools.capture[key] = CapturePool(_new_pool(device), graph_pool)
+                log.info("capture pool for graph pool %s created on cuda:%d", graph_pool, device)
+    return found
+
+
+def inner_route_wins(device: int) -> bool:
+    """Whether torch routes an allocation to the most recently begun pool (torch >= 2.10) or
+    to the first (older torch). Probed once per device with two small private pools; inside a
+    capture, where probing would allocate into the graph, the answer is the safe one."""
+    known = _pools.inner_route_wins.get(device)
+    if known is not None:
+        return known
+    if torch.cuda.is_current_stream_capturing() or not hasattr(torch.cuda.MemPool, "snapshot"):
+        return False
+    outer, inner = torch.cuda.MemPool(), torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(outer, device), torch.cuda.use_mem_pool(inner, device):
+        probe = torch.empty(1, device=torch.device("cuda", device))
+    address = probe.data_ptr()
+    wins = any(
+        int(s["address"]) <= address < int(s["address"]) + int(s["total_size"])
+        for s in inner.snapshot()
+    )
+    del probe, outer, inner
+    _pools.inner_route_wins[device] = wins
+    return wins
+
+
+@dataclass
+class Route:
+    """This thread's allocations on ``device`` routed to ``pool`` until ``end``. When the
+    capture's own route would win over ours (older torch), it is paused and, at ``end``,
+    resumed for this thread (all its streams), as SGLang does."""
+
+    device: int
+    pool: Any
+    paused: Optional[PoolId] = None
+
+    @classmethod
+    def begin(cls, device: int, pool: Any, pause: Optional[PoolId] = None) -> Route:
+        if pause is not None:
+            try:
+                _end_route(device, pause)
+            except RuntimeError as e:
+                raise _native.SymmetricMemoryError(
+                    f"the CUDA-graph capture in progress does not allocate from graph pool "
+                    f"{pause} ({e}); pass the pool the capture uses (torch.cuda.graph(g, "
+                    "pool=p) and symm_rs.set_graph_pool(p))"
+                ) from None
+        _begin_thread(device, pool.id)
+        return cls(device, pool, pause)
+
+    def end(self) -> None:
+        _end_route(self.device, self.pool.id)
+        _release_route(self.device, self.pool.id)
+        if self.paused is not None:
+            _begin_thread(self.device, self.paused)
+            # begin counted one more use of the graph's pool; its graph holds the real one.
+            _release_route(self.device, self.paused)
+
+
+def stats() -> Any:
+    """Segments, bytes, windows per communicator, failure counters and postponed
+    registrations, read from the segment table (no pool snapshot): a ``symm_rs._native.Stats``
+    with one attribute per figure (``.as_dict()`` for logging)."""
+    return _native.stats()
+
+
+def all_pools() -> list[Any]:
+    """Every MemPool symm_rs made (shared and capture pools)."""
+    return [*_pools.shared.values(), *(c.pool for c in _pools.capture.values())]
+
+
+def pool_usage() -> dict[str, int]:
+    """Bytes symm_rs's pools hold and how many of them live tensors use (from torch's pool
+    snapshots: fine for monitoring, too slow for a hot path)."""
+    segments = [s for pool in all_pools() for s in pool.snapshot()]
+    return {
+        "pool_bytes": sum(int(s["total_size"]) for s in segments),
+        "in_use_bytes": sum(int(s["allocated_size"]) for s in segments),
+    }
+
+
+def _live_blocks(pools: list[Any]) -> list[dict[str, Any]]:
+    gc.collect()
+    return [
+        block
+        for pool in pools
+        for segment in pool.snapshot()
+        for block in segment.get("blocks", [])
+        if block.get("state") == "active_allocated"
+    ]
+
+
+def _free(pools: list[Any]) -> int:
+    alive = _live_blocks(pools)
+    if alive:
+        raise _native.SymmetricMemoryError(
+            f"{len(alive)} tensor(s) allocated from symm_rs's pools are still alive "
+            f"({sum(int(b['size']) for b in alive)} bytes); drop them (and any CUDA graph "
+            "captured with them) first"
+        )
+    before = _native.stats().segments_freed
+    del pools[:]
+    gc.collect()
+    torch.cuda.synchronize()
+    return _native.stats().segments_freed - before
+
+
+def destroy_pool() -> int:
+    """Frees every segment of symm_rs's pools, deregistering each window before its memory is
+    released (local to this rank). No tensor allocated from them, and no CUDA graph that
+    captured into them, may still be alive. Returns how many segments were freed.
+
+    Raises:
+        SymmetricMemoryError: tensors from the pools are alive.
+    """
+    with _lock:
+        pools = all_pools()
+        if not pools:
+            return 0
+        if _live_blocks(pools):
+            return _free(pools)  # raises, naming the bytes still alive
+        _pools.shared.clear()
+        _pools.capture.clear()
+        return _free(pools)
+
+
+def release_graph_pool(graph_pool: Any) -> int:
+    """Frees the capture pool of ``graph_pool`` (on every device), once the graphs captured
+    into it are gone. Returns how many segments were freed.
+
+    Raises:
+        SymmetricMemoryError: tensors from that pool are alive.
+    """
+    wanted = pool_id(graph_pool)
+    with _lock:
+        keys = [k for k in _pools.capture if k[1] == wanted]
+        pools = [_pools.capture[k].pool for k in keys]
+        if not pools or _live_blocks(pools):
+            return _free(pools) if pools else 0
+        for k in keys:
+            del _pools.capture[k]
+        return _free(pools)
+
+
+def pool_id(pool: Any) -> PoolId:
+    """A graph pool as torch's id tuple: from ``graph_pool_handle()``, a ``MemPool``, or a
+    ``CUDAGraph`` (its ``pool()``).
+
+    Raises:
+        TypeError: none of those.
+    """
+    if isinstance(pool, torch.cuda.CUDAGraph):
+        pool = pool.pool()
+    candidate = getattr(pool, "id", pool)
+    if (
+        isinstance(candidate, tuple)
+        and len(candidate) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in candidate)
+    ):
+        return (int(candidate[0]), int(candidate[1]))
+    raise TypeError(
+        "a graph pool must be what torch.cuda.graph_pool_handle() returns, a "
+        f"torch.cuda.MemPool, or a torch.cuda.CUDAGraph; got {type(pool).__name__}"
+    )
+
+
+def grow(device: int, nbytes: int, small_bytes: int) -> None:
+    """Allocates then frees, inside the current routing, one ``nbytes`` block (large requests
+    get a segment of their own size) and ``small_bytes`` of 1 MiB blocks (requests under 1 MiB
+    come from 2 MiB segments), leaving them cached on the current stream."""
+    on = torch.device("cuda", device)
+    big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None
+    small = [torch.empty(1 << 20, dtype=torch.uint8, device=on) for _ in range(small_bytes >> 20)]
+    del big, small
+    log.info("symmetric pool grown by %d + %d bytes on cuda:%d", nbytes, small_bytes, device)

@@ -1,0 +1,373 @@
+use super::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+/// A stand-in NCCL that logs every call and can be told to fail or to block.
+#[derive(Default)]
+struct FakeNccl {
+    log: Mutex<Vec<(&'static str, CommPtr, usize)>>,
+    next_handle: AtomicUsize,
+    fail_register_at_ptr: Mutex<Option<usize>>,
+    null_window_at_ptr: Mutex<Option<usize>>,
+    fail_deregister: AtomicBool,
+    /// When set, `register` waits at this barrier twice (entered, then released).
+    gate: Mutex<Option<Arc<Barrier>>>,
+}
+
+impl WindowRegistrar for FakeNccl {
+    fn comm_device(&self, _comm: CommPtr) -> Result<i32> {
+        Ok(0)
+    }
+    fn register(
+        &self,
+        comm: CommPtr,
+        ptr: DevicePtr,
+        _size: usize,
+    ) -> Result<Option<WindowHandle>> {
+        let gate = self.gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.wait();
+            gate.wait();
+        }
+        if *self.fail_register_at_ptr.lock().unwrap() == Some(ptr.addr()) {
+            return Err(Error::invalid_argument("injected register failure"));
+        }
+        if *self.null_window_at_ptr.lock().unwrap() == Some(ptr.addr()) {
+            return Ok(None);
+        }
+        self.log
+            .lock()
+            .unwrap()
+            .push(("register", comm, ptr.addr()));
+        let n = self.next_handle.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(Some(WindowHandle::new(0x1000 + n)))
+    }
+    fn deregister(&self, comm: CommPtr, window: WindowHandle) -> Result<()> {
+        if self.fail_deregister.load(Ordering::SeqCst) {
+            return Err(Error::invalid_argument("injected deregister failure"));
+        }
+        self.log
+            .lock()
+            .unwrap()
+            .push(("deregister", comm, window.addr()));
+        Ok(())
+    }
+}
+
+impl FakeNccl {
+    fn registered(&self, comm: CommPtr) -> Vec<usize> {
+        self.calls("register", comm)
+    }
+    fn calls(&self, what: &str, comm: CommPtr) -> Vec<usize> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(w, c, _)| *w == what && *c == comm)
+            .map(|(_, _, ptr)| *ptr)
+            .collect()
+    }
+}
+
+const A: CommPtr = CommPtr::new(0xA);
+const B: CommPtr = CommPtr::new(0xB);
+
+fn p(addr: usize) -> DevicePtr {
+    DevicePtr::new(addr)
+}
+
+fn table_with(ptrs: &[usize]) -> SharedTable {
+    let table = SharedTable::new();
+    for &ptr in ptrs {
+        table.lock().track(p(ptr), 0x100, 0);
+    }
+    table
+}
+
+fn registered_in_table(table: &SharedTable, ptr: usize, comm: CommPtr) -> bool {
+    table.lock().is_registered(ptr, 1, comm)
+}
+
+#[test]
+fn registers_in_allocation_order_once() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x3000, 0x1000, 0x2000]);
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 3);
+    assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000]);
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 0);
+    table.lock().track(p(0x500), 0x100, 0);
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000, 0x500]);
+}
+
+#[test]
+fn several_communicators_share_one_pool() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    table.register_pending(A, &nccl).unwrap();
+    table.lock().track(p(0x3000), 0x100, 0);
+    table.register_pending(B, &nccl).unwrap();
+    assert_eq!(nccl.registered(B), vec![0x1000, 0x2000, 0x3000]);
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
+    let guard = table.lock();
+    for segment in guard.segments() {
+        assert!(segment.window_for(A).is_some() && segment.window_for(B).is_some());
+    }
+    let summaries = guard.comm_summaries();
+    assert_eq!(summaries.len(), 2);
+    assert!(summaries
+        .iter()
+        .all(|s| s.windows == 3 && s.pending_segments == 0));
+}
+
+#[test]
+fn segment_reused_under_another_group_is_registered_with_it() {
+    // Group A allocates a block; torch frees it back to the pool (the segment stays) and a
+    // later allocation under group B reuses it. B's exit must register that segment with B.
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000]);
+    table.register_pending(A, &nccl).unwrap();
+    assert!(!table.lock().is_registered(0x1010, 0x20, B));
+    table.register_pending(B, &nccl).unwrap();
+    assert!(table.lock().is_registered(0x1010, 0x20, B));
+    assert_eq!(nccl.registered(B), vec![0x1000]);
+}
+
+#[test]
+fn freed_then_reallocated_address_is_a_new_segment() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    table.register_pending(A, &nccl).unwrap();
+    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    assert!(gone.failures.is_empty());
+    table.lock().track(p(0x1000), 0x100, 0);
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x1000]);
+    assert_eq!(table.lock().len(), 2);
+}
+
+#[test]
+fn null_window_is_an_error_and_retry_resumes_there() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000, 0x3000]);
+    *nccl.null_window_at_ptr.lock().unwrap() = Some(0x2000);
+    let err = table.register_pending(A, &nccl).unwrap_err();
+    assert!(
+        matches!(err, Error::NullWindow { ptr, .. } if ptr == p(0x2000)),
+        "{err}"
+    );
+    assert!(registered_in_table(&table, 0x1000, A));
+    assert!(!registered_in_table(&table, 0x2000, A));
+    assert_eq!(table.lock().pending(A, 0).count(), 2);
+
+    *nccl.null_window_at_ptr.lock().unwrap() = None;
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 2);
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
+}
+
+#[test]
+fn failed_registration_then_retry_registers_exactly_the_rest() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000, 0x3000]);
+    *nccl.fail_register_at_ptr.lock().unwrap() = Some(0x3000);
+    assert!(table.register_pending(A, &nccl).is_err());
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000]);
+    *nccl.fail_register_at_ptr.lock().unwrap() = None;
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
+    assert_eq!(table.lock().counters().windows_registered, 3);
+}
+
+#[test]
+fn untrack_deregisters_every_window_first_and_keeps_order_right() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(B, &nccl).unwrap();
+    table.lock().track(p(0x3000), 0x100, 0);
+    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    assert_eq!(gone.segment.windows.len(), 2);
+    assert_eq!(nccl.calls("deregister", A).len(), 1);
+    assert_eq!(nccl.calls("deregister", B).len(), 1);
+    // Only the segment allocated after the last exit is still pending, for both.
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(table.register_pending(B, &nccl).unwrap(), 1);
+    assert_eq!(table.lock().counters().windows_deregistered, 2);
+}
+
+#[test]
+fn failed_deregistration_is_reported_not_hidden() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000]);
+    table.register_pending(A, &nccl).unwrap();
+    nccl.fail_deregister.store(true, Ordering::SeqCst);
+    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    assert_eq!(gone.failures.len(), 1);
+    assert_eq!(table.lock().counters().deregistration_failures, 1);
+    assert!(table.lock().is_empty());
+}
+
+#[test]
+fn other_devices_segments_are_skipped() {
+    let nccl = FakeNccl::default();
+    let table = SharedTable::new();
+    table.lock().track(p(0x1000), 0x100, 0);
+    table.lock().track(p(0x2000), 0x100, 1);
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(nccl.registered(A), vec![0x1000]);
+    assert_eq!(table.lock().comm_summaries()[0].pending_segments, 0);
+}
+
+#[test]
+fn failed_release_keeps_the_window_so_the_segment_is_never_freed_under_it() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000]);
+    table.register_pending(A, &nccl).unwrap();
+    nccl.fail_deregister.store(true, Ordering::SeqCst);
+    assert!(table.release_comm(A, &nccl).is_err());
+    assert!(registered_in_table(&table, 0x1000, A));
+    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    assert_eq!(
+        gone.failures.len(),
+        1,
+        "untrack must see the window and refuse to free"
+    );
+}
+
+#[test]
+fn release_comm_retry_after_failure_releases_the_rest() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    table.register_pending(A, &nccl).unwrap();
+    nccl.fail_deregister.store(true, Ordering::SeqCst);
+    assert!(table.release_comm(A, &nccl).is_err());
+    nccl.fail_deregister.store(false, Ordering::SeqCst);
+    assert_eq!(table.release_comm(A, &nccl).unwrap(), 2);
+    assert!(!registered_in_table(&table, 0x1000, A));
+}
+
+#[test]
+fn release_comm_deregisters_only_that_communicator() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(B, &nccl).unwrap();
+    assert_eq!(table.release_comm(A, &nccl).unwrap(), 2);
+    assert!(!registered_in_table(&table, 0x1000, A));
+    assert!(registered_in_table(&table, 0x1000, B));
+    // A communicator seen again later starts from scratch.
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 2);
+}
+
+#[test]
+fn a_forgotten_communicator_never_reaches_nccl_and_its_address_starts_clean() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    table.register_pending(A, &nccl).unwrap();
+    assert_eq!(table.forget_comm(A), 2);
+    // Its windows are gone from the table, without a deregister call on the dead communicator.
+    assert!(nccl.calls("deregister", A).is_empty());
+    assert!(!registered_in_table(&table, 0x1000, A));
+    // Freeing the segments later must not deregister on the dead communicator either.
+    table.untrack(p(0x1000), &nccl).unwrap();
+    assert!(nccl.calls("deregister", A).is_empty());
+    // A new communicator at the same address registers what exists, from scratch.
+    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(table.lock().counters().windows_forgotten, 2);
+}
+
+#[test]
+fn lookup_needs_the_whole_range_inside_one_segment() {
+    let table = table_with(&[0x1000, 0x3000]);
+    let t = table.lock();
+    assert!(t.find(0x1000, 0x100).is_some());
+    assert!(t.find(0x10ff, 1).is_some());
+    assert!(t.find(0x10ff, 2).is_none());
+    assert!(t.find(0xfff, 1).is_none());
+    assert!(t.find(0x2000, 1).is_none());
+    assert!(t.find(0x30ff, 1).is_some());
+    assert!(t.find(usize::MAX, 2).is_none());
+    assert_eq!(t.position(0x1010, 0x10), Some((0, 0x10)));
+    assert_eq!(t.position(0x3010, 0x10), Some((1, 0x10)));
+    assert_eq!(t.position(usize::MAX, 2), None);
+}
+
+/// Runs `register_pending(A)` on a thread while `register` is held at the gate; returns the
+/// thread, the gate and the table once the registration is inside NCCL.
+fn registration_in_flight(
+    ptrs: &[usize],
+) -> (
+    Arc<SharedTable>,
+    Arc<FakeNccl>,
+    Arc<Barrier>,
+    thread::JoinHandle<Result<usize>>,
+) {
+    let table = Arc::new(table_with(ptrs));
+    let nccl = Arc::new(FakeNccl::default());
+    let gate = Arc::new(Barrier::new(2));
+    *nccl.gate.lock().unwrap() = Some(gate.clone());
+    let worker = {
+        let (table, nccl) = (table.clone(), nccl.clone());
+        thread::spawn(move || table.register_pending(A, &*nccl))
+    };
+    gate.wait(); // the worker is inside `register`, holding no lock
+    *nccl.gate.lock().unwrap() = None;
+    (table, nccl, gate, worker)
+}
+
+#[test]
+fn the_table_is_not_locked_while_nccl_registers() {
+    let (table, _nccl, gate, worker) = registration_in_flight(&[0x1000]);
+    // The allocator plug's work (track) and lookups go through while NCCL is busy.
+    table.lock().track(p(0x2000), 0x100, 0);
+    assert!(table.lock().find(0x2000, 1).is_some());
+    gate.wait();
+    assert_eq!(worker.join().unwrap().unwrap(), 1);
+    // The segment tracked during the registration stays pending for the next one.
+    assert_eq!(table.lock().pending(A, 0).count(), 1);
+}
+
+#[test]
+fn a_second_registration_of_one_communicator_waits_and_registers_the_rest() {
+    let (table, nccl, gate, worker) = registration_in_flight(&[0x1000]);
+    table.lock().track(p(0x2000), 0x100, 0);
+    let second = {
+        let (table, nccl) = (table.clone(), nccl.clone());
+        thread::spawn(move || table.register_pending(A, &*nccl))
+    };
+    thread::sleep(Duration::from_millis(50));
+    assert!(
+        !second.is_finished(),
+        "the second registration did not wait"
+    );
+    gate.wait();
+    assert_eq!(worker.join().unwrap().unwrap(), 1);
+    assert_eq!(second.join().unwrap().unwrap(), 1);
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000]);
+}
+
+#[test]
+fn a_segment_being_registered_is_not_freed_until_registration_ends() {
+    let (table, nccl, gate, worker) = registration_in_flight(&[0x1000]);
+    let freer = {
+        let (table, nccl) = (table.clone(), nccl.clone());
+        thread::spawn(move || {
+            table
+                .untrack(p(0x1000), &*nccl)
+                .map(|u| u.segment.windows.len())
+        })
+    };
+    thread::sleep(Duration::from_millis(50));
+    assert!(
+        !freer.is_finished(),
+        "the segment was freed under a registration"
+    );
+    gate.wait();
+    worker.join().unwrap().unwrap();
+    // Once registered, the free deregisters the new window before handing the memory back.
+    assert_eq!(freer.join().unwrap(), Some(1));
+    assert_eq!(nccl.calls("deregister", A).len(), 1);
+}
