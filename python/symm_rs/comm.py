@@ -264,19 +264,16 @@ class Communicator:
             return False
         if per_rank.numel() % 2 == 0 or not _unaligned_ll_bug():
             return False
-        comm = self.comm
-        return bool(
-            _native.is_registered(*extent(out), comm) and _native.is_registered(*extent(inp), comm)
-        )
+        return self._in_windows(out) and self._in_windows(inp)
+
+    def _in_windows(self, tensor: torch.Tensor) -> bool:
+        return bool(_native.is_registered(*extent(tensor), self.comm))
 
     def _check_windows(self, *tensors: Any) -> None:
-        comm = self.comm
         outside = [
             t
             for t in tensors
-            if isinstance(t, torch.Tensor)
-            and t.numel()
-            and not _native.is_registered(*extent(t), comm)
+            if isinstance(t, torch.Tensor) and t.numel() and not self._in_windows(t)
         ]
         if not outside:
             return

@@ -317,11 +317,7 @@ def _apply_env_reservation(group: Group) -> None:
     _env_reservation = False
     nbytes = env.read_bytes(env.RESERVE)
     if nbytes:
-        route = Route.begin(group.device, shared_pool(group.device))
-        try:
-            grow(group.device, nbytes, 8 << 20)
-        finally:
-            route.end()
+        grow(group.device, shared_pool(group.device), nbytes, 8 << 20)
 
 
 def register(group: object) -> int:
@@ -366,32 +362,31 @@ def reserve(
             if graph_pool is None
             else capture_pool(resolved.device, pool_id(graph_pool)).pool
         )
-        route = Route.begin(resolved.device, pool)
-        try:
-            grow(resolved.device, nbytes, small_bytes)
-        finally:
-            route.end()
+        grow(resolved.device, pool, nbytes, small_bytes)
     flush_deferred()
     _register(resolved, verify=False)
     return _native.stats().segments_tracked - before
 
 
-def is_registered(tensor: torch.Tensor, group: object) -> bool:
-    """Whether every byte of ``tensor`` lies inside one symmetric window of ``group``."""
+def _in_window(tensor: torch.Tensor, group: object) -> Optional[Group]:
+    """``group`` resolved, when every byte of ``tensor`` lies inside one of its windows."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     resolved = resolve(group)
     if resolved is None or not tensor.is_cuda or tensor.numel() == 0:
-        return False
+        return None
     ptr, nbytes = agreement.extent(tensor)
-    return bool(_native.is_registered(ptr, nbytes, resolved.comm))
+    return resolved if _native.is_registered(ptr, nbytes, resolved.comm) else None
+
+
+def is_registered(tensor: torch.Tensor, group: object) -> bool:
+    """Whether every byte of ``tensor`` lies inside one symmetric window of ``group``."""
+    return _in_window(tensor, group) is not None
 
 
 def is_symmetric(tensor: torch.Tensor, group: object) -> bool:
     """Whether a collective of ``group`` on ``tensor`` can run NCCL's symmetric kernels: the
     tensor lies inside one window of the group's communicator, and that communicator can run
     them (``symm_rs.symmetric_kernels``). A one-rank group has no windows: ``False``."""
-    if not is_registered(tensor, group):
-        return False
-    resolved = resolve(group)
+    resolved = _in_window(tensor, group)
     return resolved is not None and known_verdict(resolved) is not False

@@ -395,10 +395,6 @@ def on_forget(hook: Callable[[int], None]) -> None:
 
 def drop_cached(comm: int) -> None:
     """Forgets what symm_rs's Python side cached about ``comm`` (its windows stay)."""
-    _drop(comm)
-
-
-def _drop(comm: int) -> None:
     with _lock:
         _by_comm.pop(comm, None)
         watcher = _watchers.pop(comm, None)
@@ -422,7 +418,7 @@ def release(group: object) -> int:
         if resolved is None:
             return 0
         comm = resolved.comm
-    _drop(comm)
+    drop_cached(comm)
     return int(_native.release_comm(comm))
 
 
@@ -437,7 +433,7 @@ def _cached_comm(group: object) -> Optional[int]:
 def forget(comm: int) -> int:
     """Forgets a communicator that was destroyed without ``release``: its windows are dropped
     without NCCL calls. Returns how many windows were dropped."""
-    _drop(comm)
+    drop_cached(comm)
     return int(_native.forget_comm(comm))
 
 
@@ -475,7 +471,7 @@ def _install_destroy_hook(dist: Any) -> None:
         for pg in doomed:
             resolved = _pg_groups.get(pg)
             if resolved is not None:
-                _drop(resolved.comm)
+                drop_cached(resolved.comm)
                 try:
                     _native.release_comm(resolved.comm)
                 except Exception:

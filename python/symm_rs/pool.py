@@ -207,25 +207,26 @@ def pool_usage() -> dict[str, int]:
     }
 
 
-def _live_blocks(pools: list[Any]) -> list[dict[str, Any]]:
+def _require_no_live_tensors(pools: list[Any]) -> None:
     gc.collect()
-    return [
+    alive = [
         block
         for pool in pools
         for segment in pool.snapshot()
         for block in segment.get("blocks", [])
         if block.get("state") == "active_allocated"
     ]
-
-
-def _free(pools: list[Any]) -> int:
-    alive = _live_blocks(pools)
     if alive:
         raise _native.SymmetricMemoryError(
             f"{len(alive)} tensor(s) allocated from symm_rs's pools are still alive "
             f"({sum(int(b['size']) for b in alive)} bytes); drop them (and any CUDA graph "
             "captured with them) first"
         )
+
+
+def _free(pools: list[Any]) -> int:
+    """Drops the last references to ``pools`` (no longer in the registry); torch then hands
+    their segments to the free plug. Returns how many segments were freed."""
     before = _native.stats().segments_freed
     del pools[:]
     gc.collect()
@@ -245,8 +246,7 @@ def destroy_pool() -> int:
         pools = all_pools()
         if not pools:
             return 0
-        if _live_blocks(pools):
-            return _free(pools)  # raises, naming the bytes still alive
+        _require_no_live_tensors(pools)
         _pools.shared.clear()
         _pools.capture.clear()
         return _free(pools)
@@ -263,8 +263,9 @@ def release_graph_pool(graph_pool: Any) -> int:
     with _lock:
         keys = [k for k in _pools.capture if k[1] == wanted]
         pools = [_pools.capture[k].pool for k in keys]
-        if not pools or _live_blocks(pools):
-            return _free(pools) if pools else 0
+        if not pools:
+            return 0
+        _require_no_live_tensors(pools)
         for k in keys:
             del _pools.capture[k]
         return _free(pools)
@@ -292,12 +293,18 @@ def pool_id(pool: Any) -> PoolId:
     )
 
 
-def grow(device: int, nbytes: int, small_bytes: int) -> None:
-    """Allocates then frees, inside the current routing, one ``nbytes`` block (large requests
-    get a segment of their own size) and ``small_bytes`` of 1 MiB blocks (requests under 1 MiB
-    come from 2 MiB segments), leaving them cached on the current stream."""
+def grow(device: int, pool: Any, nbytes: int, small_bytes: int) -> None:
+    """Allocates then frees, routed into ``pool``, one ``nbytes`` block (large requests get a
+    segment of their own size) and ``small_bytes`` of 1 MiB blocks (requests under 1 MiB come
+    from 2 MiB segments), leaving them cached on the current stream."""
     on = torch.device("cuda", device)
-    big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None
-    small = [torch.empty(1 << 20, dtype=torch.uint8, device=on) for _ in range(small_bytes >> 20)]
-    del big, small
+    route = Route.begin(device, pool)
+    try:
+        big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None
+        small = [
+            torch.empty(1 << 20, dtype=torch.uint8, device=on) for _ in range(small_bytes >> 20)
+        ]
+        del big, small
+    finally:
+        route.end()
     log.info("symmetric pool grown by %d + %d bytes on cuda:%d", nbytes, small_bytes, device)
