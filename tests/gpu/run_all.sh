@@ -3,6 +3,8 @@
 # the examples, writing JSON summaries to $1 (default tests/gpu/results). Exits non-zero when any
 # suite fails. Usage on a GPU host with symm_rs importable:
 #   tests/gpu/run_all.sh [OUT_DIR] [SUITE...]
+# WORLDS="2" (or "4") runs one world size only; EXAMPLES=0 skips the examples. Both exist so one
+# run fits a device call's time limit.
 set -u -o pipefail
 out=${1:-tests/gpu/results}
 shift || true
@@ -23,7 +25,7 @@ run_suite() {  # world suite [tag [VAR=value...]]: the variables are set for tha
   if [ $rc -ne 0 ]; then echo "FAILED: $suite on $world GPUs $tag (exit $rc)"; status=1; fi
 }
 
-for world in 2 4; do
+for world in ${WORLDS:-2 4}; do
   if [ "$gpus" -lt "$world" ]; then
     echo "skipping $world-GPU runs: $gpus GPU(s) visible"
     continue
@@ -42,7 +44,7 @@ for world in 2 4; do
     run_suite "$world" suite_transport "_$variant" SYMM_RS_TRANSPORT_LOG_DIR="$log" "${extra[@]}"
   done
 done
-if [ "$gpus" -ge 2 ]; then
+if [ "$gpus" -ge 2 ] && [ "${EXAMPLES:-1}" != 0 ]; then
   CUDA_VISIBLE_DEVICES=0,1 python3 "$here/run_examples.py" --nproc 2 --out "$out" || status=1
 fi
 exit $status
