@@ -185,3 +185,36 @@ class NcclCommunicator:
     def run(self, kind: str, out: Any, inp: Any, stream: tuple[int, int], op: str = "sum") -> None:
         """Checks ``out``/``inp`` against this communicator, then enqueues ``kind`` on
         ``stream`` (``(cudaStream_t, device index)``)."""
+
+class use_symmetric_memory:
+    """Allocate from the symmetric pool, and register new segments with ``group`` on exit
+    (``symm_rs.use_symmetric_memory``; the common enter and exit run natively)."""
+
+    disabled: bool
+    graph_pool: Any
+    verify: bool
+    timeout: Optional[float]
+    def __new__(
+        cls,
+        group: object,
+        disabled: bool = False,
+        graph_pool: Optional[Any] = None,
+        verify: Optional[bool] = None,
+        timeout: Optional[float] = None,
+    ) -> use_symmetric_memory: ...
+    @property
+    def _resolved(self) -> Any: ...
+    def __enter__(self) -> use_symmetric_memory: ...
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool: ...
+
+def set_graph_pool_id(pool_id: Optional[tuple[int, int]]) -> None:
+    """Sets (``None``: clears) the graph pool id the captures that follow use."""
+
+def graph_pool_id() -> Optional[tuple[int, int]]:
+    """The graph pool id ``set_graph_pool_id`` set, if any."""
+
+def pools_changed() -> None:
+    """Pools were freed: no thread may route natively into a pool id it cached."""
+
+def forget_group(comm: int) -> None:
+    """Drops every cached group resolution to ``comm``."""

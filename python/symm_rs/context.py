@@ -22,7 +22,7 @@ import torch
 
 from symm_rs import _native, agreement, env
 from symm_rs.capability import known_verdict, should_register
-from symm_rs.groups import Group, resolve
+from symm_rs.groups import Group, is_process_group, on_forget, resolve
 from symm_rs.library import known_nccl_issues, library_info
 from symm_rs.pool import (
     PoolId,
@@ -43,8 +43,8 @@ class NcclVersionWarning(UserWarning):
 
 
 # -- graph pools ----------------------------------------------------------------------------
-
-_graph_pool: Optional[PoolId] = None
+# The graph pool set for the captures that follow lives in the native module, where the
+# common context path reads it without Python.
 
 
 def set_graph_pool(pool: Any) -> None:
@@ -52,24 +52,24 @@ def set_graph_pool(pool: Any) -> None:
     pool=pool)``), as engines set it once per capture session; ``None`` clears it. Contexts
     inside those captures allocate from its capture pool without a ``graph_pool`` argument, and
     contexts before its first capture warm that pool up."""
-    global _graph_pool
-    _graph_pool = None if pool is None else pool_id(pool)
+    _native.set_graph_pool_id(None if pool is None else pool_id(pool))
 
 
 def graph_pool() -> Optional[PoolId]:
     """The graph pool ``set_graph_pool`` set, if any."""
-    return _graph_pool
+    return _native.graph_pool_id()
 
 
 @contextlib.contextmanager
 def graph_capture(pool: Any) -> Iterator[PoolId]:
     """``set_graph_pool(pool)`` for the duration of the block, then the previous setting."""
-    global _graph_pool
-    previous, _graph_pool = _graph_pool, pool_id(pool)
+    previous = _native.graph_pool_id()
+    current = pool_id(pool)
+    _native.set_graph_pool_id(current)
     try:
-        yield _graph_pool
+        yield current
     finally:
-        _graph_pool = previous
+        _native.set_graph_pool_id(previous)
 
 
 def _capturing_graph_pool(explicit: Optional[Any]) -> tuple[PoolId, Any]:
@@ -80,8 +80,9 @@ def _capturing_graph_pool(explicit: Optional[Any]) -> tuple[PoolId, Any]:
     if getter is not None:
         graph = getter()
         return pool_id(graph.pool()), graph
-    if _graph_pool is not None:
-        return _graph_pool, None
+    graph_pool_id = _native.graph_pool_id()
+    if graph_pool_id is not None:
+        return graph_pool_id, None
     raise _native.SymmetricMemoryError(
         "use_symmetric_memory inside a CUDA-graph capture needs the capture's graph pool, and "
         f"torch {torch.__version__} cannot tell it: call symm_rs.set_graph_pool(pool) (or "
@@ -90,26 +91,15 @@ def _capturing_graph_pool(explicit: Optional[Any]) -> tuple[PoolId, Any]:
     )
 
 
-# -- per-thread state -----------------------------------------------------------------------
+# -- process state ------------------------------------------------------------------------
 
-
-class _ThreadState(threading.local):
-    """Per-thread nesting: torch refuses to route one thread to the same pool twice, so only
-    the outermost context routes; every level still registers its own group."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.route: Optional[Route] = None
-        self.restore_device: Optional[int] = None
-
-
-_thread = _ThreadState()
 # Groups whose registration a capture or an NCCL group postponed (in first-seen order).
 _deferred: dict[int, Group] = {}
 _deferred_lock = threading.Lock()
 _env_reservation = True  # SYMM_RS_RESERVE is applied once, at the first eager context
 _warned_versions = False
-_routing_checked = False
+# A released or forgotten communicator must not stay in the native resolution cache.
+on_forget(_native.forget_group)
 
 
 def _defer(group: Group) -> None:
@@ -171,109 +161,60 @@ def _route_for(group: Group, explicit: Optional[Any]) -> Route:
         pause = None if inner_route_wins(device) else graph_pool_id
         return Route.begin(device, target.pool, pause)
     inner_route_wins(device)  # probed now, outside any capture, for the captures to come
-    if _graph_pool is not None:
-        warm = capture_pool(device, _graph_pool)
+    graph_pool_id = _native.graph_pool_id()
+    if graph_pool_id is not None:
+        warm = capture_pool(device, graph_pool_id)
         if not warm.sealed:
             # Before its first capture, S(P) serves the warm-up, which the capture then reuses.
             return Route.begin(device, warm.pool)
     return Route.begin(device, shared_pool(device))
 
 
-class use_symmetric_memory:
-    """Allocate from the symmetric pool, and register new segments with ``group`` on exit.
+# The context manager is native (``symm_rs._native.use_symmetric_memory``): the common enter
+# and exit run in Rust. The functions below are the rules it calls for everything else.
+use_symmetric_memory = _native.use_symmetric_memory
 
-    Arguments:
-        group: the group whose collectives will use the buffers (see ``symm_rs.groups``).
-        disabled: make the context a no-op (as a one-rank group does).
-        graph_pool: the capture's graph pool, overriding ``set_graph_pool`` and what torch
-            reports; only consulted inside a CUDA-graph capture.
-        verify: before registering, check that every rank is about to register the same
-            segment sizes (bounded by ``timeout``); default from ``SYMM_RS_VERIFY``.
-        timeout: seconds the verification waits for peers (default ``SYMM_RS_TIMEOUT``, 30).
 
-    The object may be entered again after it exits (engines pause and resume a context).
+def _resolve_for_context(group: object) -> tuple[Optional[Group], Optional[str]]:
+    """``group`` resolved, and how the native side may cache the answer: ``"fixed"`` (the
+    object or address always means this communicator), ``"pynccl"``/``"comm"`` (re-read that
+    attribute to confirm), or ``None`` (do not cache)."""
+    resolved = resolve(group)
+    if isinstance(group, (int, Group)) or is_process_group(group):
+        return resolved, "fixed"
+    if getattr(group, "pynccl_comm", None) is not None:
+        return resolved, "pynccl"
+    if hasattr(group, "comm"):
+        return resolved, "comm"
+    return resolved, None
 
-    Raises:
-        TypeError: ``group`` is not a kind symm_rs accepts.
-        SymmetricMemoryError: no GPU, torch too old, or a capture whose pool is unknown.
-        NcclLibraryError: the NCCL in use cannot register symmetric windows.
-        RegistrationError / NcclError: registration or verification failed on exit.
-    """
 
-    __slots__ = ("_group", "_owner", "_resolved", "disabled", "graph_pool", "timeout", "verify")
+class _Entered:
+    """A route begun by ``_enter_slow``; ``end()`` ends it and puts the thread back on the
+    device it was on."""
 
-    def __init__(
-        self,
-        group: object,
-        disabled: bool = False,
-        graph_pool: Optional[Any] = None,
-        verify: Optional[bool] = None,
-        timeout: Optional[float] = None,
-    ) -> None:
-        self._group = group
-        self.disabled = bool(disabled)
-        self.graph_pool = graph_pool
-        self.verify = env.read_flag(env.VERIFY) if verify is None else bool(verify)
-        self.timeout = timeout
-        self._resolved: Optional[Group] = None
-        self._owner = False
+    __slots__ = ("restore_device", "route")
 
-    def __enter__(self) -> use_symmetric_memory:
-        if self.disabled:
-            return self
-        if self._resolved is not None:
-            raise _native.SymmetricMemoryError(
-                "this use_symmetric_memory object is already active; enter it again only "
-                "after it exits"
-            )
-        group = resolve(self._group)
-        if group is None:
-            return self
+    def __init__(self, route: Route, restore_device: Optional[int]) -> None:
+        self.route = route
+        self.restore_device = restore_device
+
+    def end(self) -> None:
         try:
-            self._owner = _enter(group, self.graph_pool)
-        except BaseException as e:
-            if self.verify:
-                agreement.report_failure(group, "verify", _reason(e), self.timeout)
-            raise
-        self._resolved = group
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        group, self._resolved = self._resolved, None
-        if group is None:
-            return
-        _leave(self._owner)
-        if exc_type is not None:
-            if self.verify and not torch.cuda.is_current_stream_capturing():
-                agreement.report_failure(group, "verify", _reason(exc), self.timeout)
-            if isinstance(exc, torch.OutOfMemoryError):
-                annotated = _annotated_oom(exc)
-                if annotated is not None:
-                    raise annotated from exc
-            return
-        if torch.cuda.is_current_stream_capturing() or _native.in_group():
-            _defer(group)
-            return
-        flush_deferred(self.verify)
-        _register(group, self.verify, self.timeout)
+            self.route.end()
+        finally:
+            if self.restore_device is not None:
+                torch.cuda.set_device(self.restore_device)
 
 
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:500]
+_routing_checked = False
 
 
-def _enter(group: Group, explicit_graph_pool: Optional[Any]) -> bool:
-    """Routes this thread into the right pool (outermost context only); returns whether this
-    context owns the routing."""
-    state = _thread
-    if state.depth > 0:
-        if state.route is not None and state.route.device != group.device:
-            raise _native.SymmetricMemoryError(
-                f"a use_symmetric_memory context for cuda:{group.device} cannot nest inside one "
-                f"for cuda:{state.route.device}"
-            )
-        state.depth += 1
-        return False
+def _enter_slow(group: Group, explicit_graph_pool: Optional[Any]) -> tuple[_Entered, Any]:
+    """Routes this thread for the outermost context on ``group`` when the native fast path
+    cannot: the first context of a thread, a thread on another device, a capture, a graph pool
+    set. Returns the route and, when it is this thread's shared pool on a thread already on the
+    group's device, that pool's id, which later contexts route to natively."""
     global _routing_checked
     if not _routing_checked:
         require_routing()
@@ -285,27 +226,46 @@ def _enter(group: Group, explicit_graph_pool: Optional[Any]) -> bool:
         torch.cuda.set_device(group.device)
     try:
         _apply_env_reservation(group)
-        state.route = _route_for(group, explicit_graph_pool)
+        route = _route_for(group, explicit_graph_pool)
     except BaseException:
         if current != group.device:
             torch.cuda.set_device(current)
         raise
-    state.restore_device = current if current != group.device else None
-    state.depth = 1
-    return True
+    restore = current if current != group.device else None
+    shared = shared_pool(group.device)
+    plain = restore is None and route.pool is shared and route.paused is None
+    return _Entered(route, restore), shared.id if plain else None
 
 
-def _leave(owner: bool) -> None:
-    state = _thread
-    state.depth -= 1
-    if not owner:
+def _enter_failed(group: Group, error: BaseException, timeout: Optional[float]) -> None:
+    """A verifying context failed to enter: its peers learn why instead of waiting."""
+    agreement.report_failure(group, "verify", _reason(error), timeout)
+
+
+def _exit_failed(
+    group: Group, verify: bool, timeout: Optional[float], error: BaseException
+) -> None:
+    """The block raised: tell verifying peers, and say why the pool could not grow on OOM."""
+    if verify and not torch.cuda.is_current_stream_capturing():
+        agreement.report_failure(group, "verify", _reason(error), timeout)
+    if isinstance(error, torch.OutOfMemoryError):
+        annotated = _annotated_oom(error)
+        if annotated is not None:
+            raise annotated from error
+
+
+def _exit_register(group: Group, verify: bool, timeout: Optional[float]) -> None:
+    """The exit that has something to do: postpone inside a capture or an NCCL group, else
+    register what was postponed and what is new."""
+    if torch.cuda.is_current_stream_capturing() or _native.in_group():
+        _defer(group)
         return
-    route, state.route = state.route, None
-    if route is not None:
-        route.end()
-    if state.restore_device is not None:
-        torch.cuda.set_device(state.restore_device)
-        state.restore_device = None
+    flush_deferred(verify)
+    _register(group, verify, timeout)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
 
 
 def _apply_env_reservation(group: Group) -> None:

@@ -107,7 +107,7 @@ def _dist() -> Any:
     return dist
 
 
-def _is_process_group(group: object) -> bool:
+def is_process_group(group: object) -> bool:
     dist = _dist()
     return dist is not None and isinstance(group, dist.ProcessGroup)
 
@@ -253,7 +253,7 @@ def _channel_of(owner: object, tag: str) -> Optional[Channel]:
         return channel
     for attr in ("cpu_group", "group"):
         candidate = getattr(owner, attr, None)
-        if candidate is not None and _is_process_group(candidate):
+        if candidate is not None and is_process_group(candidate):
             store = store_of(candidate)
             if store is not None:
                 return Channel(store, tag)
@@ -311,7 +311,7 @@ def resolve(group: object) -> Optional[Group]:
     """
     if isinstance(group, Group):
         return group if group.size > 1 and group.comm else None
-    if _is_process_group(group):
+    if is_process_group(group):
         return _resolve_process_group(group)
     return _resolve_comm(*_address(group))
 
@@ -328,7 +328,7 @@ def peers(group: object) -> Group:
     """
     if isinstance(group, Group):
         return group
-    if _is_process_group(group):
+    if is_process_group(group):
         cached = _pg_groups.get(group)
         if cached is not None:
             return cached
@@ -375,7 +375,7 @@ def resolve_comm(group: object) -> int:
         TypeError: ``group`` is none of the accepted kinds.
         ValueError: it is, but holds no live communicator.
     """
-    if _is_process_group(group):
+    if is_process_group(group):
         resolved = _resolve_process_group(group)
         return 0 if resolved is None else resolved.comm
     return _address(group)[0]
@@ -424,7 +424,7 @@ def release(group: object) -> int:
 
 def _cached_comm(group: object) -> Optional[int]:
     """The communicator symm_rs already resolved for ``group``, without creating one."""
-    if _is_process_group(group):
+    if is_process_group(group):
         cached = _pg_groups.get(group)
         return None if cached is None else cached.comm
     return None

@@ -228,6 +228,7 @@ def _free(pools: list[Any]) -> int:
     """Drops the last references to ``pools`` (no longer in the registry); torch then hands
     their segments to the free plug. Returns how many segments were freed."""
     before = _native.stats().segments_freed
+    _native.pools_changed()  # no thread may route natively into a pool id it cached
     del pools[:]
     gc.collect()
     torch.cuda.synchronize()

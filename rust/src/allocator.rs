@@ -166,6 +166,11 @@ pub fn register_pending(comm: CommPtr) -> Result<usize> {
     TABLE.register_pending(comm, &NcclWindows(nccl))
 }
 
+/// Whether a context exit on `comm` has nothing to register (one lock, no NCCL call).
+pub fn is_up_to_date(comm: CommPtr) -> bool {
+    TABLE.is_up_to_date(comm)
+}
+
 /// Deregisters every window `comm` holds (call before destroying the communicator).
 pub fn release_comm(comm: CommPtr) -> Result<usize> {
     let Some(nccl) = nccl::loaded() else {

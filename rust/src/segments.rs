@@ -393,23 +393,26 @@ impl SharedTable {
         table
     }
 
+    /// Whether `comm` has registered every segment of its device and no registration of it
+    /// is running (a communicator the table has never seen is not up to date).
+    pub fn is_up_to_date(&self, comm: CommPtr) -> bool {
+        let table = self.lock();
+        match table.known_device(comm) {
+            Some(device) => !table.is_busy(comm) && table.pending(comm, device).next().is_none(),
+            None => false,
+        }
+    }
+
     /// Registers, in allocation order, every segment of the communicator's device that it has
     /// not registered yet; returns how many windows were made. Registrations of one
     /// communicator are serialised (the second waits, then finds what is left); other
     /// communicators, and the allocator plugs, are never blocked by it.
     pub fn register_pending<R: WindowRegistrar>(&self, comm: CommPtr, nccl: &R) -> Result<usize> {
-        let known = {
-            // The common exit: nothing new since the last registration, decided under one lock.
-            let table = self.lock();
-            match table.known_device(comm) {
-                Some(device)
-                    if !table.is_busy(comm) && table.pending(comm, device).next().is_none() =>
-                {
-                    return Ok(0)
-                }
-                known => known,
-            }
-        };
+        // The common exit: nothing new since the last registration, decided under one lock.
+        if self.is_up_to_date(comm) {
+            return Ok(0);
+        }
+        let known = self.lock().known_device(comm);
         let device = match known {
             Some(device) => device,
             None => nccl.comm_device(comm)?,

@@ -104,6 +104,24 @@ def _loop(n: int, context: Callable[[Any], Any], arg: Any) -> int:
     return time.perf_counter_ns() - t0
 
 
+def _loop_alloc(n: int, context: Callable[[Any], Any], arg: Any) -> int:
+    """Each context allocates one block the pool has cached (freed by the previous one)."""
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        with context(arg):
+            torch.empty(1024, dtype=torch.uint8, device="cuda")
+    return time.perf_counter_ns() - t0
+
+
+def _loop_disabled(n: int, context: Callable[..., Any], arg: Any) -> int:
+    """The object alone: construct, enter and exit a disabled context (part of the profile)."""
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        with context(arg, disabled=True):
+            pass
+    return time.perf_counter_ns() - t0
+
+
 def _loop_raw(n: int, pool: Any) -> int:
     c, device, pool_id = torch._C, torch.cuda.current_device(), pool.id
     begin, end = c._cuda_beginAllocateCurrentThreadToPool, c._cuda_endAllocateToPool
@@ -116,23 +134,65 @@ def _loop_raw(n: int, pool: Any) -> int:
     return time.perf_counter_ns() - t0
 
 
+def _loop_checks(n: int, _: Any) -> int:
+    """The two torch queries the native path makes per enter (device, capture status)."""
+    c = torch._C
+    get_device, capturing = c._cuda_getDevice, c._cuda_isCurrentStreamCapturing
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        get_device()
+        capturing()
+    return time.perf_counter_ns() - t0
+
+
 def context(r: Rank) -> dict[str, Any]:
-    """One ``use_symmetric_memory`` enter+exit with nothing to register, against torch's
-    ``use_mem_pool`` and the raw begin/end/release calls: 20 batches on the host clock."""
+    """One ``use_symmetric_memory`` enter+exit with nothing to register, and one that allocates
+    a cached block, each against torch's ``use_mem_pool`` doing the same; then the parts of the
+    native path (the raw routing calls, the torch queries, the object alone) as its profile.
+    20 batches on the host clock, the variants interleaved per batch so drift hits all alike."""
     symm_rs.register(r.group)  # collective; afterwards nothing is pending on any rank
     batch, pool = max(1, r.cfg.context_iters // 20), torch.cuda.MemPool()
+    with symm_rs.use_symmetric_memory(r.group):  # the block the allocating variant reuses
+        torch.empty(1024, dtype=torch.uint8, device="cuda")
+    symm_rs.register(r.group)
     out: dict[str, Any] = {"iterations_per_batch": batch, "batches": 20}
     variants: list[tuple[str, Callable[..., int], tuple[Any, ...]]] = [
         ("symm_rs.use_symmetric_memory", _loop, (symm_rs.use_symmetric_memory, r.group)),
         ("torch.cuda.use_mem_pool", _loop, (torch.cuda.use_mem_pool, pool)),
+        (
+            "symm_rs.use_symmetric_memory + 1 cached block",
+            _loop_alloc,
+            (symm_rs.use_symmetric_memory, r.group),
+        ),
+        ("torch.cuda.use_mem_pool + 1 cached block", _loop_alloc, (torch.cuda.use_mem_pool, pool)),
         ("raw begin/end/release", _loop_raw, (pool,)),
+        ("torch device + capture queries", _loop_checks, (None,)),
+        (
+            "symm_rs.use_symmetric_memory(disabled=True)",
+            _loop_disabled,
+            (symm_rs.use_symmetric_memory, r.group),
+        ),
     ]
-    for name, loop, args in variants:
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    for _name, loop, args in variants:
         loop(batch, *args)  # warm-up
-        us = [loop(batch, *args) / batch / 1e3 for _ in range(20)]
+    for _ in range(20):
+        for name, loop, args in variants:
+            samples[name].append(loop(batch, *args) / batch / 1e3)
+    for name, us in samples.items():
         out[name] = {"mean_us": statistics.mean(us), "median_batch_us": statistics.median(us)}
         out[name]["min_batch_us"] = min(us)
         r.log(f"[context] {name}: {out[name]['median_batch_us']:.2f} us (rank 0)")
+    for what, ours, theirs in (
+        ("nothing new", "symm_rs.use_symmetric_memory", "torch.cuda.use_mem_pool"),
+        (
+            "one cached block",
+            "symm_rs.use_symmetric_memory + 1 cached block",
+            "torch.cuda.use_mem_pool + 1 cached block",
+        ),
+    ):
+        ratio = out[ours]["median_batch_us"] / out[theirs]["median_batch_us"]
+        out[f"ratio, {what}"] = {"symm_over_use_mem_pool": ratio, "target": 1.2}
     return out
 
 

@@ -15,6 +15,8 @@ use crate::error::Error;
 use crate::handles::{CommPtr, DevicePtr, StreamPtr};
 use crate::nccl;
 
+mod context;
+
 create_exception!(
     symm_rs,
     SymmetricMemoryError,
@@ -543,6 +545,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_start, m)?)?;
     m.add_function(wrap_pyfunction!(group_end, m)?)?;
     m.add_function(wrap_pyfunction!(in_group, m)?)?;
+    m.add_function(wrap_pyfunction!(context::set_graph_pool_id, m)?)?;
+    m.add_function(wrap_pyfunction!(context::graph_pool_id, m)?)?;
+    m.add_function(wrap_pyfunction!(context::pools_changed, m)?)?;
+    m.add_function(wrap_pyfunction!(context::forget_group, m)?)?;
+    m.add_class::<context::UseSymmetricMemory>()?;
     m.add_class::<PyNcclCommunicator>()?;
     m.add_class::<PyStats>()?;
     m.add_class::<PyCommStats>()?;
