@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 from typing import Any
 
 import torch
@@ -33,9 +34,9 @@ class Block(torch.nn.Module):
 
     def __init__(self, comm: symm_rs.Communicator) -> None:
         super().__init__()
-        self.comm, self.rank, self.ws = comm, comm.rank, comm.size
+        self.comm, self.rank = comm, comm.rank
         gen = torch.Generator(device="cuda").manual_seed(1234 + self.rank)
-        shard = FFN // self.ws
+        shard = FFN // comm.size
         w1 = torch.randint(-1, 2, (HIDDEN, shard), generator=gen, device="cuda").float()
         w2 = torch.randint(-1, 2, (shard, HIDDEN), generator=gen, device="cuda").float()
         self.register_buffer("w1", w1)
@@ -47,6 +48,16 @@ class Block(torch.nn.Module):
         y = torch.remainder(y, 5) - 2
         g = ops.all_gather(y + self.rank, self.comm)  # [ws * TOKENS, HIDDEN]
         return y, ops.reduce_scatter(g * (self.rank + 1), self.comm)
+
+
+def setup_rank(rank: int, world_size: int) -> None:
+    # The ranks are daemonic processes, which may not start inductor's compile-worker pool on
+    # every torch: compile in-process (the block has a handful of kernels).
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    try:
+        importlib.import_module("torch._inductor.config").compile_threads = 1
+    except ImportError:
+        pass
 
 
 def _new_input(gen: torch.Generator) -> torch.Tensor:
