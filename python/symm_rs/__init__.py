@@ -97,7 +97,7 @@ _LAZY: dict[str, str] = {
 _SUBMODULES = frozenset(
     (
         "agreement bench capability cli comm compat context cp doctor env groups launch memory "
-        "library nccl_log pool"
+        "library nccl_log ops pool"
     ).split()
 )
 

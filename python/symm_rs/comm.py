@@ -99,6 +99,9 @@ class Communicator:
         # symm_rs's cross-rank checks on this communicator go through the store of the group
         # that carried its id, so they time out instead of hanging.
         self._symm_rs_channel = channel
+        from symm_rs.ops import remember
+
+        remember(self)  # torch.ops.symm_rs.* find it by its address
 
     @staticmethod
     def unique_id() -> bytes:

@@ -8,7 +8,7 @@
 set -u -o pipefail
 out=${1:-tests/gpu/results}
 shift || true
-suites=${*:-suite_core suite_comm suite_cp suite_safety suite_alignment suite_engine}
+suites=${*:-suite_core suite_comm suite_cp suite_safety suite_alignment suite_engine suite_compile}
 here=$(cd "$(dirname "$0")" && pwd)
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 status=0

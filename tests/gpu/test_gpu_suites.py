@@ -22,6 +22,7 @@ SUITES = [
         "suite_safety",
         "suite_alignment",
         "suite_engine",
+        "suite_compile",
         "suite_transport",
     )
     for world_size in (2, 4)
