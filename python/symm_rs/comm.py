@@ -309,7 +309,10 @@ class Communicator:
     ) -> None:
         """The common path: the stream handle, then one native call that reads and checks both
         tensors, picks the communicator (policy) and launches; the rest only when asked for."""
-        handle = self._handle(stream)
+        if stream is None:  # the common case, inline
+            handle = (_current_stream(self._device), self._device)
+        else:
+            handle = self._handle(stream)
         if _window_check != "off":
             self._check_windows(out, inp)
         if self._native.run(kind, out, inp, handle, op) == "stage":

@@ -19,7 +19,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional
 
 OPS = ("all_gather", "all_reduce", "reduce_scatter")
 # A call goes to the twin only when the regular algorithms are faster by more than this: the
@@ -126,7 +126,9 @@ class PolicyTable:
 
     def use_twin(self, op: str, nbytes: int) -> bool:
         """Whether an ``op`` call of ``nbytes`` per rank goes to the twin."""
-        return any(lo <= nbytes and (hi is None or nbytes < hi) for lo, hi in self.ranges.get(op, ()))
+        return any(
+            lo <= nbytes and (hi is None or nbytes < hi) for lo, hi in self.ranges.get(op, ())
+        )
 
     def entries(self) -> list[tuple[str, int, Optional[int]]]:
         """``(collective, low, high)`` rows, as the native communicator takes them."""
@@ -246,7 +248,16 @@ def per_call_selection(path: str) -> tuple[bool, str]:
     )
 
 
-def _time_us(comm: Any, calls: list[Any], reps: int, iters: int) -> list[float]:
+def _call(comm: Any, op: str, small: Any, big: Any) -> Callable[[], Any]:
+    """``op`` on ``comm`` with bf16 buffers of ``small`` elements per rank."""
+    if op == "all_gather":
+        return lambda: comm.all_gather_into_tensor(big, small)
+    if op == "all_reduce":
+        return lambda: comm.all_reduce(small)
+    return lambda: comm.reduce_scatter_tensor(small, big)
+
+
+def _time_us(calls: list[Any], reps: int, iters: int) -> list[float]:
     import torch
 
     out = []
@@ -276,7 +287,7 @@ def calibrate(
 ) -> PolicyTable:
     """Measures this machine's table on ``comm`` (a Communicator with the policy on) and returns
     it; every rank returns the same table. Collective. For each size (bytes per rank, default
-    1 KiB .. 64 MiB in steps of 8x) and collective, bf16 buffers inside
+    1 KiB .. 256 MiB in steps of 8x) and collective, bf16 buffers inside
     ``use_symmetric_memory(comm)`` are timed on the communicator (symmetric kernels) and on its
     twin (regular algorithms); the times are agreed (maximum over ranks) through ``comm``. The
     table in use is restored afterwards; pass the result to ``comm.set_policy_table`` or keep
@@ -301,19 +312,14 @@ def calibrate(
             with symm_rs.use_symmetric_memory(comm):
                 small = torch.zeros(n, dtype=torch.bfloat16, device=device)
                 big = torch.zeros(n * ws, dtype=torch.bfloat16, device=device)
-            calls = {
-                "all_gather": lambda: comm.all_gather_into_tensor(big, small),
-                "all_reduce": lambda: comm.all_reduce(small),
-                "reduce_scatter": lambda: comm.reduce_scatter_tensor(small, big),
-            }
             for op in OPS:
+                call = _call(comm, op, small, big)
                 times = []
                 for table in (PolicyTable.everything(), PolicyTable()):
                     comm._native.set_route(table.entries())
-                    times += _time_us(comm, [calls[op]], reps, iters)
+                    times += _time_us([call], reps, iters)
                 keys.append((op, nbytes))
                 measured.append(times)
-            del small, big
     finally:
         comm._native.set_route(policy.table.entries())
     agreed = torch.tensor(measured, dtype=torch.float64, device=device)

@@ -770,7 +770,9 @@ def communicator_host_cost(calls: str = "20000") -> None:
         for _ in range(n):
             fn()
         figures[name] = (time.perf_counter() - t0) / n * 1e6
-    print(f"host cost per call: native {figures['native']:.2f} us, ctypes {figures['ctypes']:.2f} us")
+    print(
+        f"host cost per call: native {figures['native']:.2f} us, ctypes {figures['ctypes']:.2f} us"
+    )
     check(si.get("launches") == 4 * n, "every call launched")
     c.close()
     plugs.free(seg_small, 64 * KIB)
