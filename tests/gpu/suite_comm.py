@@ -371,6 +371,7 @@ def case_policy_routes_by_size_exactly(ctx: Ctx) -> None:
                 label = f"policy {dtype} n={n} {how}"
                 problems += _differences(ours, ref, dtype, exact=True, label=label)
                 if how == "graph":
+                    graph.reset()  # before close(): NCCL's destruction waits for live graphs
                     del graph
     torch.cuda.synchronize()
     ctx.details.update(routes=routes, problems=problems)
