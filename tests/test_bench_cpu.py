@@ -23,7 +23,7 @@ import torch.distributed as dist
 import symm_rs
 import symm_rs.bench as bench
 from symm_rs import cli
-from symm_rs.bench import config, merge, report, sections, timing
+from symm_rs.bench import comm_calls, config, merge, report, sections, timing
 from symm_rs.launch import run_ranks
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -370,8 +370,11 @@ class _Anything:
 
 
 class _Communicator:
+    comm = 0x1000
+
     def __init__(self, group: Any) -> None:
         self.group = group
+        self.policy: Any = None
 
     @classmethod
     def from_process_group(cls, group: Any, device: int) -> _Communicator:
@@ -382,6 +385,22 @@ class _Communicator:
 
     def all_reduce(self, tensor: Any) -> None:
         dist.all_reduce(tensor, group=self.group)
+
+    def reduce_scatter_tensor(self, out: Any, inp: Any) -> None:
+        out.copy_(
+            inp[: out.numel()]
+        )  # gloo has no reduce_scatter_tensor; the cost is beside the point
+
+    def enable_policy(self, table: Any = True) -> Any:
+        from symm_rs.policy import Policy, resolve
+
+        self.policy = Policy(resolve(table, 2), "twin", 0x2000, False, "stand-in")  # type: ignore[arg-type]
+        return self.policy
+
+    set_policy_table = enable_policy
+
+    def route(self, op: str, nbytes: int) -> str:
+        return "twin" if self.policy.table.use_twin(op, nbytes) else "main"
 
     def close(self) -> None:
         pass
@@ -414,6 +433,7 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
     cuda.update(stream=lambda s: contextlib.nullcontext(), current_stream=lambda: _Anything())
     cuda.update(graph=lambda g, **kw: contextlib.nullcontext(), MemPool=_Anything)
     cuda.update(use_mem_pool=lambda pool: contextlib.nullcontext(), current_device=lambda: 0)
+    cuda.update(mem_get_info=lambda device=None: (40 << 30, 80 << 30))
     for name, value in cuda.items():
         setattr(torch.cuda, name, value)
     for name in (
@@ -431,9 +451,14 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
         register=lambda g: 0, release=lambda g: 0, reserve=lambda n, g: 5, destroy_pool=destroy_pool
     )
     fakes.update(pool_usage=lambda: {"in_use_bytes": 0}, Communicator=_Communicator)
+    fakes.update(PolicyTable=symm_rs.PolicyTable)  # resolved before the fakes replace anything
     for name, value in fakes.items():
         setattr(symm_rs, name, value)
     sections.init_nccl, sections.Rank = _init_gloo, _CpuRank
+    # The ctypes path needs a real libnccl; on gloo it is torch.distributed under another name.
+    comm_calls.ctypes_collective = lambda op, small, big, comm: sections.collective(
+        op, small, big, dist.group.WORLD
+    )
     return sections.bench_rank(rank, world, cfg)
 
 
@@ -468,11 +493,23 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     assert all(5 <= r["iters"] <= 50 for r in rows if r["mode"] == "eager")
     assert all(1 <= r["calls_per_graph"] <= 10 for r in rows if r["mode"] == "graph")
     comm = s["communicator"]["rows"]
-    assert [(r["op"], r["bytes"], r["path"]) for r in comm][:2] == [
+    assert [(r["op"], r["bytes"], r["path"]) for r in comm][:3] == [
         ("all_gather", 2 * KiB, "symm_rs"),
+        ("all_gather", 2 * KiB, "ctypes"),
         ("all_gather", 2 * KiB, "torch"),
     ]
-    assert len(comm) == 2 * 2 * 2 and all(r["wall_us"] and r["iters"] == 50 for r in comm)
+    assert len(comm) == 2 * 3 * 3 and all(r["wall_us"] and r["iters"] == 50 for r in comm)
+    checks = s["communicator"]["checks"]
+    assert len(checks) == 2 * 3 and all("not_slower_than_ctypes" in c for c in checks)
+    policy = s["policy"]
+    assert len(policy["rows"]) == 2 * 3 * 3 and all(r["latency_us"] for r in policy["rows"])
+    assert {r["path"] for r in policy["rows"]} == {"plain", "symm", "policy"}
+    assert len(policy["checks"]) == 2 * 3 and isinstance(policy["all_ok"], bool)
+    assert [c["route"] for c in policy["checks"] if c["op"] == "reduce_scatter"] == [
+        "main",
+        "twin",
+    ]  # the default 2-GPU table: reduce-scatter from 32 KiB on the twin
+    assert policy["twin_memory"]["at_creation_bytes"] == 0 and policy["mechanism"] == "twin"
     context = s["context"]["rank0"]
     assert context["iterations_per_batch"] == 250
     for name in (

@@ -202,3 +202,18 @@ def test_concurrent_plugs_and_registration(stand_in_lib):
     # communicators and one samples stats(): exact final balance, no duplicate windows.
     out = run_scenario("stress", "8", "200", library=stand_in_lib)
     assert "stress: 1600 segments" in out
+
+
+# --- the Communicator core: launches, the policy twin, staging -----------------------------
+
+
+def test_communicator_routing_on_the_stand_in(stand_in_lib):
+    # ncclCommSplit makes the twin once; the route table sends [low, high) byte ranges per
+    # collective to it; odd 16-bit counts on windows answer "stage" without a launch (never on
+    # the twin); argument errors; close destroys both communicators.
+    run_scenario("communicator_routing", library=stand_in_lib)
+
+
+def test_communicator_host_cost_on_the_stand_in(stand_in_lib):
+    out = run_scenario("communicator_host_cost", "5000", library=stand_in_lib)
+    assert "host cost per call: native" in out

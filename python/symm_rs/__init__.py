@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     )
     from symm_rs.groups import release, resolve_comm
     from symm_rs.library import library_info, nccl_library, nccl_version
+    from symm_rs.policy import PolicyTable, calibrate
     from symm_rs.pool import destroy_pool, pool_usage, release_graph_pool, shared_pool, stats
 
 # Quiet by default: applications opt in with logging.getLogger("symm_rs").
@@ -87,6 +88,8 @@ _LAZY: dict[str, str] = {
     "library_info": "library",
     "nccl_library": "library",
     "nccl_version": "library",
+    "PolicyTable": "policy",
+    "calibrate": "policy",
     "destroy_pool": "pool",
     "pool_usage": "pool",
     "release_graph_pool": "pool",
@@ -97,7 +100,7 @@ _LAZY: dict[str, str] = {
 _SUBMODULES = frozenset(
     (
         "agreement bench capability cli comm compat context cp doctor env groups launch memory "
-        "library nccl_log ops pool"
+        "library nccl_log ops policy pool"
     ).split()
 )
 
@@ -125,11 +128,13 @@ __all__ = [
     "NcclVersionWarning",
     "NoSymmetricKernelsWarning",
     "NotSymmetricWarning",
+    "PolicyTable",
     "RegistrationError",
     "SymmetricKernels",
     "SymmetricMemoryError",
     "ZigzagLayout",
     "__version__",
+    "calibrate",
     "check_layout",
     "cp_all_gather_reorganized_into_tensor_kv_cache",
     "cp_all_gather_rerange_kv_cache",

@@ -182,9 +182,22 @@ class NcclCommunicator:
     def closed(self) -> bool: ...
     def close(self) -> None:
         """Deregisters this communicator's windows and destroys it (idempotent; collective)."""
-    def run(self, kind: str, out: Any, inp: Any, stream: tuple[int, int], op: str = "sum") -> None:
+    def run(self, kind: str, out: Any, inp: Any, stream: tuple[int, int], op: str = "sum") -> str:
         """Checks ``out``/``inp`` against this communicator, then enqueues ``kind`` on
-        ``stream`` (``(cudaStream_t, device index)``)."""
+        ``stream`` (``(cudaStream_t, device index)``). Returns ``"main"``, ``"twin"`` (routed
+        to the policy's twin) or ``"stage"`` (nothing launched: the call needs a staging
+        output, see ``set_stage_unaligned``)."""
+    def set_stage_unaligned(self, on: bool) -> None:
+        """Whether ``run`` answers ``"stage"`` for 16-bit all-gathers and reduce-scatters with
+        an odd per-rank count on this communicator's windows."""
+    def enable_twin(self) -> None:
+        """Creates the size policy's window-less twin (``ncclCommSplit``; idempotent;
+        collective). It routes nothing until ``set_route``."""
+    def set_route(self, ranges: list[tuple[str, int, Optional[int]]]) -> None:
+        """Sends calls of ``(collective, low, high)`` bytes per rank to the twin."""
+    @property
+    def twin_comm(self) -> Optional[int]:
+        """The twin's ``ncclComm_t`` address, or None without the policy."""
 
 class use_symmetric_memory:
     """Allocate from the symmetric pool, and register new segments with ``group`` on exit

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from symm_rs import _native, env
+from symm_rs import policy as _policy
 from symm_rs.agreement import extent
 from symm_rs.groups import Channel, store_of
 from symm_rs.library import library_info, nccl_issues
@@ -61,6 +62,18 @@ class NotSymmetricWarning(UserWarning):
 _warned_sites: set[tuple[str, int]] = set()
 
 
+def _current_stream_getter() -> Callable[[int], int]:
+    """The cheapest way to read a device's current ``cudaStream_t``: torch's raw getter (one C
+    call, no ``torch.cuda.Stream`` object), else the public API."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw  # type: ignore[no-any-return]
+    return lambda index: int(torch.cuda.current_stream(index).cuda_stream)
+
+
+_current_stream = _current_stream_getter()
+
+
 def _unaligned_ll_bug() -> bool:
     """Whether this NCCL has the symmetric LL kernels' unaligned 16-bit defect (see
     ``symm_rs.library.NCCL_ISSUES``; measured in tests/gpu/results/suite_alignment_*)."""
@@ -77,9 +90,23 @@ class Communicator:
     passed as ``group`` to ``use_symmetric_memory`` and to other libraries. Closing (``close()``,
     ``with``, or garbage collection) deregisters its windows and destroys it; like every NCCL
     teardown it is collective.
+
+    ``policy`` (default off) sends each collective to the faster of NCCL's symmetric kernels and
+    its regular algorithms, by a table of byte ranges (see ``symm_rs.policy``): ``True`` uses
+    ``SYMM_RS_POLICY_TABLE`` or the measured default for this world size; a ``PolicyTable`` or
+    its text sets one. It costs a second NCCL communicator over the same ranks (its memory is
+    measured in benches/results); every rank must use the same table.
     """
 
-    __slots__ = ("__weakref__", "_device", "_native", "_symm_rs_channel", "_torch_device")
+    __slots__ = (
+        "__weakref__",
+        "_device",
+        "_native",
+        "_policy",
+        "_stage",
+        "_symm_rs_channel",
+        "_torch_device",
+    )
 
     def __init__(
         self,
@@ -88,10 +115,12 @@ class Communicator:
         size: int,
         device: Union[int, torch.device, None] = None,
         channel: Optional[Channel] = None,
+        policy: Any = None,
     ) -> None:
         if not isinstance(unique_id, (bytes, bytearray)):
             raise TypeError(f"unique_id must be bytes, got {type(unique_id).__name__}")
         index = _device_index(device)
+        table = _policy.resolve(policy, int(size))  # a bad policy fails before NCCL is called
         library_info()
         self._native = _native.NcclCommunicator(bytes(unique_id), int(rank), int(size), index)
         self._device = index
@@ -99,6 +128,12 @@ class Communicator:
         # symm_rs's cross-rank checks on this communicator go through the store of the group
         # that carried its id, so they time out instead of hanging.
         self._symm_rs_channel = channel
+        # Known once per communicator, not looked up per call.
+        self._stage = _unaligned_ll_bug()
+        self._native.set_stage_unaligned(self._stage)
+        self._policy: Optional[_policy.Policy] = None
+        if table is not None:
+            self.enable_policy(table)
         from symm_rs.ops import remember
 
         remember(self)  # torch.ops.symm_rs.* find it by its address
@@ -111,12 +146,15 @@ class Communicator:
 
     @classmethod
     def from_process_group(
-        cls, group: Any = None, device: Union[int, torch.device, None] = None
+        cls,
+        group: Any = None,
+        device: Union[int, torch.device, None] = None,
+        policy: Any = None,
     ) -> Communicator:
         """A new communicator over the ranks of a ``torch.distributed`` group (collective).
 
         The group only carries the unique id (and symm_rs's cross-rank checks); it may use any
-        backend (gloo works).
+        backend (gloo works). ``policy`` as for ``Communicator``.
         """
         import torch.distributed as dist
 
@@ -125,6 +163,7 @@ class Communicator:
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group)}")
         rank, size = dist.get_rank(group), dist.get_world_size(group)
+        _policy.resolve(policy, size)  # a bad policy fails before the collective id exchange
         box: list[Optional[bytes]] = [cls.unique_id() if rank == 0 else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         unique = box[0]
@@ -132,7 +171,7 @@ class Communicator:
         store = store_of(group)
         tag = "comm-" + hashlib.sha256(unique).hexdigest()[:16]
         channel = Channel(store, tag) if store is not None else None
-        return cls(unique, rank, size, device, channel)
+        return cls(unique, rank, size, device, channel, policy)
 
     @property
     def comm(self) -> int:
@@ -154,6 +193,58 @@ class Communicator:
     @property
     def closed(self) -> bool:
         return bool(self._native.closed)
+
+    # -- size policy -----------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Optional[_policy.Policy]:
+        """The size policy in use (table, mechanism, twin), or ``None`` when it is off."""
+        return self._policy
+
+    def enable_policy(self, policy: Any = True) -> _policy.Policy:
+        """Turns the size policy on (or replaces its table): creates the window-less twin on
+        first use, then routes by the table ``policy`` names (see ``Communicator``). Collective:
+        the ranks check that they hold the same table, since ranks that route one call
+        differently would wait on different communicators.
+
+        Raises:
+            ValueError: no table (``policy`` off), a table that does not parse, or ranks that
+                disagree.
+        """
+        table = _policy.resolve(policy, self.size)
+        if table is None:
+            raise ValueError("enable_policy needs a table or True; got an 'off' policy")
+        self._agree_on(table.to_text())
+        self._native.enable_twin()
+        self._native.set_route(table.entries())
+        available, note = _policy.per_call_selection(library_info()["path"])
+        twin = int(self._native.twin_comm)
+        self._policy = _policy.Policy(table, "twin", twin, available, note)
+        return self._policy
+
+    def set_policy_table(self, table: Any) -> _policy.Policy:
+        """``enable_policy(table)`` on a communicator whose policy is on. Collective."""
+        if self._policy is None:
+            raise ValueError("this Communicator's policy is off; use enable_policy(table)")
+        return self.enable_policy(table)
+
+    def route(self, op: str, nbytes: int) -> str:
+        """Where an ``op`` call of ``nbytes`` per rank goes: ``"twin"`` or ``"main"``."""
+        if self._policy is not None and self._policy.table.use_twin(op, nbytes):
+            return "twin"
+        return "main"
+
+    def _agree_on(self, text: str) -> None:
+        """Raises unless every rank passed the same ``text`` (two int64 all-reduces)."""
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+        mine = torch.tensor([digest, -digest], dtype=torch.int64, device=self._torch_device)
+        seen = mine.clone()
+        self._native.run("all_reduce", seen, seen, self._handle(None), "max")
+        if not torch.equal(seen.cpu(), mine.cpu()):
+            raise ValueError(
+                f"the ranks of this Communicator hold different policy tables (this rank: "
+                f"{text!r}); set SYMM_RS_POLICY_TABLE alike on every rank"
+            )
 
     def close(self) -> None:
         """Deregisters this communicator's windows and destroys it. Idempotent; collective.
@@ -183,7 +274,7 @@ class Communicator:
     ) -> None:
         """Gathers every rank's ``inp`` into ``out`` (``size * inp.numel()`` elements), rank
         order, on ``stream`` (default: the current stream). Capturable in CUDA graphs."""
-        self._run("all_gather", out, inp, "sum", stream, per_rank=inp)
+        self._run("all_gather", out, inp, "sum", stream)
 
     def reduce_scatter_tensor(
         self,
@@ -194,7 +285,7 @@ class Communicator:
     ) -> None:
         """Reduces ``inp`` (``size * out.numel()`` elements) across ranks and leaves this rank's
         block in ``out``. ``op`` is ``sum``, ``prod``, ``max``, ``min`` or ``avg``."""
-        self._run("reduce_scatter", out, inp, op, stream, per_rank=out)
+        self._run("reduce_scatter", out, inp, op, stream)
 
     def all_reduce(
         self,
@@ -205,33 +296,32 @@ class Communicator:
     ) -> torch.Tensor:
         """Reduces ``tensor`` across ranks into ``out`` (default: in place). Returns ``out``."""
         target = tensor if out is None else out
-        self._run("all_reduce", target, tensor, op, stream, per_rank=None)
+        self._run("all_reduce", target, tensor, op, stream)
         return target
 
-    def _stream(self, stream: Optional[torch.cuda.Stream]) -> torch.cuda.Stream:
+    def _handle(self, stream: Optional[torch.cuda.Stream]) -> tuple[int, int]:
+        """``(cudaStream_t, device index)`` of ``stream`` (default: the current stream)."""
         if stream is None:
-            return torch.cuda.current_stream(self._torch_device)
+            return (_current_stream(self._device), self._device)
         if not isinstance(stream, torch.cuda.Stream):
             raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream)}")
-        return stream
+        return (int(stream.cuda_stream), int(stream.device.index))
 
     def _run(
-        self,
-        kind: str,
-        out: Any,
-        inp: Any,
-        op: str,
-        stream: Optional[torch.cuda.Stream],
-        per_rank: Optional[torch.Tensor],
+        self, kind: str, out: Any, inp: Any, op: str, stream: Optional[torch.cuda.Stream]
     ) -> None:
-        s = self._stream(stream)
-        handle = (int(s.cuda_stream), int(s.device.index))
+        """The common path: the stream handle, then one native call that reads and checks both
+        tensors, picks the communicator (policy) and launches; the rest only when asked for."""
+        if stream is None:  # the common case, inline
+            handle = (_current_stream(self._device), self._device)
+        else:
+            handle = self._handle(stream)
         if _window_check != "off":
             self._check_windows(out, inp)
-        if per_rank is not None and self._needs_staging(per_rank, out, inp):
-            self._staged(kind, out, inp, op, s, handle)
-            return
-        self._native.run(kind, out, inp, handle, op)
+        if self._native.run(kind, out, inp, handle, op) == "stage":
+            if stream is None:
+                stream = torch.cuda.current_stream(self._torch_device)
+            self._staged(kind, out, inp, op, stream, handle)
 
     def _staged(
         self,
@@ -262,10 +352,11 @@ class Communicator:
         """Whether NCCL's symmetric LL kernels would get this call wrong: 16-bit data with an
         odd per-rank count, both buffers in this communicator's windows, on an NCCL with the
         unaligned-buffer defect. NCCL picks a symmetric kernel only when both buffers are
-        registered, so a staging output outside the windows keeps the call correct."""
+        registered, so a staging output outside the windows keeps the call correct. (The native
+        ``run`` decides this itself per call; this is the same rule, for tests and tools.)"""
         if not isinstance(per_rank, torch.Tensor) or per_rank.dtype not in _SIXTEEN_BIT:
             return False
-        if per_rank.numel() % 2 == 0 or not _unaligned_ll_bug():
+        if per_rank.numel() % 2 == 0 or not self._stage:
             return False
         return self._in_windows(out) and self._in_windows(inp)
 

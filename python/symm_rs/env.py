@@ -22,6 +22,7 @@ STRICT = "SYMM_RS_STRICT"
 TIMEOUT = "SYMM_RS_TIMEOUT"
 REGISTER = "SYMM_RS_REGISTER"
 REGISTER_CHOICES = ("auto", "always")
+POLICY_TABLE = "SYMM_RS_POLICY_TABLE"
 
 # What each variable a user may set holds (README.md, "Environment variables").
 VARIABLES: dict[str, str] = {
@@ -32,6 +33,7 @@ VARIABLES: dict[str, str] = {
     STRICT: "boolean: 1/0, true/false, yes/no, on/off",
     TIMEOUT: "seconds (> 0), e.g. 30 or 2.5",
     REGISTER: "auto (skip registration where NCCL cannot run symmetric kernels) or always",
+    POLICY_TABLE: "size-policy table, e.g. all_reduce:32K-2M,128M-;reduce_scatter:32K-",
 }
 # Set by symm_rs itself for its own child processes, or by its test-suite; never a typo.
 INTERNAL_VARIABLES = frozenset(
@@ -154,6 +156,25 @@ def read_choice(
     return value
 
 
+def read_policy_table(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """``SYMM_RS_POLICY_TABLE`` checked (``symm_rs.policy.PolicyTable.parse``), or ``None``
+    when unset or empty.
+
+    Raises:
+        ValueError: it is not a table (the message names the variable).
+    """
+    value = _environ(environ).get(POLICY_TABLE, "").strip()
+    if not value:
+        return None
+    from symm_rs.policy import PolicyTable  # no torch, no native module
+
+    try:
+        PolicyTable.parse(value)
+    except ValueError as e:
+        raise ValueError(f"{POLICY_TABLE}: {e}") from None
+    return value
+
+
 @dataclass(frozen=True)
 class EnvIssue:
     """One finding about a ``SYMM_RS_*`` variable. ``fatal`` is ``False`` for a name symm_rs
@@ -192,6 +213,11 @@ def environment_issues(environ: Optional[Mapping[str, str]] = None) -> list[EnvI
         elif name == REGISTER:
             try:
                 read_choice(name, REGISTER_CHOICES, env)
+            except ValueError as e:
+                issues.append(EnvIssue(name, value, str(e), fatal=True))
+        elif name == POLICY_TABLE:
+            try:
+                read_policy_table(env)
             except ValueError as e:
                 issues.append(EnvIssue(name, value, str(e), fatal=True))
         elif name not in INTERNAL_VARIABLES:

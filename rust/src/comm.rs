@@ -1,15 +1,22 @@
 //! A thin NCCL communicator owned by Rust: created from a unique id, destroyed exactly once
 //! (after its windows are deregistered), and the collectives symm_rs needs. A collective's
 //! buffers are checked by `collective::plan` against this communicator before NCCL sees them.
+//!
+//! With the size policy on, the communicator also owns a window-less twin over the same ranks
+//! (`ncclCommSplit`): calls the route table sends there run NCCL's regular algorithms even on
+//! buffers that are windows of this communicator. The twin is created, used and destroyed with
+//! its parent, under the same lock.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::allocator;
-use crate::collective::{self, CollectiveKind, Target, TensorView};
+use crate::collective::{self, Collective, CollectiveKind, DataType, Target, TensorView};
 use crate::cuda::DeviceGuard;
 use crate::error::{Error, Result};
 use crate::handles::{CommPtr, StreamPtr};
 use crate::nccl::{self, sys::NcclUniqueId};
+use crate::policy::RouteTable;
 
 #[derive(Debug, Clone, Copy)]
 struct Live {
@@ -19,15 +26,52 @@ struct Live {
     device: i32,
 }
 
+/// The window-less twin and the calls routed to it.
+struct Twin {
+    comm: CommPtr,
+    table: RouteTable,
+}
+
+struct State {
+    main: Live,
+    twin: Option<Twin>,
+}
+
+/// Where `Communicator::run` sent a collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    Main,
+    Twin,
+    /// Nothing was launched: the call must go through a staging buffer (see `run`).
+    NeedsStaging,
+}
+
+impl Launch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Twin => "twin",
+            Self::NeedsStaging => "stage",
+        }
+    }
+}
+
 /// An owned `ncclComm_t`. `None` inside once closed.
 pub struct Communicator {
-    live: Mutex<Option<Live>>,
+    live: Mutex<Option<State>>,
+    /// Whether this NCCL's symmetric LL kernels mishandle odd 16-bit counts (set once by the
+    /// Python layer, which keeps the list of NCCL defects).
+    stage_unaligned: AtomicBool,
 }
 
 /// The 128-byte id rank 0 creates and every rank passes to `Communicator::new`.
 pub fn unique_id() -> Result<Vec<u8>> {
     let id = nccl::get()?.get_unique_id()?;
     Ok(id.internal.iter().map(|&b| b as u8).collect())
+}
+
+fn closed() -> Error {
+    Error::Closed("this Communicator is closed; create a new one to communicate".into())
 }
 
 impl Communicator {
@@ -54,24 +98,24 @@ impl Communicator {
         let lib = nccl::get()?;
         let _device = DeviceGuard::enter(device)?;
         let comm = lib.comm_init_rank(size, unique, rank)?;
+        let main = Live {
+            comm,
+            rank,
+            size,
+            device,
+        };
         Ok(Self {
-            live: Mutex::new(Some(Live {
-                comm,
-                rank,
-                size,
-                device,
-            })),
+            live: Mutex::new(Some(State { main, twin: None })),
+            stage_unaligned: AtomicBool::new(false),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Live>> {
+    fn lock(&self) -> MutexGuard<'_, Option<State>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn live(&self) -> Result<Live> {
-        self.lock().ok_or_else(|| {
-            Error::Closed("this Communicator is closed; create a new one to communicate".into())
-        })
+        self.lock().as_ref().map(|s| s.main).ok_or_else(closed)
     }
 
     pub fn comm(&self) -> Result<CommPtr> {
@@ -90,21 +134,77 @@ impl Communicator {
         self.lock().is_none()
     }
 
-    /// Deregisters this communicator's windows, then destroys it. Idempotent.
-    pub fn close(&self) -> Result<()> {
-        let Some(live) = self.lock().take() else {
-            return Ok(());
-        };
-        let windows = allocator::release_comm(live.comm);
-        let lib = nccl::get()?;
-        // SAFETY: `take()` removed the only copy of the handle, so it is destroyed once and
-        // never used again; its windows were released just above.
-        let destroyed = unsafe { lib.comm_destroy(live.comm) };
-        windows.and(destroyed)
+    /// Stage 16-bit all-gathers and reduce-scatters with an odd per-rank count whose buffers
+    /// are both windows of this communicator (see `run`).
+    pub fn set_stage_unaligned(&self, on: bool) {
+        self.stage_unaligned.store(on, Ordering::Relaxed);
     }
 
-    /// Checks the buffers against this communicator and enqueues `kind` on `stream`; the
-    /// communicator stays locked meanwhile, so `close` cannot race with the launch.
+    /// Creates the window-less twin (idempotent). Collective over this communicator's ranks.
+    pub fn enable_twin(&self) -> Result<()> {
+        let mut guard = self.lock();
+        let state = guard.as_mut().ok_or_else(closed)?;
+        if state.twin.is_some() {
+            return Ok(());
+        }
+        let lib = nccl::get()?;
+        let _device = DeviceGuard::enter(state.main.device)?;
+        // SAFETY: the lock keeps `main.comm` alive (close takes the state first).
+        let comm = unsafe { lib.comm_split(state.main.comm, state.main.rank) }?;
+        state.twin = Some(Twin {
+            comm,
+            table: RouteTable::default(),
+        });
+        Ok(())
+    }
+
+    /// Replaces the calls routed to the twin. Errors when there is no twin.
+    pub fn set_route(&self, table: RouteTable) -> Result<()> {
+        let mut guard = self.lock();
+        let state = guard.as_mut().ok_or_else(closed)?;
+        let twin = state.twin.as_mut().ok_or_else(|| {
+            Error::Usage("this Communicator has no policy twin; enable the policy first".into())
+        })?;
+        twin.table = table;
+        Ok(())
+    }
+
+    /// The twin's `ncclComm_t`, if there is one.
+    pub fn twin_comm(&self) -> Result<Option<CommPtr>> {
+        let guard = self.lock();
+        let state = guard.as_ref().ok_or_else(closed)?;
+        Ok(state.twin.as_ref().map(|t| t.comm))
+    }
+
+    /// Deregisters this communicator's windows, then destroys its twin and itself. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        let Some(state) = self.lock().take() else {
+            return Ok(());
+        };
+        let lib = nccl::get()?;
+        let twin = match state.twin {
+            Some(twin) => {
+                let windows = allocator::release_comm(twin.comm);
+                // SAFETY: `take()` removed the only copy of the twin's handle.
+                windows.and(unsafe { lib.comm_destroy(twin.comm) })
+            }
+            None => Ok(()),
+        };
+        let windows = allocator::release_comm(state.main.comm);
+        // SAFETY: `take()` removed the only copy of the handle, so it is destroyed once and
+        // never used again; its windows were released just above.
+        let destroyed = unsafe { lib.comm_destroy(state.main.comm) };
+        twin.and(windows).and(destroyed)
+    }
+
+    /// Checks the buffers against this communicator and enqueues `kind` on `stream`, on the
+    /// twin when the route table says so; the communicator stays locked meanwhile, so `close`
+    /// cannot race with the launch.
+    ///
+    /// Launches nothing and returns `NeedsStaging` for a call NCCL's symmetric LL kernels get
+    /// wrong on an NCCL with that defect: a 16-bit all-gather or reduce-scatter with an odd
+    /// per-rank count, both buffers windows of this communicator. NCCL picks a symmetric kernel
+    /// only when both are, so the caller reruns it with a staging output outside the windows.
     pub fn run(
         &self,
         kind: CollectiveKind,
@@ -112,25 +212,58 @@ impl Communicator {
         inp: &TensorView,
         stream: StreamPtr,
         stream_device: Option<i32>,
-    ) -> Result<()> {
+    ) -> Result<Launch> {
         let guard = self.lock();
-        let live = guard.ok_or_else(|| {
-            Error::Closed("this Communicator is closed; create a new one to communicate".into())
-        })?;
+        let state = guard.as_ref().ok_or_else(closed)?;
+        let main = state.main;
         let lib = nccl::get()?;
         let target = Target {
-            comm: live.comm,
-            nranks: live.size as usize,
-            device: live.device,
+            comm: main.comm,
+            nranks: main.size as usize,
+            device: main.device,
             stream,
             stream_device,
         };
-        let call = collective::plan(kind, out, inp, target, lib.version())?;
+        let mut call = collective::plan(kind, out, inp, target, lib.version())?;
+        let per_rank_bytes = call.count.saturating_mul(call.dtype.size());
+        let launch = match &state.twin {
+            Some(twin) if twin.table.to_twin(kind, per_rank_bytes) => {
+                call.comm = twin.comm;
+                Launch::Twin
+            }
+            _ if self.stage_unaligned.load(Ordering::Relaxed)
+                && unaligned_symmetric(&call, out, inp) =>
+            {
+                return Ok(Launch::NeedsStaging)
+            }
+            _ => Launch::Main,
+        };
         // SAFETY: `plan` checked both buffers against this communicator (device, dtype,
-        // contiguity, element counts); the caller keeps the tensors alive until the stream has
-        // run the collective, and the lock keeps `comm` alive for the launch.
-        unsafe { lib.launch(&call) }
+        // contiguity, element counts), and the twin has the same ranks and device; the caller
+        // keeps the tensors alive until the stream has run the collective, and the lock keeps
+        // both communicators alive for the launch.
+        unsafe { lib.launch(&call) }?;
+        Ok(launch)
     }
+}
+
+/// Whether `call` is one the symmetric LL kernels' unaligned 16-bit defect hits.
+fn unaligned_symmetric(call: &Collective, out: &TensorView, inp: &TensorView) -> bool {
+    let per_rank = matches!(
+        call.kind,
+        CollectiveKind::AllGather | CollectiveKind::ReduceScatter(_)
+    );
+    if !per_rank
+        || call.count % 2 == 0
+        || !matches!(call.dtype, DataType::Float16 | DataType::Bfloat16)
+    {
+        return false;
+    }
+    allocator::with_table(|t| {
+        [out, inp]
+            .iter()
+            .all(|v| t.is_registered(v.ptr.addr(), v.nbytes().max(1), call.comm))
+    })
 }
 
 impl Drop for Communicator {

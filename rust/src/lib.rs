@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod error;
 pub mod handles;
 pub mod nccl;
+pub mod policy;
 pub mod segments;
 
 #[cfg(feature = "python")]

@@ -1,9 +1,12 @@
 """symm_rs.Communicator on real GPUs: every dtype NCCL has, eager and inside a replayed CUDA
-graph, against torch.distributed on the same data; argument errors before NCCL is called; and
-the Communicator accepted as a group by use_symmetric_memory."""
+graph, against torch.distributed on the same data; argument errors before NCCL is called; the
+Communicator accepted as a group by use_symmetric_memory; and the size policy (calls routed to
+the window-less twin by size, exact, in graphs and groups, and NCCL's tuning log agreeing)."""
 
 from __future__ import annotations
 
+import glob
+import os
 from typing import Any
 
 import torch
@@ -22,6 +25,18 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5, tor
 N = 4099  # elements per rank: odd, so no kernel gets an aligned size for free
 
 _comm: Any = None
+# NCCL's tuning log, one file per process, shared by the ranks of one run (children of the
+# harness): the policy case reads what NCCL chose for its calls.
+LOG_DIR = f"/tmp/symm_rs_comm_nccl_log.{os.getppid()}"
+
+
+def setup_rank(rank: int, world_size: int) -> None:
+    os.makedirs(LOG_DIR, exist_ok=True)
+    os.environ.update(
+        NCCL_DEBUG="INFO",
+        NCCL_DEBUG_SUBSYS="TUNING",
+        NCCL_DEBUG_FILE=os.path.join(LOG_DIR, "nccl.%h.%p"),
+    )
 
 
 def _communicator(ctx: Ctx) -> symm_rs.Communicator:
@@ -37,10 +52,10 @@ def _integers(n: int, rank: int, dtype: torch.dtype, salt: int = 0) -> torch.Ten
 
 
 def _buffers(
-    comm: symm_rs.Communicator, dtype: torch.dtype, symmetric: bool
+    comm: symm_rs.Communicator, dtype: torch.dtype, symmetric: bool, n: int = N
 ) -> dict[str, torch.Tensor]:
     ws = comm.size
-    shapes = {"ag_in": N, "ag_out": N * ws, "ar": N, "ar_out": N, "rs_in": N * ws, "rs_out": N}
+    shapes = {"ag_in": n, "ag_out": n * ws, "ar": n, "ar_out": n, "rs_in": n * ws, "rs_out": n}
     if symmetric:
         with symm_rs.use_symmetric_memory(comm):
             return {k: torch.empty(v, dtype=dtype, device="cuda") for k, v in shapes.items()}
@@ -284,3 +299,121 @@ def case_even_16bit_counts_run_symmetric_kernels_exactly(ctx: Ctx) -> None:
             rows.append(row)
     ctx.details["rows"] = rows
     assert all(r["all_gather"] and r["reduce_scatter"] and r["symmetric"] for r in rows), rows
+
+
+# The policy case's table and sizes: per rank, 2048 elements (4 or 8 KiB) stay on the
+# communicator, 98304 (192 or 384 KiB) go to the twin; sizes no other case uses.
+POLICY_TABLE = "all_gather:64K-;all_reduce:64K-;reduce_scatter:64K-"
+POLICY_COUNTS = (2048, 3 << 15)
+OPS = {"ag_out": "all_gather", "ar_out": "all_reduce", "rs_out": "reduce_scatter"}
+
+
+def _log_offsets() -> dict[str, int]:
+    return {path: os.path.getsize(path) for path in glob.glob(os.path.join(LOG_DIR, "nccl.*"))}
+
+
+def _log_since(offsets: dict[str, int]) -> list[str]:
+    lines: list[str] = []
+    for path in glob.glob(os.path.join(LOG_DIR, "nccl.*")):
+        with open(path, errors="replace") as f:
+            f.seek(offsets.get(path, 0))
+            lines += [line for line in f.read().splitlines() if "Bytes ->" in line]
+    return lines
+
+
+def case_policy_routes_by_size_exactly(ctx: Ctx) -> None:
+    """Policy on (a fixed table): each collective below and above its threshold, eager, in a
+    replayed CUDA graph and inside nccl_group(), matches torch.distributed on plain buffers;
+    NCCL logs no symmetric kernel for a call routed to the twin, and does for the others."""
+    supported = symm_rs.symmetric_kernels(ctx.group).supported
+    torch.cuda.synchronize()
+    offsets = _log_offsets()
+    comm = symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device)
+    free = torch.cuda.mem_get_info(ctx.device)[0]
+    policy = comm.enable_policy(POLICY_TABLE)
+    torch.cuda.synchronize()
+    ctx.details["twin_memory_bytes_at_creation"] = free - torch.cuda.mem_get_info(ctx.device)[0]
+    assert policy.mechanism == "twin" and policy.twin_comm not in (0, comm.comm)
+    assert comm.policy is policy and policy.table.to_text() == POLICY_TABLE
+    ctx.details.update(per_call_selection=policy.per_call_selection, note=policy.note)
+    problems: list[str] = []
+    routes = {}
+    for n in POLICY_COUNTS:
+        for dtype in (torch.float32, torch.bfloat16):
+            nbytes = n * torch.tensor([], dtype=dtype).element_size()
+            routes[f"{dtype} x {n}"] = {op: comm.route(op, nbytes) for op in OPS.values()}
+            ours = _buffers(comm, dtype, symmetric=True, n=n)
+            ref = _buffers(comm, dtype, symmetric=False, n=n)
+            _fill(ours, ctx.rank, dtype, random=False)
+            _fill(ref, ctx.rank, dtype, random=False)
+            _torch(ctx.group, ref)
+            for how in ("eager", "graph", "group"):
+                for key in OPS:
+                    ours[key].zero_()
+                if how == "graph":
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        _ours(comm, ours)  # warm-up outside the capture
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        _ours(comm, ours)
+                    for key in OPS:
+                        ours[key].zero_()
+                    graph.replay()
+                elif how == "group":
+                    with symm_rs.nccl_group():
+                        _ours(comm, ours)
+                else:
+                    _ours(comm, ours)
+                torch.cuda.synchronize()
+                label = f"policy {dtype} n={n} {how}"
+                problems += _differences(ours, ref, dtype, exact=True, label=label)
+                if how == "graph":
+                    graph.reset()  # before close(): NCCL's destruction waits for live graphs
+                    del graph
+    torch.cuda.synchronize()
+    ctx.details.update(routes=routes, problems=problems)
+    assert not problems, "; ".join(problems)
+    assert routes["torch.float32 x 2048"] == dict.fromkeys(OPS.values(), "main"), routes
+    assert routes[f"torch.float32 x {3 << 15}"] == dict.fromkeys(OPS.values(), "twin"), routes
+
+    dist.barrier(group=ctx.group, device_ids=[ctx.rank])
+    lines = _log_since(offsets)
+    twin_bytes = {
+        n * size * k for n in POLICY_COUNTS[1:] for size in (2, 4) for k in (1, ctx.world_size)
+    }
+    main_bytes = {
+        n * size * k for n in POLICY_COUNTS[:1] for size in (2, 4) for k in (1, ctx.world_size)
+    }
+    symmetric = [line for line in lines if "[Symmetric]" in line]
+    wrong = [
+        line for line in symmetric if int(line.split(" Bytes ->")[0].split()[-1]) in twin_bytes
+    ]
+    right = [
+        line for line in symmetric if int(line.split(" Bytes ->")[0].split()[-1]) in main_bytes
+    ]
+    ctx.details.update(
+        tuning_lines=len(lines), symmetric_on_twin=wrong[:3], symmetric_on_main=len(right)
+    )
+    comm.close()
+    assert comm.closed
+    if ctx.rank == 0 and lines:  # NCCL >= 2.28 logs kernel choices on rank 0 only
+        assert not wrong, f"calls routed to the twin ran symmetric kernels: {wrong[:3]}"
+        assert right or not supported, "no symmetric kernel logged for the communicator's calls"
+
+
+def case_calibration_agrees_on_one_table(ctx: Ctx) -> None:
+    """symm_rs.calibrate on a few sizes: every rank gets the same, valid table, and the table in
+    use is restored."""
+    with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device, policy=True) as c:
+        before = c.policy.table
+        table = symm_rs.calibrate(c, sizes=[1 << 10, 1 << 16, 1 << 20, 16 << 20], reps=3, iters=10)
+        texts: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(texts, table.to_text(), group=ctx.group)
+        assert c.policy.table == before
+        torch.cuda.synchronize()
+    ctx.details.update(table=table.to_text(), default=before.to_text())
+    assert len(set(texts)) == 1, texts
+    assert symm_rs.PolicyTable.parse(texts[0]) == table

@@ -645,6 +645,140 @@ def stress(threads: str = "8", iterations: str = "200") -> None:
     print(f"stress: {total} segments, {c['registers']} windows, {samples[0]} snapshots")
 
 
+class FakeDtype:
+    """Stands for a torch dtype: a singleton whose ``str`` is torch's name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"torch.{self.name}"
+
+
+BF16, F32 = FakeDtype("bfloat16"), FakeDtype("float32")
+
+
+class FakeTensor:
+    """Just the methods ``_native`` reads from a torch tensor."""
+
+    def __init__(self, ptr: int, numel: int, dtype: FakeDtype = BF16, device: int = 0) -> None:
+        self.ptr, self.n, self.dtype, self.device_index = ptr, numel, dtype, device
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+    def numel(self) -> int:
+        return self.n
+
+    def get_device(self) -> int:
+        return self.device_index
+
+    def is_contiguous(self) -> bool:
+        return True
+
+
+@scenario
+def communicator_routing() -> None:
+    """The Communicator core on the stand-in: launches on the communicator, the policy twin
+    made by ncclCommSplit and the calls the route table sends to it, the staging answer for odd
+    16-bit counts on windows, argument errors, and a close that destroys both."""
+    si = StandIn()
+    _native.load_nccl([])
+    c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
+    check(si.get("comms_made") == 1 and c.twin_comm is None, f"{si.get('comms_made')}")
+    plugs = Plugs()
+    seg_small, seg_big = plugs.alloc_ok(64 * KIB), plugs.alloc_ok(128 * KIB)
+    check(_native.register_pending(c.comm) == 2, "windows on the communicator")
+    small, big = FakeTensor(seg_small, 4096), FakeTensor(seg_big, 8192)
+    stream = (0, 0)
+    check(c.run("all_gather", big, small, stream) == "main", "all-gather on the communicator")
+    check(si.get("last_comm") == c.comm and si.get("last_count") == 4096, "launch arguments")
+
+    message = raises(_native.SymmetricMemoryError, c.set_route, [("all_reduce", 0, None)])
+    contains_all(message, "no policy twin")
+    c.enable_twin()
+    c.enable_twin()  # idempotent
+    twin = c.twin_comm
+    check(si.get("splits") == 1 and twin not in (None, c.comm), f"twin {twin}")
+    c.set_route([("all_reduce", 8 * KIB, None), ("reduce_scatter", 0, 4 * KIB)])
+    check(c.run("all_reduce", small, small, stream) == "twin", "8 KiB all-reduce: twin")
+    check(si.get("last_comm") == twin, "launched on the twin")
+    half = FakeTensor(seg_small, 2048)
+    check(c.run("all_reduce", half, half, stream, "max") == "main", "4 KiB all-reduce: main")
+    check(si.get("last_comm") == c.comm, "launched on the communicator")
+    check(c.run("reduce_scatter", FakeTensor(seg_small, 1024), half, stream) == "twin", "rs")
+    check(c.run("all_gather", big, small, stream) == "main", "all-gather stays")
+
+    # Odd 16-bit per-rank counts on windows: nothing launched, the caller stages.
+    c.set_stage_unaligned(True)
+    launches = si.get("launches")
+    odd_in, odd_out = FakeTensor(seg_small, 4095), FakeTensor(seg_big, 8190)
+    check(c.run("all_gather", odd_out, odd_in, stream) == "stage", "odd bf16 all-gather")
+    check(si.get("launches") == launches, "a staged call launched")
+    odd32 = (FakeTensor(seg_big, 8190, F32), FakeTensor(seg_small, 4095, F32))
+    check(c.run("all_gather", odd32[0], odd32[1], stream) == "main", "odd fp32: no staging")
+    outside = FakeTensor(fake_comm(), 8190)
+    check(c.run("all_gather", outside, odd_in, stream) == "main", "staging output: launched")
+    c.set_route([("all_gather", 0, None)])
+    check(c.run("all_gather", odd_out, odd_in, stream) == "twin", "on the twin: no staging")
+
+    contains_all(raises(ValueError, c.set_route, [("broadcast", 0, None)]), "broadcast")
+    cpu = FakeTensor(seg_small, 4096, device=-1)
+    contains_all(raises(ValueError, c.run, "all_reduce", cpu, cpu, stream), "not a CUDA tensor")
+    contains_all(raises(TypeError, c.run, "all_reduce", object(), small, stream), "torch.Tensor")
+    bad = FakeTensor(seg_small, 4096, FakeDtype("complex64"))
+    contains_all(raises(TypeError, c.run, "all_reduce", bad, bad, stream), "NCCL has no type")
+
+    c.close()
+    c.close()
+    check(si.get("comms_destroyed") == 2, f"destroyed {si.get('comms_destroyed')}")
+    contains_all(raises(ValueError, lambda: c.twin_comm), "closed")
+    contains_all(raises(ValueError, c.run, "all_reduce", small, small, stream), "closed")
+    plugs.free(seg_small, 64 * KIB)
+    plugs.free(seg_big, 128 * KIB)
+    expect_clean(si)
+
+
+@scenario
+def communicator_host_cost(calls: str = "20000") -> None:
+    """Host cost per call of the native launch path against a ctypes call of the same stand-in
+    ncclAllGather that reads ``data_ptr()``/``numel()`` per call (as SGLang's pynccl does).
+    Prints the two figures; the stand-in launch itself costs nanoseconds."""
+    import time
+
+    si = StandIn()
+    _native.load_nccl([])
+    c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
+    plugs = Plugs()
+    seg_small, seg_big = plugs.alloc_ok(64 * KIB), plugs.alloc_ok(128 * KIB)
+    small, big = FakeTensor(seg_small, 4096), FakeTensor(seg_big, 8192)
+    f = si.lib.ncclAllGather
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    f.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+    comm, n = c.comm, int(calls)
+
+    def native() -> None:
+        c.run("all_gather", big, small, (0, 0), "sum")
+
+    def raw() -> None:
+        f(small.data_ptr(), big.data_ptr(), small.numel(), 9, comm, 0)
+
+    figures = {}
+    for name, fn in (("native", native), ("ctypes", raw)) * 2:  # the second round counts
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        figures[name] = (time.perf_counter() - t0) / n * 1e6
+    print(
+        f"host cost per call: native {figures['native']:.2f} us, ctypes {figures['ctypes']:.2f} us"
+    )
+    check(si.get("launches") == 4 * n, "every call launched")
+    c.close()
+    plugs.free(seg_small, 64 * KIB)
+    plugs.free(seg_big, 128 * KIB)
+
+
 def main() -> None:
     name, args = sys.argv[1], sys.argv[2:]
     try:

@@ -11,7 +11,7 @@ from typing import Optional
 from symm_rs.env import parse_bytes
 
 KiB, MiB = 1 << 10, 1 << 20
-SECTIONS = ("collectives", "communicator", "context", "coldstart", "registration")
+SECTIONS = ("collectives", "communicator", "policy", "context", "coldstart", "registration")
 OPS = ("all_gather", "all_reduce", "reduce_scatter")
 BUFFERS = ("plain", "symm")
 MODES = ("eager", "graph")

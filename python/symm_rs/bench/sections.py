@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 
 import symm_rs
+from symm_rs.bench.comm_calls import communicator
 from symm_rs.bench.config import BUFFERS, MODES, OPS, BenchConfig, MiB, format_bytes
-from symm_rs.bench.timing import BenchAbort, Rank, time_eager, time_graph, time_host
+from symm_rs.bench.policy import policy
+from symm_rs.bench.timing import BenchAbort, Rank, time_eager, time_graph
 from symm_rs.launch import init_nccl
 
 # Each >= 10 MiB and a multiple of 2 MiB, so the caching allocator gives every tensor a segment
@@ -73,26 +75,6 @@ def collectives(r: Rank) -> dict[str, Any]:
                     label = f"{op} {format_bytes(nbytes)} {kind} {mode}"
                     r.log(f"[collectives] {label}: {row['median_us']:.1f} us (rank 0)")
         del pairs, fn
-    return {"rows": rows}
-
-
-def communicator(r: Rank) -> dict[str, Any]:
-    """``symm_rs.Communicator`` against torch.distributed, eager, on the same buffers (the sizes
-    up to 1 MiB, and 1 MiB), registered with both communicators."""
-    sizes = sorted({s for s in r.cfg.sizes if s <= MiB} | {MiB})
-    comm = symm_rs.Communicator.from_process_group(r.group, device=r.rank)
-    rows = []
-    for nbytes in sizes:
-        small, big = allocate(r, nbytes, comm, r.group)
-        for op in ("all_gather", "all_reduce"):
-            for path, via in (("symm_rs", comm), ("torch", None)):
-                row = time_host(r, collective(op, small, big, r.group, via))
-                rows.append({"op": op, "bytes": nbytes, "path": path, **row})
-                label = f"{op} {format_bytes(nbytes)} {path}"
-                r.log(f"[communicator] {label}: wall {row['wall_us']:.1f} us (rank 0)")
-        del small, big
-    torch.cuda.synchronize()
-    comm.close()
     return {"rows": rows}
 
 
@@ -274,6 +256,7 @@ def bench_rank(rank: int, world: int, cfg: BenchConfig) -> dict[str, Any]:
             ("registration", registration),  # first, while the pool is empty
             ("collectives", collectives),
             ("communicator", communicator),
+            ("policy", policy),
             ("context", context),
         ):
             if name in cfg.sections:

@@ -313,6 +313,45 @@ impl Nccl {
         Ok(CommPtr::new(comm as usize))
     }
 
+    /// `ncclCommSplit(comm, 0, rank)`: a new communicator over the same ranks in the same order,
+    /// with the parent's configuration and none of its windows. Collective over `comm`'s ranks
+    /// and needs no unique id. A non-blocking parent is waited for.
+    ///
+    /// # Safety
+    /// `comm` must be a live communicator of this library.
+    pub unsafe fn comm_split(&self, comm: CommPtr, key: i32) -> Result<CommPtr> {
+        let f = self.need(
+            self.symbols.comm_split,
+            "ncclCommSplit",
+            NcclVersion::SPLIT,
+            NcclVersion::SPLIT_TEXT,
+        )?;
+        if in_group() {
+            return Err(Error::Usage(
+                "cannot split a communicator inside symm_rs.nccl_group(): NCCL writes the new \
+                 communicator only when the group ends; leave the group first"
+                    .to_owned(),
+            ));
+        }
+        let mut child: NcclComm = std::ptr::null_mut();
+        // SAFETY: the caller guarantees `comm` is live; NCCL writes the new communicator
+        // through a pointer we own; a NULL config means "inherit the parent's".
+        let code = unsafe { f(raw_comm(comm), 0, key, &mut child, std::ptr::null_mut()) };
+        match code {
+            sys::NCCL_IN_PROGRESS => self.wait_for(comm, "ncclCommSplit")?,
+            code => self.check("ncclCommSplit", code, Some(comm))?,
+        }
+        if child.is_null() {
+            return Err(Error::Nccl {
+                call: "ncclCommSplit",
+                code,
+                code_name: result_name(code),
+                message: "reported success but returned a NULL communicator".to_owned(),
+            });
+        }
+        Ok(CommPtr::new(child as usize))
+    }
+
     /// # Safety
     /// `comm` must be live and never used again.
     pub unsafe fn comm_destroy(&self, comm: CommPtr) -> Result<()> {

@@ -102,6 +102,7 @@ impl Nccl {
             get_unique_id: optional(&library, b"ncclGetUniqueId\0"),
             comm_init_rank: optional(&library, b"ncclCommInitRank\0"),
             comm_destroy: optional(&library, b"ncclCommDestroy\0"),
+            comm_split: optional(&library, b"ncclCommSplit\0"),
             comm_count: optional(&library, b"ncclCommCount\0"),
             comm_cu_device: optional(&library, b"ncclCommCuDevice\0"),
             comm_user_rank: optional(&library, b"ncclCommUserRank\0"),

@@ -38,6 +38,9 @@ pub type GetUniqueIdFn = unsafe extern "C" fn(*mut NcclUniqueId) -> NcclResult;
 pub type CommInitRankFn =
     unsafe extern "C" fn(*mut NcclComm, c_int, NcclUniqueId, c_int) -> NcclResult;
 pub type CommDestroyFn = unsafe extern "C" fn(NcclComm) -> NcclResult;
+/// `ncclCommSplit(comm, color, key, newcomm, config)`; a NULL config inherits the parent's.
+pub type CommSplitFn =
+    unsafe extern "C" fn(NcclComm, c_int, c_int, *mut NcclComm, *mut c_void) -> NcclResult;
 pub type CommIntQueryFn = unsafe extern "C" fn(NcclComm, *mut c_int) -> NcclResult;
 pub type AllGatherFn = unsafe extern "C" fn(
     *const c_void,
@@ -73,6 +76,8 @@ pub struct Symbols {
     pub get_unique_id: Option<GetUniqueIdFn>,
     pub comm_init_rank: Option<CommInitRankFn>,
     pub comm_destroy: Option<CommDestroyFn>,
+    /// NCCL >= 2.18; only the size policy's window-less twin needs it.
+    pub comm_split: Option<CommSplitFn>,
     pub comm_count: Option<CommIntQueryFn>,
     pub comm_cu_device: Option<CommIntQueryFn>,
     pub comm_user_rank: Option<CommIntQueryFn>,

@@ -17,6 +17,9 @@ impl NcclVersion {
     /// `ncclMemAlloc` appeared in 2.19.
     pub const MEM_ALLOC: NcclVersion = NcclVersion::new(2, 19, 0);
     pub const MEM_ALLOC_TEXT: &'static str = "2.19.0";
+    /// `ncclCommSplit`.
+    pub const SPLIT: NcclVersion = NcclVersion::new(2, 18, 1);
+    pub const SPLIT_TEXT: &'static str = "2.18.1";
 
     pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
         Self {

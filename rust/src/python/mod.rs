@@ -2,9 +2,11 @@
 //! around anything that may block in NCCL, and `Error` becomes a Python exception in one place.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -14,6 +16,7 @@ use crate::comm::{self, Communicator};
 use crate::error::Error;
 use crate::handles::{CommPtr, DevicePtr, StreamPtr};
 use crate::nccl;
+use crate::policy::RouteTable;
 
 mod context;
 
@@ -338,28 +341,63 @@ fn stats() -> PyStats {
     }
 }
 
-/// Reads what a collective needs from a torch tensor (no torch import: duck-typed calls).
-fn tensor_view(name: &str, tensor: &Bound<'_, PyAny>) -> PyResult<TensorView> {
-    let type_name = tensor.get_type().name()?.to_string();
-    if type_name != "Tensor" && !tensor.hasattr("data_ptr")? {
-        return Err(PyTypeError::new_err(format!(
-            "{name} must be a torch.Tensor, got {type_name}"
-        )));
+/// torch's dtype objects are singletons, so each is named once (by `str`) and afterwards
+/// found by identity. The strong references keep an address from being reused by another
+/// object; the cap bounds what odd duck-typed dtypes can add.
+static DTYPES: Mutex<Vec<(Py<PyAny>, DataType)>> = Mutex::new(Vec::new());
+const DTYPE_CACHE_CAP: usize = 64;
+
+fn data_type(dtype: &Bound<'_, PyAny>) -> PyResult<DataType> {
+    let cached = |cache: &Vec<(Py<PyAny>, DataType)>| {
+        cache
+            .iter()
+            .find(|(known, _)| known.as_ptr() == dtype.as_ptr())
+            .map(|(_, d)| *d)
+    };
+    if let Some(found) = cached(&DTYPES.lock().unwrap_or_else(|p| p.into_inner())) {
+        return Ok(found);
     }
-    let device = tensor.getattr("device")?;
-    let on_cuda = device.getattr("type")?.extract::<String>()? == "cuda";
-    let index: Option<i32> = device.getattr("index")?.extract()?;
-    let dtype = tensor.getattr("dtype")?.str()?.to_string();
-    Ok(TensorView {
-        ptr: DevicePtr::new(tensor.call_method0("data_ptr")?.extract()?),
-        numel: tensor.call_method0("numel")?.extract()?,
-        dtype: DataType::from_torch_name(&dtype)?,
-        device: if on_cuda {
-            Some(index.unwrap_or(0))
+    // Not under the lock: `str` runs Python code.
+    let found = DataType::from_torch_name(&dtype.str()?.to_string())?;
+    let mut cache = DTYPES.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() < DTYPE_CACHE_CAP && cached(&cache).is_none() {
+        cache.push((dtype.clone().unbind(), found));
+    }
+    Ok(found)
+}
+
+/// Reads what a collective needs from a torch tensor in one pass of five cheap calls (no torch
+/// import: duck-typed, so anything with a tensor's methods works).
+fn tensor_view(name: &str, tensor: &Bound<'_, PyAny>) -> PyResult<TensorView> {
+    let py = tensor.py();
+    let not_a_tensor = |e: PyErr| {
+        if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py) {
+            let type_name = tensor
+                .get_type()
+                .name()
+                .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+            PyTypeError::new_err(format!("{name} must be a torch.Tensor, got {type_name}"))
         } else {
-            None
-        },
-        contiguous: tensor.call_method0("is_contiguous")?.extract()?,
+            e
+        }
+    };
+    let ptr: usize = tensor
+        .call_method0(intern!(py, "data_ptr"))
+        .map_err(not_a_tensor)?
+        .extract()?;
+    let device: i64 = tensor
+        .call_method0(intern!(py, "get_device"))
+        .map_err(not_a_tensor)?
+        .extract()?;
+    Ok(TensorView {
+        ptr: DevicePtr::new(ptr),
+        numel: tensor.call_method0(intern!(py, "numel"))?.extract()?,
+        dtype: data_type(&tensor.getattr(intern!(py, "dtype"))?)?,
+        // torch's get_device(): the CUDA index, or -1 for a CPU tensor.
+        device: i32::try_from(device).ok().filter(|d| *d >= 0),
+        contiguous: tensor
+            .call_method0(intern!(py, "is_contiguous"))?
+            .extract()?,
     })
 }
 
@@ -476,7 +514,9 @@ impl PyNcclCommunicator {
     }
 
     /// Checks `out`/`inp` against this communicator and enqueues the collective on `stream`,
-    /// given as `(cudaStream_t, device index)`.
+    /// given as `(cudaStream_t, device index)`. Returns where it went: `"main"`, `"twin"` (the
+    /// policy's window-less twin), or `"stage"` when nothing was launched because the call
+    /// needs a staging output (see `set_stage_unaligned`).
     #[pyo3(signature = (kind, out, inp, stream, op = "sum"))]
     fn run(
         &self,
@@ -486,12 +526,37 @@ impl PyNcclCommunicator {
         inp: &Bound<'_, PyAny>,
         stream: (usize, i32),
         op: &str,
-    ) -> PyResult<()> {
+    ) -> PyResult<&'static str> {
         let (kind, out, inp) = launch_args(kind, op, out, inp)?;
-        Ok(py.detach(|| {
+        let launch = py.detach(|| {
             self.0
                 .run(kind, &out, &inp, StreamPtr::new(stream.0), Some(stream.1))
-        })?)
+        })?;
+        Ok(launch.as_str())
+    }
+
+    /// Whether `run` answers `"stage"` for 16-bit all-gathers and reduce-scatters with an odd
+    /// per-rank count on this communicator's windows (an NCCL with the unaligned LL defect).
+    fn set_stage_unaligned(&self, on: bool) {
+        self.0.set_stage_unaligned(on);
+    }
+
+    /// Creates the size policy's window-less twin, `ncclCommSplit(comm, 0, rank)`
+    /// (idempotent; collective). It routes nothing until `set_route`.
+    fn enable_twin(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.0.enable_twin())?)
+    }
+
+    /// Sends calls of `(collective, low, high)` bytes per rank (`[low, high)`, `high` None for
+    /// unbounded) to the twin; replaces the previous table.
+    fn set_route(&self, ranges: Vec<(String, usize, Option<usize>)>) -> PyResult<()> {
+        Ok(self.0.set_route(RouteTable::new(&ranges)?)?)
+    }
+
+    /// The twin's `ncclComm_t` address, or None without the policy.
+    #[getter]
+    fn twin_comm(&self) -> PyResult<Option<usize>> {
+        Ok(self.0.twin_comm()?.map(CommPtr::addr))
     }
 }
 

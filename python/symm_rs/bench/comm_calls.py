@@ -1,0 +1,123 @@
+"""The ``communicator`` section: one eager collective call's cost through ``symm_rs.Communicator``,
+through a plain ctypes call of the same NCCL function on the same communicator and buffers (as
+SGLang's ``PyNcclCommunicator`` makes it: ``data_ptr()``, ``numel()`` and the current stream read
+per call), and through ``torch.distributed``, side by side."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any, Callable
+
+import torch
+
+import symm_rs
+from symm_rs.bench.config import OPS, MiB, format_bytes
+from symm_rs.bench.timing import Rank, time_host
+
+NCCL_BFLOAT16, NCCL_SUM = 9, 0
+PATHS = ("symm_rs", "ctypes", "torch")
+
+
+@functools.cache
+def _nccl(path: str) -> Any:
+    """The libnccl symm_rs uses, opened with ctypes (the same handle: it is already loaded),
+    with the three collectives declared as ``nccl.h`` declares them."""
+    lib = ctypes.CDLL(path)
+    p, size, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+    lib.ncclAllGather.argtypes = [p, p, size, i, p, p]
+    for name in ("ncclAllGather", "ncclAllReduce", "ncclReduceScatter"):
+        getattr(lib, name).restype = i
+    lib.ncclAllReduce.argtypes = [p, p, size, i, i, p, p]
+    lib.ncclReduceScatter.argtypes = [p, p, size, i, i, p, p]
+    return lib
+
+
+def ctypes_collective(op: str, small: Any, big: Any, comm: Any) -> Callable[[], None]:
+    """``op`` as a plain ctypes call on ``comm.comm``: pointers, count and stream read per
+    call, the result checked, nothing else."""
+    lib = _nccl(symm_rs.library_info()["path"])
+    handle = ctypes.c_void_p(comm.comm)
+    dtypes = {torch.bfloat16: NCCL_BFLOAT16}
+
+    def check(code: int) -> None:
+        if code != 0:
+            raise RuntimeError(f"NCCL error {code}")
+
+    def all_gather() -> None:
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        check(
+            lib.ncclAllGather(
+                small.data_ptr(), big.data_ptr(), small.numel(), dtypes[small.dtype], handle, stream
+            )
+        )
+
+    def all_reduce() -> None:
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        check(
+            lib.ncclAllReduce(
+                small.data_ptr(),
+                small.data_ptr(),
+                small.numel(),
+                dtypes[small.dtype],
+                NCCL_SUM,
+                handle,
+                stream,
+            )
+        )
+
+    def reduce_scatter() -> None:
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        check(
+            lib.ncclReduceScatter(
+                big.data_ptr(),
+                small.data_ptr(),
+                small.numel(),
+                dtypes[small.dtype],
+                NCCL_SUM,
+                handle,
+                stream,
+            )
+        )
+
+    return {"all_gather": all_gather, "all_reduce": all_reduce, "reduce_scatter": reduce_scatter}[
+        op
+    ]
+
+
+def communicator(r: Rank) -> dict[str, Any]:
+    """The three paths, eager, on the same buffers (the sizes up to 1 MiB, and 1 MiB),
+    registered with both communicators; ``checks`` compares the agreed wall times."""
+    from symm_rs.bench.sections import allocate, collective
+
+    sizes = sorted({s for s in r.cfg.sizes if s <= MiB} | {MiB})
+    comm = symm_rs.Communicator.from_process_group(r.group, device=r.rank)
+    rows, checks = [], []
+    for nbytes in sizes:
+        small, big = allocate(r, nbytes, comm, r.group)
+        for op in OPS:
+            calls = {
+                "symm_rs": collective(op, small, big, r.group, comm),
+                "ctypes": ctypes_collective(op, small, big, comm),
+                "torch": collective(op, small, big, r.group),
+            }
+            agreed = {}
+            for path in PATHS:
+                row = time_host(r, calls[path])
+                rows.append({"op": op, "bytes": nbytes, "path": path, **row})
+                agreed[path] = r.all_reduce(row["wall_us"])
+                label = f"{op} {format_bytes(nbytes)} {path}"
+                r.log(f"[communicator] {label}: wall {row['wall_us']:.1f} us (rank 0)")
+            checks.append(
+                {
+                    "op": op,
+                    "bytes": nbytes,
+                    **{f"{p}_wall_us": agreed[p] for p in PATHS},
+                    "not_slower_than_ctypes": agreed["symm_rs"] <= agreed["ctypes"],
+                    "faster_than_torch": agreed["symm_rs"] < agreed["torch"],
+                }
+            )
+        del small, big
+    torch.cuda.synchronize()
+    comm.close()
+    return {"rows": rows, "checks": checks}

@@ -1,0 +1,329 @@
+"""The size policy: send each Communicator collective to the faster of NCCL's symmetric kernels
+and its regular algorithms.
+
+NCCL picks a symmetric kernel whenever both buffers are windows of the communicator, even at
+sizes and for collectives where its regular (ring/tree/NVLS) algorithms are faster; on NCCL
+2.28 a large all-reduce or reduce-scatter is up to 1.5x slower on windows (benches/results).
+A communicator has no windows of its own buffers unless they were registered with it, so a
+*twin* over the same ranks (``ncclCommSplit``), on which nothing is ever registered, runs the
+regular algorithms on the very same buffers. A ``PolicyTable`` says, per collective, which byte
+ranges (bytes per rank) go to the twin; everything else stays on the communicator itself.
+
+Nothing here imports torch at module level, so ``env`` can validate ``SYMM_RS_POLICY_TABLE``
+without it; ``calibrate`` (which measures a table on this machine) imports it when called.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+OPS = ("all_gather", "all_reduce", "reduce_scatter")
+# A call goes to the twin only when the regular algorithms are faster by more than this: the
+# benchmark's tolerance (policy <= min(plain, symm) * 1.03), so a near tie stays symmetric.
+MARGIN = 0.03
+
+Range = tuple[int, Optional[int]]  # [low, high) bytes per rank; None is unbounded
+
+# Derived by ``table_from_timings`` from the CUDA-graph rows (bf16) of the committed
+# benches/results/bench_<N>gpu.json: H100 80GB HBM3 over NVLink, NCCL 2.28.9, torch 2.11.
+# tests/test_policy_cpu.py derives them again from those files.
+DEFAULT_TABLES: dict[int, str] = {
+    2: "all_gather:128M-;all_reduce:32K-2M,128M-;reduce_scatter:32K-",
+    4: "all_reduce:256K-2M,16M-;reduce_scatter:32K-256K,2M-",
+}
+
+
+def _format_size(nbytes: int) -> str:
+    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
+        if nbytes and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift}{unit}"
+    return str(nbytes)
+
+
+@dataclass(frozen=True)
+class PolicyTable:
+    """Per collective, the ``[low, high)`` byte ranges (bytes per rank; ``high`` None for
+    unbounded) whose calls go to the window-less twin. Sorted, non-overlapping."""
+
+    ranges: Mapping[str, tuple[Range, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        clean: dict[str, tuple[Range, ...]] = {}
+        for op, spans in self.ranges.items():
+            if op not in OPS:
+                raise ValueError(f"policy table: unknown collective {op!r} (one of {OPS})")
+            checked = []
+            for span in spans:
+                low, high = span
+                if isinstance(low, bool) or not isinstance(low, int) or low < 0:
+                    raise ValueError(f"policy table: {op} low bound must be an int >= 0: {span}")
+                if high is not None and (
+                    isinstance(high, bool) or not isinstance(high, int) or high <= low
+                ):
+                    raise ValueError(f"policy table: {op} range {span} is empty or not ints")
+                checked.append((low, high))
+            checked.sort(key=lambda s: s[0])
+            for (_, high), (low, _) in zip(checked, checked[1:]):
+                if high is None or high > low:
+                    raise ValueError(f"policy table: {op} ranges overlap: {checked}")
+            if checked:
+                clean[op] = tuple(checked)
+        object.__setattr__(self, "ranges", clean)
+
+    @classmethod
+    def parse(cls, text: str) -> PolicyTable:
+        """From ``"all_reduce:32K-2M,128M-;reduce_scatter:32K-"`` (``low-high`` in bytes per
+        rank, sizes as ``SYMM_RS_RESERVE`` takes them; ``low-`` is unbounded). ``""`` or
+        ``"none"``: an empty table (nothing goes to the twin).
+
+        Raises:
+            ValueError: the text is not a table (the message says which part).
+        """
+        from symm_rs.env import parse_bytes
+
+        ranges: dict[str, list[Range]] = {}
+        if text.strip().lower() in ("", "none"):
+            return cls()
+        for part in text.split(";"):
+            if not part.strip():
+                continue
+            op, sep, spans = part.partition(":")
+            op = op.strip()
+            if not sep or op not in OPS:
+                raise ValueError(
+                    f"policy table: {part.strip()!r} must be <collective>:<low>-<high>,... "
+                    f"with the collective one of {', '.join(OPS)}"
+                )
+            for span in spans.split(","):
+                low, dash, high = span.partition("-")
+                if not dash or not low.strip():
+                    raise ValueError(f"policy table: {op} range {span.strip()!r} must be low-high")
+                bound = parse_bytes(high) if high.strip() else None
+                ranges.setdefault(op, []).append((parse_bytes(low), bound))
+        return cls({op: tuple(spans) for op, spans in ranges.items()})
+
+    @classmethod
+    def everything(cls) -> PolicyTable:
+        """Every call to the twin (calibration's regular-algorithm side)."""
+        return cls({op: ((0, None),) for op in OPS})
+
+    def to_text(self) -> str:
+        """The form ``parse`` and ``SYMM_RS_POLICY_TABLE`` take."""
+        parts = []
+        for op in OPS:
+            spans = self.ranges.get(op, ())
+            if spans:
+                text = ",".join(
+                    f"{_format_size(lo)}-{'' if hi is None else _format_size(hi)}"
+                    for lo, hi in spans
+                )
+                parts.append(f"{op}:{text}")
+        return ";".join(parts) or "none"
+
+    def use_twin(self, op: str, nbytes: int) -> bool:
+        """Whether an ``op`` call of ``nbytes`` per rank goes to the twin."""
+        return any(
+            lo <= nbytes and (hi is None or nbytes < hi) for lo, hi in self.ranges.get(op, ())
+        )
+
+    def entries(self) -> list[tuple[str, int, Optional[int]]]:
+        """``(collective, low, high)`` rows, as the native communicator takes them."""
+        return [(op, lo, hi) for op, spans in self.ranges.items() for lo, hi in spans]
+
+
+def default_table(world_size: int) -> PolicyTable:
+    """The measured table for ``world_size`` ranks; for a size not measured, the nearest one
+    that was (the smaller on a tie)."""
+    nearest = min(DEFAULT_TABLES, key=lambda w: (abs(w - world_size), w))
+    return PolicyTable.parse(DEFAULT_TABLES[nearest])
+
+
+def _boundary(below: int, above: int) -> int:
+    """A power of two between two measured sizes, at their geometric mean (rounded up)."""
+    return 1 << math.ceil((math.log2(below) + math.log2(above)) / 2)
+
+
+def table_from_timings(
+    timings: Mapping[tuple[str, int], tuple[float, float]], margin: float = MARGIN
+) -> PolicyTable:
+    """The table that measurements ask for: ``timings[(op, bytes)] = (regular_us, symm_us)``.
+    A measured size goes to the twin when the regular time is lower than the symmetric one by
+    more than ``margin``; neighbouring such sizes form one range, bounded halfway (in log scale)
+    to the nearest size that stays symmetric, and open at the ends of what was measured."""
+    ranges: dict[str, list[Range]] = {}
+    for op in OPS:
+        sizes = sorted(n for o, n in timings if o == op)
+        loses = [timings[(op, n)][0] * (1 + margin) < timings[(op, n)][1] for n in sizes]
+        for i, size in enumerate(sizes):
+            if not loses[i] or (i > 0 and loses[i - 1]):
+                continue
+            j = i
+            while j + 1 < len(sizes) and loses[j + 1]:
+                j += 1
+            low = 0 if i == 0 else _boundary(sizes[i - 1], size)
+            high = None if j + 1 == len(sizes) else _boundary(sizes[j], sizes[j + 1])
+            ranges.setdefault(op, []).append((low, high))
+    return PolicyTable({op: tuple(spans) for op, spans in ranges.items()})
+
+
+def table_from_bench(result: Mapping[str, Any], mode: str = "graph") -> PolicyTable:
+    """``table_from_timings`` of a bench result document's ``collectives`` rows (plain buffers
+    on torch's communicator stand for the regular algorithms)."""
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for row in result["sections"]["collectives"]["rows"]:
+        if row["mode"] == mode and row.get("latency_us") is not None:
+            cells.setdefault((row["op"], row["bytes"]), {})[row["buffers"]] = row["latency_us"]
+    timings = {k: (v["plain"], v["symm"]) for k, v in cells.items() if len(v) == 2}
+    return table_from_timings(timings)
+
+
+def resolve(policy: Any, world_size: int) -> Optional[PolicyTable]:
+    """The table a ``policy=`` argument asks for: None/False/"off" -> no policy; True/"auto"
+    -> ``SYMM_RS_POLICY_TABLE`` if set, else the default for ``world_size``; a PolicyTable, its
+    text form or a ``{collective: [(low, high), ...]}`` mapping -> that table.
+
+    Raises:
+        TypeError: a policy of another type.
+        ValueError: a table that does not parse (also from the environment variable).
+    """
+    from symm_rs import env
+
+    if policy is None or policy is False or policy == "off":
+        return None
+    if policy is True or policy == "auto":
+        text = env.read_policy_table()
+        return default_table(world_size) if text is None else PolicyTable.parse(text)
+    if isinstance(policy, PolicyTable):
+        return policy
+    if isinstance(policy, str):
+        return PolicyTable.parse(policy)
+    if isinstance(policy, Mapping):
+        return PolicyTable({op: tuple(tuple(s) for s in spans) for op, spans in policy.items()})
+    raise TypeError(
+        "policy must be None, True, 'auto', 'off', a PolicyTable, its text or a mapping; "
+        f"got {type(policy).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a Communicator's policy does: its table, the mechanism (``"twin"``: a window-less
+    ``ncclCommSplit`` twin), the twin's ``ncclComm_t``, and whether this NCCL offers per-call
+    algorithm selection (``per_call_selection``) and why symm_rs does not use it."""
+
+    table: PolicyTable
+    mechanism: str
+    twin_comm: int
+    per_call_selection: bool
+    note: str
+
+
+# NCCL's own per-call algorithm choice, if a release adds one. Up to NCCL 2.30.7 (the newest
+# source read, src/nccl.h.in) there is none: algorithms are chosen per communicator, by
+# NCCL_ALGO or the tuner plugin, and no ncclAllReduceConfig or similar exists.
+PER_CALL_SYMBOLS = ("ncclAllReduceConfig",)
+
+
+def per_call_selection(path: str) -> tuple[bool, str]:
+    """``(available, note)`` for the libnccl at ``path``."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        return False, f"could not inspect {path}: {e}"
+    found = [name for name in PER_CALL_SYMBOLS if hasattr(lib, name)]
+    if not found:
+        return False, (
+            "this NCCL has no per-call algorithm selection (none up to 2.30.7); the policy "
+            "routes through a window-less twin communicator"
+        )
+    return True, (
+        f"this NCCL exports {', '.join(found)}, but symm_rs does not know its signature yet; "
+        "the policy routes through a window-less twin communicator"
+    )
+
+
+def _call(comm: Any, op: str, small: Any, big: Any) -> Callable[[], Any]:
+    """``op`` on ``comm`` with bf16 buffers of ``small`` elements per rank."""
+    if op == "all_gather":
+        return lambda: comm.all_gather_into_tensor(big, small)
+    if op == "all_reduce":
+        return lambda: comm.all_reduce(small)
+    return lambda: comm.reduce_scatter_tensor(small, big)
+
+
+def _time_us(calls: list[Any], reps: int, iters: int) -> list[float]:
+    import torch
+
+    out = []
+    for call in calls:
+        for _ in range(3):
+            call()
+        samples = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                call()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / iters)
+        out.append(statistics.median(samples))
+    return out
+
+
+def calibrate(
+    comm: Any,
+    sizes: Optional[Iterable[int]] = None,
+    margin: float = MARGIN,
+    reps: int = 5,
+    iters: int = 20,
+) -> PolicyTable:
+    """Measures this machine's table on ``comm`` (a Communicator with the policy on) and returns
+    it; every rank returns the same table. Collective. For each size (bytes per rank, default
+    1 KiB .. 256 MiB in steps of 8x) and collective, bf16 buffers inside
+    ``use_symmetric_memory(comm)`` are timed on the communicator (symmetric kernels) and on its
+    twin (regular algorithms); the times are agreed (maximum over ranks) through ``comm``. The
+    table in use is restored afterwards; pass the result to ``comm.set_policy_table`` or keep
+    its ``to_text()`` in ``SYMM_RS_POLICY_TABLE``.
+
+    Raises:
+        ValueError: ``comm`` has no policy (no twin to measure).
+    """
+    import torch
+
+    import symm_rs
+
+    policy = comm.policy
+    if policy is None:
+        raise ValueError("calibrate needs a Communicator created with policy=True")
+    sizes = sorted(set(sizes or [1024 * 8**k for k in range(7)]))
+    ws, device = comm.size, comm.device
+    keys, measured = [], []
+    try:
+        for nbytes in sizes:
+            n = max(1, nbytes // 2) + (nbytes // 2) % 2  # even: no staging
+            with symm_rs.use_symmetric_memory(comm):
+                small = torch.zeros(n, dtype=torch.bfloat16, device=device)
+                big = torch.zeros(n * ws, dtype=torch.bfloat16, device=device)
+            for op in OPS:
+                call = _call(comm, op, small, big)
+                times = []
+                for table in (PolicyTable.everything(), PolicyTable()):
+                    comm._native.set_route(table.entries())
+                    times += _time_us([call], reps, iters)
+                keys.append((op, nbytes))
+                measured.append(times)
+    finally:
+        comm._native.set_route(policy.table.entries())
+    agreed = torch.tensor(measured, dtype=torch.float64, device=device)
+    comm.all_reduce(agreed, op="max")
+    torch.cuda.synchronize()
+    rows = agreed.tolist()
+    return table_from_timings({k: (r[0], r[1]) for k, r in zip(keys, rows)}, margin)
