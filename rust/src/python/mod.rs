@@ -15,6 +15,8 @@ use crate::error::Error;
 use crate::handles::{CommPtr, DevicePtr, StreamPtr};
 use crate::nccl;
 
+mod cp;
+
 create_exception!(
     symm_rs,
     SymmetricMemoryError,
@@ -543,6 +545,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_start, m)?)?;
     m.add_function(wrap_pyfunction!(group_end, m)?)?;
     m.add_function(wrap_pyfunction!(in_group, m)?)?;
+    m.add_function(wrap_pyfunction!(cp::cp_all_gather, m)?)?;
+    m.add_function(wrap_pyfunction!(cp::cp_plan, m)?)?;
     m.add_class::<PyNcclCommunicator>()?;
     m.add_class::<PyStats>()?;
     m.add_class::<PyCommStats>()?;
