@@ -65,16 +65,16 @@ pub(super) fn cp_all_gather(
     stream: (usize, i32),
 ) -> PyResult<()> {
     let counts = counts_of(&counts)?;
-    let mut others = vec![("gathered", shape_of(gathered)?)];
-    if let Some(out) = output {
-        others.push(("output", shape_of(out)?));
-    }
-    let row = row_elems(&shape_of(input)?, &others)?;
     let buffers = Buffers {
         gathered: tensor_view("gathered", gathered)?,
         input: tensor_view("input", input)?,
         output: output.map(|o| tensor_view("output", o)).transpose()?,
     };
+    let mut others = vec![("gathered", shape_of(gathered)?)];
+    if let Some(out) = output {
+        others.push(("output", shape_of(out)?));
+    }
+    let row = row_elems(&shape_of(input)?, &others)?;
     let comm = CommPtr::new(comm);
     Ok(py.detach(|| {
         cp::enqueue(
