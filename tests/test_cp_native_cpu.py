@@ -68,7 +68,7 @@ def test_bad_arguments_are_refused_before_nccl() -> None:
         _call(torch.zeros(8, 2, 2, dtype=torch.bfloat16), i, o)
     with pytest.raises(ValueError, match="0-d tensor"):
         _call(g, torch.zeros((), dtype=torch.bfloat16), o)
-    with pytest.raises(TypeError, match="gathered must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"gathered must be a torch\.Tensor"):
         _call([0] * 8, i, o)
     with pytest.raises(TypeError, match="NCCL has no type for bool"):
         _call(g, torch.zeros(2, 4, dtype=torch.bool), o)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import symm_rs
 from symm_rs.bench.config import BUFFERS, MODES, OPS, BenchConfig, MiB, format_bytes
+from symm_rs.bench.cp_gather import cp_gather
 from symm_rs.bench.timing import BenchAbort, Rank, time_eager, time_graph, time_host
 from symm_rs.launch import init_nccl
 
@@ -215,6 +216,7 @@ def bench_rank(rank: int, world: int, cfg: BenchConfig) -> dict[str, Any]:
             ("collectives", collectives),
             ("communicator", communicator),
             ("context", context),
+            ("cp", cp_gather),
         ):
             if name in cfg.sections:
                 done[name] = r.section(name, fn)
