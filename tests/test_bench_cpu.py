@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 import symm_rs
 import symm_rs.bench as bench
-from symm_rs import cli
+from symm_rs import cli, cp
 from symm_rs.bench import comm_calls, config, merge, report, sections, timing
 from symm_rs.launch import run_ranks
 
@@ -434,6 +435,7 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
     cuda.update(graph=lambda g, **kw: contextlib.nullcontext(), MemPool=_Anything)
     cuda.update(use_mem_pool=lambda pool: contextlib.nullcontext(), current_device=lambda: 0)
     cuda.update(mem_get_info=lambda device=None: (40 << 30, 80 << 30))
+    cuda.update(graph_pool_handle=lambda: (0, 1))
     for name, value in cuda.items():
         setattr(torch.cuda, name, value)
     for name in (
@@ -452,8 +454,13 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
     )
     fakes.update(pool_usage=lambda: {"in_use_bytes": 0}, Communicator=_Communicator)
     fakes.update(PolicyTable=symm_rs.PolicyTable)  # resolved before the fakes replace anything
+    fakes.update(graph_capture=lambda pool: contextlib.nullcontext(), release_graph_pool=len)
     for name, value in fakes.items():
         setattr(symm_rs, name, value)
+    # The CP helpers without symmetric memory (gloo has no NCCL communicator), at small sizes.
+    for name in ("cp_all_gather_reorganized_into_tensor_kv_cache", "_gather_in_python"):
+        setattr(cp, name, functools.partial(getattr(cp, name), disabled=True))
+    cfg.cp_tokens = [16, 64]
     sections.init_nccl, sections.Rank = _init_gloo, _CpuRank
     # The ctypes path needs a real libnccl; on gloo it is torch.distributed under another name.
     comm_calls.ctypes_collective = lambda op, small, big, comm: sections.collective(
@@ -518,6 +525,13 @@ def test_dry_run_of_the_whole_bench_on_cpu(
         "raw begin/end/release",
     ):
         assert context[name]["median_batch_us"] > 0
+    cp_rows = s["cp"]["rows"]
+    assert len(cp_rows) == 2 * 2 * 3 * 2 and all(len(r["per_rank_us"]) == 2 for r in cp_rows)
+    assert {(r["tokens"], r["shape"]) for r in cp_rows} == {
+        (t, shape) for t in (16, 64) for shape in ("8x128", "1x576")
+    }
+    assert {r["path"] for r in cp_rows} == {"symm_rs", "symm_rs_python", "sglang"}
+    assert s["cp"]["mismatches"] == [] and s["cp"]["most_mismatches_on_a_rank"] == 0
     registration = s["registration"]["rank0"]
     assert registration["first"]["windows_registered"] == 1
     assert registration["reserve"]["segments_created"] == 5

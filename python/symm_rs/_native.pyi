@@ -163,6 +163,45 @@ def group_end() -> None:
 def in_group() -> bool:
     """Whether this thread is between ``group_start`` and ``group_end``."""
 
+def cp_all_gather(
+    comm: int,
+    rank: int,
+    gathered: Any,
+    input: Any,
+    output: Optional[Any],
+    counts: list[int],
+    stream: tuple[int, int],
+) -> None:
+    """Enqueues the context-parallel all-gather on ``stream`` (``(cudaStream_t, device
+    index)``): ``input`` into this rank's slot of ``gathered`` (``cp_plan``'s slot rows per
+    rank), the rest of the slot zeroed, an in-place ``ncclAllGather`` on ``comm``, then every
+    rank's ``counts[r]`` rows copied into ``output``, back to back. Driver copies and one NCCL
+    call, all capturable in a CUDA graph.
+
+    Arguments:
+        comm: the ncclComm_t; its size must be ``len(counts)`` and its rank ``rank``.
+        gathered: ``[slot * len(counts), *trailing]``, contiguous, on the communicator's device.
+        input: ``[counts[rank], *trailing]``, contiguous.
+        output: ``[sum(counts), *trailing]`` when some rank is padded, else ``None`` (the
+            gathered buffer is then the result).
+
+    Raises:
+        TypeError: not tensors, a dtype NCCL lacks, or dtypes that differ.
+        ValueError: wrong shapes, devices or layout, overlapping buffers, a negative count, or
+            a communicator whose size or rank differs.
+        SymmetricMemoryError: no CUDA driver, or a driver call failed.
+        NcclError: ncclAllGather failed.
+    """
+
+def cp_plan(rank: int, counts: list[int], row_bytes: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """``(slot rows, compaction copies as (source row, destination row, rows))`` of
+    ``cp_all_gather`` for ``rank`` and rows of ``row_bytes``: each slot is padded to a multiple
+    of 16 bytes; the list is empty when no rank is padded.
+
+    Raises:
+        ValueError: ``rank`` out of range, a negative count, or a size that overflows.
+    """
+
 class NcclCommunicator:
     """The Rust-owned communicator behind ``symm_rs.Communicator``."""
 

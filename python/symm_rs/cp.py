@@ -23,8 +23,9 @@ from typing import Optional, Union
 
 import torch
 
+from symm_rs import _native
 from symm_rs.context import use_symmetric_memory
-from symm_rs.groups import peers
+from symm_rs.groups import Group, peers, resolve
 
 __all__ = [
     "ZigzagLayout",
@@ -33,6 +34,27 @@ __all__ = [
     "zigzag_layout",
     "zigzag_split",
 ]
+
+
+# The dtypes NCCL has a type for (the Rust core's DataType); others take the torch path.
+_NCCL_DTYPES = frozenset(
+    getattr(torch, name)
+    for name in (
+        "int8",
+        "uint8",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    )
+    if hasattr(torch, name)
+)
 
 
 def _describe(obj: object) -> str:
@@ -70,6 +92,12 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
 
     Collective: every rank of ``group`` must call it with the same ``per_rank_tokens``.
 
+    On an NCCL group with CUDA tensors Python only allocates the gathered buffer (inside
+    ``use_symmetric_memory``) and the compact result; the Rust core then enqueues the copy into
+    this rank's slot, the zeroed padding, the in-place all-gather and the compaction on one
+    stream (driver copies and one ``ncclAllGather``: capturable in a CUDA graph). Otherwise
+    (``disabled=True``, CPU tensors, groups without a communicator) torch does the same steps.
+
     Arguments:
         input: this rank's tokens, shape ``[per_rank_tokens[rank], *trailing]``.
         group: any group ``use_symmetric_memory`` accepts (``symm_rs.groups.ACCEPTED``);
@@ -92,6 +120,38 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
         ValueError: ``per_rank_tokens`` does not have one int >= 0 per rank, ``input`` does
             not hold ``per_rank_tokens[rank]`` tokens, or this process is not in ``group``.
     """
+    return _gather(input, group, per_rank_tokens, stream, disabled, native=True)
+
+
+def _gather_in_python(
+    input: torch.Tensor,
+    group: object,
+    per_rank_tokens: Sequence[int],
+    stream: Optional[torch.cuda.Stream] = None,
+    disabled: bool = False,
+) -> torch.Tensor:
+    """``cp_all_gather_reorganized_into_tensor_kv_cache`` with every step in torch (the path
+    before the Rust core did it): the reference of the GPU tests and benchmarks."""
+    return _gather(input, group, per_rank_tokens, stream, disabled, native=False)
+
+
+def _slot_rows(max_len: int, row_bytes: int) -> int:
+    """Rows per rank in the gathered buffer: ``max_len`` padded so that a slot is a multiple of
+    16 bytes. NCCL 2.28's symmetric kernels give wrong results for 16-bit data whose per-rank
+    size is not (measured on H100; see tests/gpu/results/suite_alignment_*); the padding never
+    reaches the result. The Rust core applies the same rule (``_native.cp_plan``)."""
+    align = 16 // math.gcd(row_bytes, 16) if row_bytes else 1
+    return -(-max_len // align) * align
+
+
+def _gather(
+    input: torch.Tensor,
+    group: object,
+    per_rank_tokens: Sequence[int],
+    stream: Optional[torch.cuda.Stream],
+    disabled: bool,
+    native: bool,
+) -> torch.Tensor:
     peer = peers(group)  # once per call; the context below reuses it
     rank, world = peer.rank, peer.size
     counts = _check_counts(
@@ -110,14 +170,16 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
         # Every rank sees the same counts, so every rank skips the collective together.
         return input.new_empty((0, *trailing))
 
-    # Each rank's slot is padded to a multiple of 16 bytes: NCCL 2.28's symmetric kernels give
-    # wrong results for 16-bit data whose per-rank size is not (measured on H100; see
-    # tests/gpu/results/suite_alignment_*), and the padding never reaches the result.
-    row_bytes = math.prod(trailing) * input.element_size()
-    align = 16 // math.gcd(row_bytes, 16) if row_bytes else 1
-    slot = -(-max_len // align) * align
+    slot = _slot_rows(max_len, math.prod(trailing) * input.element_size())
     with use_symmetric_memory(peer if peer.comm else group, disabled=disabled):
         gathered = torch.empty((slot * world, *trailing), dtype=input.dtype, device=input.device)
+    compact = slot != max_len or any(c != max_len for c in counts)
+    if native and not disabled and input.is_cuda and input.dtype in _NCCL_DTYPES:
+        # A ProcessGroup's communicator is known once the context above has resolved it.
+        nccl = peer if peer.comm else resolve(group)
+        if nccl is not None and nccl.comm:
+            return _gather_native(input, gathered, nccl, counts, trailing, compact, stream)
+
     # Gather in place: this rank's padded slice lives inside the gathered buffer, so both NCCL
     # buffers lie in the symmetric window (symmetric kernels need both) and no second
     # allocation is made. torch and NCCL accept an input that is the rank's slice of the output.
@@ -138,10 +200,47 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
     else:
         peer.all_gather_into_tensor(gathered, local, None)
 
-    if slot == max_len and all(c == max_len for c in counts):
+    if not compact:
         return gathered
     by_rank = gathered.view(world, slot, *trailing)
     return torch.cat([by_rank[r, :c] for r, c in enumerate(counts)], dim=0)
+
+
+def _gather_native(
+    input: torch.Tensor,
+    gathered: torch.Tensor,
+    group: Group,
+    counts: list[int],
+    trailing: tuple[int, ...],
+    compact: bool,
+    stream: Optional[torch.cuda.Stream],
+) -> torch.Tensor:
+    """The gather enqueued by the Rust core on one stream, into ``gathered`` and (when some rank
+    is padded) a compact result from the ordinary allocator: it leaves the symmetric window,
+    which only the collective needs, and is as long-lived as the caller makes it."""
+    total = sum(counts)
+    output = input.new_empty((total, *trailing)) if compact else None
+    source = input if input.is_contiguous() else input.contiguous()
+    current = torch.cuda.current_stream(input.device)
+    run_on = current if stream is None else stream
+    if stream is not None:
+        stream.wait_stream(current)
+        # The buffers are used on the side stream: keep the allocator from reusing them early.
+        for t in (gathered, source, output):
+            if t is not None:
+                t.record_stream(stream)
+    _native.cp_all_gather(
+        group.comm,
+        group.rank,
+        gathered,
+        source,
+        output,
+        counts,
+        (run_on.cuda_stream, run_on.device.index),
+    )
+    if stream is not None:
+        current.wait_stream(stream)
+    return gathered if output is None else output
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-//! The few CUDA driver calls the allocator plugs need: making the requested device current
-//! around `ncclMemAlloc`/`ncclMemFree`, and waiting for it before memory is unmapped. The driver
-//! (`libcuda.so.1`) is opened lazily, so a machine without a GPU never needs it.
+//! The few CUDA driver calls symm_rs needs: making the requested device current around
+//! `ncclMemAlloc`/`ncclMemFree`, waiting for it before memory is unmapped, and the stream copies
+//! of the CP all-gather (`crate::cp`). The driver (`libcuda.so.1`) is opened lazily, so a machine
+//! without a GPU never needs it.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::OnceLock;
@@ -8,9 +9,12 @@ use std::sync::OnceLock;
 use libloading::os::unix::Library;
 
 use crate::error::{Error, Result};
+use crate::handles::{DevicePtr, StreamPtr};
 
 type CuResult = c_int;
 type CuContext = *mut c_void;
+type CuDevicePtr = u64;
+type CuStream = *mut c_void;
 
 struct Driver {
     init: unsafe extern "C" fn(c_uint) -> CuResult,
@@ -22,6 +26,8 @@ struct Driver {
     primary_retain: unsafe extern "C" fn(*mut CuContext, c_int) -> CuResult,
     primary_release: unsafe extern "C" fn(c_int) -> CuResult,
     error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    memcpy_dtod_async: unsafe extern "C" fn(CuDevicePtr, CuDevicePtr, usize, CuStream) -> CuResult,
+    memset_d8_async: unsafe extern "C" fn(CuDevicePtr, u8, usize, CuStream) -> CuResult,
     _library: Library,
 }
 
@@ -30,6 +36,14 @@ static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
 /// The driver, or `None` on a machine without one (checked once; no allocation per call).
 fn driver() -> Option<&'static Driver> {
     DRIVER.get_or_init(open_driver).as_ref().ok()
+}
+
+/// The driver, for calls that cannot do without one.
+fn require_driver() -> Result<&'static Driver> {
+    DRIVER
+        .get_or_init(open_driver)
+        .as_ref()
+        .map_err(|reason| Error::Usage(format!("this needs the CUDA driver: {reason}")))
 }
 
 fn open_driver() -> std::result::Result<Driver, String> {
@@ -53,6 +67,9 @@ fn open_driver() -> std::result::Result<Driver, String> {
         primary_retain: sym!("cuDevicePrimaryCtxRetain"),
         primary_release: sym!("cuDevicePrimaryCtxRelease_v2"),
         error_string: sym!("cuGetErrorString"),
+        // The legacy-stream names (not `_ptsz`): stream 0 means what torch means by it.
+        memcpy_dtod_async: sym!("cuMemcpyDtoDAsync_v2"),
+        memset_d8_async: sym!("cuMemsetD8Async"),
         _library: library,
     };
     // SAFETY: cuInit(0) is idempotent and has no pointer arguments.
@@ -160,4 +177,54 @@ pub fn synchronize_current() -> Result<()> {
     };
     // SAFETY: no arguments; blocks until the current context is idle.
     driver.check("cuCtxSynchronize", unsafe { (driver.ctx_synchronize)() })
+}
+
+/// Enqueues a copy of `bytes` from `src` to `dst` on `stream` (captured as a memcpy node inside
+/// a CUDA-graph capture). Nothing is enqueued for 0 bytes.
+///
+/// # Safety
+/// `[src, src + bytes)` and `[dst, dst + bytes)` must be device memory of the current context's
+/// device that does not overlap and stays allocated until `stream` has run the copy; `stream`
+/// must be a live stream of that context (or 0).
+pub unsafe fn copy_async(
+    dst: DevicePtr,
+    src: DevicePtr,
+    bytes: usize,
+    stream: StreamPtr,
+) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let driver = require_driver()?;
+    // SAFETY: guaranteed by the caller.
+    let code = unsafe {
+        (driver.memcpy_dtod_async)(
+            dst.addr() as CuDevicePtr,
+            src.addr() as CuDevicePtr,
+            bytes,
+            stream.addr() as CuStream,
+        )
+    };
+    driver.check("cuMemcpyDtoDAsync", code)
+}
+
+/// Enqueues zeroing `bytes` at `dst` on `stream`. Nothing is enqueued for 0 bytes.
+///
+/// # Safety
+/// As for `copy_async`, for `[dst, dst + bytes)`.
+pub unsafe fn zero_async(dst: DevicePtr, bytes: usize, stream: StreamPtr) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let driver = require_driver()?;
+    // SAFETY: guaranteed by the caller.
+    let code = unsafe {
+        (driver.memset_d8_async)(
+            dst.addr() as CuDevicePtr,
+            0,
+            bytes,
+            stream.addr() as CuStream,
+        )
+    };
+    driver.check("cuMemsetD8Async", code)
 }

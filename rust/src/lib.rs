@@ -1,11 +1,12 @@
 //! symm_rs: NCCL symmetric memory for PyTorch.
 //!
-//! The core is plain Rust (`nccl`, `segments`, `allocator`, `comm`); `python` is the PyO3
+//! The core is plain Rust (`nccl`, `segments`, `allocator`, `comm`, `cp`); `python` is the PyO3
 //! surface, built only with the `python` feature (maturin turns it on).
 
 pub mod allocator;
 pub mod collective;
 pub mod comm;
+pub mod cp;
 pub mod cuda;
 pub mod error;
 pub mod handles;

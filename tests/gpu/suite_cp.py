@@ -1,17 +1,21 @@
 """Context-parallel KV all-gather on real GPUs: cp = world size over NCCL (torch group and
-symm_rs.Communicator), and a TP 2 x CP 2 layout on 4 GPUs where each rank uses two groups and
-the gathered buffers are symmetric for the CP group."""
+symm_rs.Communicator), the Rust path against the torch path (eager, on a side stream and in
+CUDA graphs), and a TP 2 x CP 2 layout on 4 GPUs where each rank uses two groups and the
+gathered buffers are symmetric for the CP group."""
 
 from __future__ import annotations
 
+import gc
 import random
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 import symm_rs
+from symm_rs import cp as cp_module
 from symm_rs.cp import (
+    _gather_in_python,
     cp_all_gather_reorganized_into_tensor_kv_cache,
     cp_all_gather_rerange_kv_cache,
     zigzag_layout,
@@ -112,3 +116,127 @@ def case_tp2_by_cp2_two_groups_per_rank(ctx: Ctx) -> None:
     assert symm_rs.is_symmetric(hidden, tp), "TP buffer not symmetric for the TP group"
     assert not problems, problems
     assert cp_symmetric, "CP gathered buffer not symmetric for the CP group"
+
+
+# (trailing shape, dtype): engine shapes (8 x 128 heads, 1 x 576 MLA), and odd 16-bit rows (2
+# or 6 bytes) whose slots need alignment padding even when every rank holds as many tokens.
+NATIVE_SHAPES = [
+    ((8, 128), torch.bfloat16),
+    ((1, 576), torch.bfloat16),
+    ((), torch.bfloat16),
+    ((3,), torch.float16),
+    ((2, 3, 64), torch.float32),
+]
+
+
+def _native_counts(world: int) -> list[list[int]]:
+    """Uneven (a middle rank short too), a rank with nothing, equal odd, equal aligned."""
+    return [
+        [1000 - 3 * r for r in range(world)],
+        [5 if r % 2 else 0 for r in range(world)],
+        [7] * world,
+        [16] * world,
+        [r + 1 for r in range(world)],
+    ]
+
+
+def _slices(counts: list[int], trailing: tuple[int, ...], dtype: torch.dtype, seed: int) -> list:
+    return [_kv(n, trailing, dtype, seed=seed + r) for r, n in enumerate(counts)]
+
+
+class _CountingNative:
+    """Stands in for ``symm_rs.cp._native`` and counts the Rust gathers (the proof that the
+    Rust path ran, not the torch fallback)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.calls = real, 0
+
+    def cp_all_gather(self, *args: Any) -> None:
+        self.calls += 1
+        self.real.cp_all_gather(*args)
+
+
+def _graph_problems(
+    group: Any, rank: int, counts: list[int], trailing: tuple, dtype: torch.dtype, seed: int
+) -> list[str]:
+    """Both paths captured in one CUDA graph (SGLang's way: warm-ups on the capture stream into
+    a fresh graph pool set with ``graph_capture``), replayed on new inputs; exact on every rank."""
+    problems = []
+    pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+    paths: dict[str, Callable[..., torch.Tensor]] = {
+        "rust": cp_all_gather_reorganized_into_tensor_kv_cache,
+        "python": _gather_in_python,
+    }
+    static_in = _slices(counts, trailing, dtype, seed)[rank].clone()
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with symm_rs.graph_capture(pool), torch.cuda.stream(stream):
+        for _ in range(2):
+            for fn in paths.values():
+                fn(static_in, group, counts)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            outs = {name: fn(static_in, group, counts) for name, fn in paths.items()}
+    torch.cuda.synchronize()
+    symm_rs.register(group)  # anything the capture grew is registered now (collective)
+    for replay in range(3):
+        slices = _slices(counts, trailing, dtype, seed + 1000 * (replay + 1))
+        static_in.copy_(slices[rank])
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = torch.cat(slices)
+        for name, out in outs.items():
+            if not torch.equal(out, expected):
+                problems.append(f"graph {name} replay {replay} counts={counts} {trailing}")
+    # NCCL waits for graphs that captured its collectives before destroying a communicator,
+    # and the capture pool cannot be freed while the outputs live.
+    del graph, outs, static_in
+    gc.collect()
+    torch.cuda.synchronize()
+    symm_rs.release_graph_pool(pool)
+    return problems
+
+
+def _native_matches_python(ctx: Ctx, group: Any, rank: int, world: int) -> None:
+    problems: list[str] = []
+    counting = _CountingNative(cp_module._native)
+    cp_module._native = counting  # type: ignore[assignment]
+    eager = graphs = 0
+    try:
+        side = torch.cuda.Stream()
+        for c, counts in enumerate(_native_counts(world)):
+            for s, (trailing, dtype) in enumerate(NATIVE_SHAPES):
+                seed = 100 * c + 10 * s
+                slices = _slices(counts, trailing, dtype, seed)
+                expected = torch.cat(slices)
+                for stream in (None, side):
+                    rust = cp_all_gather_reorganized_into_tensor_kv_cache(
+                        slices[rank], group, counts, stream=stream
+                    )
+                    python = _gather_in_python(slices[rank], group, counts, stream=stream)
+                    torch.cuda.synchronize()
+                    for name, out in (("rust", rust), ("python", python)):
+                        if not torch.equal(out, expected):
+                            problems.append(f"eager {name} counts={counts} {trailing} {dtype}")
+                    eager += 1
+                if c < 3 and s < 4:  # uneven, empty rank, equal odd; the 16-bit shapes
+                    problems += _graph_problems(group, rank, counts, trailing, dtype, seed)
+                    graphs += 1
+    finally:
+        cp_module._native = counting.real  # type: ignore[assignment]
+    ctx.details.update(
+        eager_cases=eager, graph_cases=graphs, rust_calls=counting.calls, problems=problems
+    )
+    assert not problems, problems
+    # Every eager case ran the Rust path once, and every graph case three times (two warm-ups
+    # and the capture): no case fell back to the torch path.
+    assert counting.calls == eager + 3 * graphs, counting.calls
+
+
+def case_rust_path_matches_python_path_torch_group(ctx: Ctx) -> None:
+    _native_matches_python(ctx, ctx.group, ctx.rank, ctx.world_size)
+
+
+def case_rust_path_matches_python_path_symm_rs_communicator(ctx: Ctx) -> None:
+    with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
+        _native_matches_python(ctx, comm, comm.rank, comm.size)

@@ -11,11 +11,12 @@ from typing import Optional
 from symm_rs.env import parse_bytes
 
 KiB, MiB = 1 << 10, 1 << 20
-SECTIONS = ("collectives", "communicator", "policy", "context", "coldstart", "registration")
+SECTIONS = ("collectives", "communicator", "policy", "context", "coldstart", "registration", "cp")
 OPS = ("all_gather", "all_reduce", "reduce_scatter")
 BUFFERS = ("plain", "symm")
 MODES = ("eager", "graph")
 DEFAULT_SIZES = [KiB * 8**k for k in range(7)]  # 1 KiB .. 256 MiB, every size README quotes
+CP_TOKENS = [1024, 4096, 16384, 32768]  # tokens per rank of the CP all-gather (section cp)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class BenchConfig:
     max_iters: int = 200  # calls per repetition at most; the communicator section's count
     context_iters: int = 20000
     registration_segments: int = 16
+    cp_tokens: list[int] = field(default_factory=lambda: list(CP_TOKENS))
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -13,6 +13,7 @@ ROW_KEYS = {
     "collectives": ("op", "bytes", "mode", "buffers"),
     "communicator": ("op", "bytes", "path"),
     "policy": ("op", "bytes", "path"),
+    "cp": ("tokens", "shape", "mode", "path"),
 }
 # A rank's timed field -> the merged row's fields: the maximum over ranks, every rank's value.
 TIMED = {"median_us": ("latency_us", "per_rank_us")}

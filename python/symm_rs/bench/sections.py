@@ -14,6 +14,7 @@ import torch.distributed as dist
 import symm_rs
 from symm_rs.bench.comm_calls import communicator
 from symm_rs.bench.config import BUFFERS, MODES, OPS, BenchConfig, MiB, format_bytes
+from symm_rs.bench.cp_gather import cp_gather
 from symm_rs.bench.policy import policy
 from symm_rs.bench.timing import BenchAbort, Rank, time_eager, time_graph
 from symm_rs.launch import init_nccl
@@ -258,6 +259,7 @@ def bench_rank(rank: int, world: int, cfg: BenchConfig) -> dict[str, Any]:
             ("communicator", communicator),
             ("policy", policy),
             ("context", context),
+            ("cp", cp_gather),
         ):
             if name in cfg.sections:
                 done[name] = r.section(name, fn)

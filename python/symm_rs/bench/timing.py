@@ -119,9 +119,14 @@ def time_eager(r: Rank, fn: Callable[[], Any]) -> dict[str, Any]:
     return {"median_us": median, "iters": iters, "estimate_s": r.all_reduce(median / 1e6)}
 
 
-def time_graph(r: Rank, fn: Callable[[], Any], estimate_s: float) -> dict[str, Any]:
+def time_graph(
+    r: Rank, fn: Callable[[], Any], estimate_s: float, pool: Any = None
+) -> dict[str, Any]:
     """Median over repetitions of R replays of one CUDA graph of K calls, per call; K and R
-    from ``estimate_s``, the eager time per call agreed over ranks."""
+    from ``estimate_s``, the eager time per call agreed over ranks. With ``pool`` (a graph
+    pool) the capture allocates from it on the warm-up's stream, as engines capture: what
+    ``fn`` allocates inside ``use_symmetric_memory`` then reuses the warm-up's registered
+    blocks (the caller sets the pool with ``symm_rs.graph_capture``)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture needs
@@ -131,7 +136,9 @@ def time_graph(r: Rank, fn: Callable[[], Any], estimate_s: float) -> dict[str, A
     torch.cuda.synchronize()
     calls, replays = graph_plan(estimate_s, r.cfg)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # on its own stream
+    capture = {} if pool is None else {"pool": pool, "stream": side}
+    # Without a pool, torch captures on a stream of its own.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local", **capture):
         for _ in range(calls):
             fn()
     torch.cuda.synchronize()

@@ -20,6 +20,8 @@ use crate::policy::RouteTable;
 
 mod context;
 
+mod cp;
+
 create_exception!(
     symm_rs,
     SymmetricMemoryError,
@@ -615,6 +617,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(context::pools_changed, m)?)?;
     m.add_function(wrap_pyfunction!(context::forget_group, m)?)?;
     m.add_class::<context::UseSymmetricMemory>()?;
+    m.add_function(wrap_pyfunction!(cp::cp_all_gather, m)?)?;
+    m.add_function(wrap_pyfunction!(cp::cp_plan, m)?)?;
     m.add_class::<PyNcclCommunicator>()?;
     m.add_class::<PyStats>()?;
     m.add_class::<PyCommStats>()?;
