@@ -87,12 +87,12 @@ def _loop(n: int, context: Callable[[Any], Any], arg: Any) -> int:
     return time.perf_counter_ns() - t0
 
 
-def _loop_alloc(n: int, context: Callable[[Any], Any], arg: Any) -> int:
+def _loop_alloc(n: int, context: Callable[[Any], Any], arg: Any, device: Any) -> int:
     """Each context allocates one block the pool has cached (freed by the previous one)."""
     t0 = time.perf_counter_ns()
     for _ in range(n):
         with context(arg):
-            torch.empty(1024, dtype=torch.uint8, device="cuda")
+            torch.empty(1024, dtype=torch.uint8, device=device)
     return time.perf_counter_ns() - t0
 
 
@@ -136,7 +136,7 @@ def context(r: Rank) -> dict[str, Any]:
     symm_rs.register(r.group)  # collective; afterwards nothing is pending on any rank
     batch, pool = max(1, r.cfg.context_iters // 20), torch.cuda.MemPool()
     with symm_rs.use_symmetric_memory(r.group):  # the block the allocating variant reuses
-        torch.empty(1024, dtype=torch.uint8, device="cuda")
+        torch.empty(1024, dtype=torch.uint8, device=r.device)
     symm_rs.register(r.group)
     out: dict[str, Any] = {"iterations_per_batch": batch, "batches": 20}
     variants: list[tuple[str, Callable[..., int], tuple[Any, ...]]] = [
@@ -145,17 +145,22 @@ def context(r: Rank) -> dict[str, Any]:
         (
             "symm_rs.use_symmetric_memory + 1 cached block",
             _loop_alloc,
-            (symm_rs.use_symmetric_memory, r.group),
+            (symm_rs.use_symmetric_memory, r.group, r.device),
         ),
-        ("torch.cuda.use_mem_pool + 1 cached block", _loop_alloc, (torch.cuda.use_mem_pool, pool)),
+        (
+            "torch.cuda.use_mem_pool + 1 cached block",
+            _loop_alloc,
+            (torch.cuda.use_mem_pool, pool, r.device),
+        ),
         ("raw begin/end/release", _loop_raw, (pool,)),
-        ("torch device + capture queries", _loop_checks, (None,)),
         (
             "symm_rs.use_symmetric_memory(disabled=True)",
             _loop_disabled,
             (symm_rs.use_symmetric_memory, r.group),
         ),
     ]
+    if r.device.type == "cuda":  # torch's CUDA queries (the CPU dry run has none)
+        variants.append(("torch device + capture queries", _loop_checks, (None,)))
     samples: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     for _name, loop, args in variants:
         loop(batch, *args)  # warm-up
