@@ -190,7 +190,7 @@ def _graph_problems(
                 problems.append(f"graph {name} replay {replay} counts={counts} {trailing}")
     # NCCL waits for graphs that captured its collectives before destroying a communicator,
     # and the capture pool cannot be freed while the outputs live.
-    del graph, outs, static_in
+    del graph, outs, out, static_in  # `out` still names the last output
     gc.collect()
     torch.cuda.synchronize()
     symm_rs.release_graph_pool(pool)

@@ -14,6 +14,7 @@ import torch
 import symm_rs
 from symm_rs.bench.config import OPS, format_bytes
 from symm_rs.bench.timing import Rank, time_eager, time_graph
+from symm_rs.policy import table_from_timings
 
 TOLERANCE = 0.03
 PATHS = ("plain", "symm", "policy")
@@ -40,7 +41,10 @@ def _twin(r: Rank) -> tuple[Any, dict[str, Any]]:
     for call in calls:  # now on the twin
         call()
     used = _free_bytes(r)
-    pcomm.set_policy_table(True)  # the table users get: SYMM_RS_POLICY_TABLE or the default
+    measured = _measured_table(r)
+    # The crossover this machine showed in the collectives section of this run, as a user
+    # would calibrate it; without that section, the table users get by default.
+    pcomm.set_policy_table(measured if measured is not None else True)
     memory = {
         "at_creation_bytes": r.all_reduce(before - created),
         "after_first_calls_bytes": r.all_reduce(before - used),
@@ -48,12 +52,31 @@ def _twin(r: Rank) -> tuple[Any, dict[str, Any]]:
     }
     r.log(f"[policy] twin memory: {memory['after_first_calls_bytes'] / 2**20:.1f} MiB (max)")
     info = {
+        "table_source": "measured: this run's collectives section (CUDA-graph rows, torch's "
+        "communicator on plain buffers against symmetric ones, maximum over ranks)"
+        if measured is not None
+        else "default (SYMM_RS_POLICY_TABLE or symm_rs.policy.DEFAULT_TABLES)",
         "table": pcomm.policy.table.to_text(),
         "mechanism": policy.mechanism,
         "per_call_selection": policy.per_call_selection,
         "note": policy.note,
     }
     return pcomm, {"twin_memory": memory, **info}
+
+
+def _measured_table(r: Rank) -> Any:
+    """``table_from_timings`` of this run's collectives section, the times agreed across
+    ranks (every rank then holds the same table); ``None`` when that section did not run."""
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for row in r.done.get("collectives", {}).get("rows", []):
+        if row.get("mode") == "graph" and row.get("latency_us") is not None:
+            cells.setdefault((row["op"], row["bytes"]), {})[row["buffers"]] = row["latency_us"]
+    timings = {
+        key: (r.all_reduce(value["plain"]), r.all_reduce(value["symm"]))
+        for key, value in sorted(cells.items())
+        if len(value) == 2
+    }
+    return table_from_timings(timings) if timings else None
 
 
 def policy(r: Rank) -> dict[str, Any]:

@@ -268,6 +268,7 @@ def bench_rank(rank: int, world: int, cfg: BenchConfig) -> dict[str, Any]:
         ):
             if name in cfg.sections:
                 done[name] = r.section(name, fn)
+                r.done[name] = done[name]
         if "registration" in done:
             done["registration"]["destroy_pool"] = r.section("destroy_pool", destroy_pool)
     except BenchAbort as e:  # no teardown: the ranks may be stuck in a collective

@@ -49,6 +49,8 @@ class Rank:
         self.rank, self.world, self.group, self.cfg = rank, world, group, cfg
         self.device = torch.device("cuda", rank)
         self.control: Any = dist.new_group(backend="gloo")
+        # This rank's finished sections, for sections that build on an earlier one.
+        self.done: dict[str, Any] = {}
 
     def log(self, message: str) -> None:
         if self.rank == 0:
