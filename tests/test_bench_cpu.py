@@ -512,10 +512,12 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     assert len(policy["rows"]) == 2 * 3 * 3 and all(r["latency_us"] for r in policy["rows"])
     assert {r["path"] for r in policy["rows"]} == {"plain", "symm", "policy"}
     assert len(policy["checks"]) == 2 * 3 and isinstance(policy["all_ok"], bool)
-    assert [c["route"] for c in policy["checks"] if c["op"] == "reduce_scatter"] == [
-        "main",
-        "twin",
-    ]  # the default 2-GPU table: reduce-scatter from 32 KiB on the twin
+    # The table is the crossover this run's collectives section measured, and every call
+    # went where that table says.
+    assert policy["table_source"].startswith("measured")
+    table = symm_rs.PolicyTable.parse(policy["table"])
+    for c in policy["checks"]:
+        assert c["route"] == ("twin" if table.use_twin(c["op"], c["bytes"]) else "main"), c
     assert policy["twin_memory"]["at_creation_bytes"] == 0 and policy["mechanism"] == "twin"
     context = s["context"]["rank0"]
     assert context["iterations_per_batch"] == 250

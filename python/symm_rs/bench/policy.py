@@ -69,8 +69,9 @@ def _measured_table(r: Rank) -> Any:
     ranks (every rank then holds the same table); ``None`` when that section did not run."""
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for row in r.done.get("collectives", {}).get("rows", []):
-        if row.get("mode") == "graph" and row.get("latency_us") is not None:
-            cells.setdefault((row["op"], row["bytes"]), {})[row["buffers"]] = row["latency_us"]
+        us = row.get("median_us")  # a rank's own rows (merged documents call it latency_us)
+        if row.get("mode") == "graph" and us is not None:
+            cells.setdefault((row["op"], row["bytes"]), {})[row["buffers"]] = us
     timings = {
         key: (r.all_reduce(value["plain"]), r.all_reduce(value["symm"]))
         for key, value in sorted(cells.items())
