@@ -52,37 +52,19 @@ def ctypes_collective(op: str, small: Any, big: Any, comm: Any) -> Callable[[], 
             )
         )
 
-    def all_reduce() -> None:
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        check(
-            lib.ncclAllReduce(
-                small.data_ptr(),
-                small.data_ptr(),
-                small.numel(),
-                dtypes[small.dtype],
-                NCCL_SUM,
-                handle,
-                stream,
-            )
-        )
+    def reduction(fn: Any, send: Any, recv: Any) -> Callable[[], None]:
+        def call() -> None:
+            stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+            count, dtype = recv.numel(), dtypes[recv.dtype]
+            check(fn(send.data_ptr(), recv.data_ptr(), count, dtype, NCCL_SUM, handle, stream))
 
-    def reduce_scatter() -> None:
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        check(
-            lib.ncclReduceScatter(
-                big.data_ptr(),
-                small.data_ptr(),
-                small.numel(),
-                dtypes[small.dtype],
-                NCCL_SUM,
-                handle,
-                stream,
-            )
-        )
+        return call
 
-    return {"all_gather": all_gather, "all_reduce": all_reduce, "reduce_scatter": reduce_scatter}[
-        op
-    ]
+    if op == "all_gather":
+        return all_gather
+    if op == "all_reduce":
+        return reduction(lib.ncclAllReduce, small, small)
+    return reduction(lib.ncclReduceScatter, big, small)
 
 
 def communicator(r: Rank) -> dict[str, Any]:
