@@ -217,3 +217,16 @@ def test_the_graph_pool_setting_lives_in_the_native_module() -> None:
         symm_rs.set_graph_pool((1, 2))
         assert symm_rs.context.graph_pool() == (1, 2)
     assert symm_rs.context.graph_pool() is None
+
+
+def test_only_this_threads_shared_pool_is_routed_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from symm_rs import pool
+
+    mine, other = object(), object()
+    monkeypatch.setitem(pool._pools.shared, (0, threading.get_ident()), mine)
+    assert pool.is_shared_pool(0, mine)
+    assert not pool.is_shared_pool(0, other)  # e.g. a capture pool
+    assert not pool.is_shared_pool(1, mine)  # another device: never created by the question
+    assert (1, threading.get_ident()) not in pool._pools.shared

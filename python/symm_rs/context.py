@@ -30,6 +30,7 @@ from symm_rs.pool import (
     capture_pool,
     grow,
     inner_route_wins,
+    is_shared_pool,
     pool_id,
     require_routing,
     shared_pool,
@@ -232,9 +233,8 @@ def _enter_slow(group: Group, explicit_graph_pool: Optional[Any]) -> tuple[_Ente
             torch.cuda.set_device(current)
         raise
     restore = current if current != group.device else None
-    shared = shared_pool(group.device)
-    plain = restore is None and route.pool is shared and route.paused is None
-    return _Entered(route, restore), shared.id if plain else None
+    plain = restore is None and route.paused is None and is_shared_pool(group.device, route.pool)
+    return _Entered(route, restore), route.pool.id if plain else None
 
 
 def _enter_failed(group: Group, error: BaseException, timeout: Optional[float]) -> None:

@@ -116,6 +116,11 @@ def shared_pool(device: Optional[int] = None) -> Any:
     return pool
 
 
+def is_shared_pool(device: int, pool: Any) -> bool:
+    """Whether ``pool`` is this thread's shared pool on ``device`` (never creates one)."""
+    return _pools.shared.get((device, threading.get_ident())) is pool
+
+
 def capture_pool(device: int, graph_pool: PoolId) -> CapturePool:
     """S(``graph_pool``) on ``device``, created on first use and kept until ``destroy_pool``
     or ``release_graph_pool``: graphs that used it write into its blocks on every replay."""
