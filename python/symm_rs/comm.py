@@ -25,7 +25,6 @@ from symm_rs.groups import Channel, store_of
 from symm_rs.library import library_info, nccl_issues
 
 _CHECK_MODES = ("off", "warn", "raise")
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 def _mode_from_env() -> str:
@@ -103,7 +102,6 @@ class Communicator:
         "_device",
         "_native",
         "_policy",
-        "_stage",
         "_symm_rs_channel",
         "_torch_device",
     )
@@ -128,9 +126,8 @@ class Communicator:
         # symm_rs's cross-rank checks on this communicator go through the store of the group
         # that carried its id, so they time out instead of hanging.
         self._symm_rs_channel = channel
-        # Known once per communicator, not looked up per call.
-        self._stage = _unaligned_ll_bug()
-        self._native.set_stage_unaligned(self._stage)
+        # Known once per communicator, not looked up per call; `run` decides staging in Rust.
+        self._native.set_stage_unaligned(_unaligned_ll_bug())
         self._policy: Optional[_policy.Policy] = None
         if table is not None:
             self.enable_policy(table)
@@ -347,18 +344,6 @@ class Communicator:
             _after_group(copy_back)
         else:
             copy_back()
-
-    def _needs_staging(self, per_rank: torch.Tensor, out: torch.Tensor, inp: torch.Tensor) -> bool:
-        """Whether NCCL's symmetric LL kernels would get this call wrong: 16-bit data with an
-        odd per-rank count, both buffers in this communicator's windows, on an NCCL with the
-        unaligned-buffer defect. NCCL picks a symmetric kernel only when both buffers are
-        registered, so a staging output outside the windows keeps the call correct. (The native
-        ``run`` decides this itself per call; this is the same rule, for tests and tools.)"""
-        if not isinstance(per_rank, torch.Tensor) or per_rank.dtype not in _SIXTEEN_BIT:
-            return False
-        if per_rank.numel() % 2 == 0 or not self._stage:
-            return False
-        return self._in_windows(out) and self._in_windows(inp)
 
     def _in_windows(self, tensor: torch.Tensor) -> bool:
         return bool(_native.is_registered(*extent(tensor), self.comm))
