@@ -92,3 +92,9 @@ def test_python_path_is_kept_for_disabled_and_cpu(monkeypatch: pytest.MonkeyPatc
     assert out.tolist() == [[0, 1], [2, 3], [4, 5], [7, 7]]
     ref = cp._gather_in_python(x, Gatherer(), [3, 1], disabled=True)
     assert torch.equal(out, ref)
+
+
+def test_the_native_path_takes_the_dtypes_the_rust_table_names() -> None:
+    assert "bfloat16" in _native.NCCL_DTYPE_NAMES and "bool" not in _native.NCCL_DTYPE_NAMES
+    assert torch.bfloat16 in cp._NCCL_DTYPES and torch.float8_e5m2 in cp._NCCL_DTYPES
+    assert torch.bool not in cp._NCCL_DTYPES and torch.complex64 not in cp._NCCL_DTYPES

@@ -6,6 +6,7 @@ from typing import Any, Optional, Union
 
 __version__: str
 LIBRARY_ENV: str
+NCCL_DTYPE_NAMES: tuple[str, ...]  # torch names of the dtypes NCCL has a type for
 
 class SymmetricMemoryError(RuntimeError):
     """Base class of the errors symm_rs raises about NCCL and symmetric memory."""

@@ -36,24 +36,9 @@ __all__ = [
 ]
 
 
-# The dtypes NCCL has a type for (the Rust core's DataType); others take the torch path.
+# The dtypes NCCL has a type for (the Rust core's table); others take the torch path.
 _NCCL_DTYPES = frozenset(
-    getattr(torch, name)
-    for name in (
-        "int8",
-        "uint8",
-        "int32",
-        "uint32",
-        "int64",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-        "bfloat16",
-        "float8_e4m3fn",
-        "float8_e5m2",
-    )
-    if hasattr(torch, name)
+    getattr(torch, name) for name in _native.NCCL_DTYPE_NAMES if hasattr(torch, name)
 )
 
 

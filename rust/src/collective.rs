@@ -28,28 +28,37 @@ impl DataType {
     /// fp8 collectives need NCCL 2.24.
     const FP8: NcclVersion = NcclVersion::new(2, 24, 0);
 
+    /// torch's name for each type NCCL has: the one table `from_torch_name` reads and Python
+    /// sees (`_native.NCCL_DTYPE_NAMES`).
+    pub const TORCH_NAMES: [(&'static str, Self); 12] = [
+        ("int8", Self::Int8),
+        ("uint8", Self::Uint8),
+        ("int32", Self::Int32),
+        ("uint32", Self::Uint32),
+        ("int64", Self::Int64),
+        ("uint64", Self::Uint64),
+        ("float16", Self::Float16),
+        ("float32", Self::Float32),
+        ("float64", Self::Float64),
+        ("bfloat16", Self::Bfloat16),
+        ("float8_e4m3fn", Self::Float8E4m3),
+        ("float8_e5m2", Self::Float8E5m2),
+    ];
+
     /// From torch's name for a dtype (`"bfloat16"`, `"torch.bfloat16"`).
     pub fn from_torch_name(name: &str) -> Result<Self> {
-        Ok(match name.strip_prefix("torch.").unwrap_or(name) {
-            "int8" => Self::Int8,
-            "uint8" => Self::Uint8,
-            "int32" => Self::Int32,
-            "uint32" => Self::Uint32,
-            "int64" => Self::Int64,
-            "uint64" => Self::Uint64,
-            "float16" => Self::Float16,
-            "float32" => Self::Float32,
-            "float64" => Self::Float64,
-            "bfloat16" => Self::Bfloat16,
-            "float8_e4m3fn" => Self::Float8E4m3,
-            "float8_e5m2" => Self::Float8E5m2,
-            other => {
-                return Err(Error::InvalidType(format!(
-                    "NCCL has no type for {other}; supported: int8, uint8, int32, uint32, int64, \
-                     uint64, float16, float32, float64, bfloat16, float8_e4m3fn, float8_e5m2"
-                )))
-            }
-        })
+        let name = name.strip_prefix("torch.").unwrap_or(name);
+        Self::TORCH_NAMES
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, dtype)| *dtype)
+            .ok_or_else(|| {
+                let supported: Vec<&str> = Self::TORCH_NAMES.iter().map(|(n, _)| *n).collect();
+                Error::InvalidType(format!(
+                    "NCCL has no type for {name}; supported: {}",
+                    supported.join(", ")
+                ))
+            })
     }
 
     pub fn size(self) -> usize {

@@ -8,7 +8,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 use crate::allocator;
 use crate::collective::{self, CollectiveKind, DataType, ReduceOp, Target, TensorView};
@@ -585,6 +585,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("LIBRARY_ENV", nccl::LIBRARY_ENV)?;
+    let dtype_names: Vec<&str> = DataType::TORCH_NAMES.iter().map(|(n, _)| *n).collect();
+    m.add("NCCL_DTYPE_NAMES", PyTuple::new(py, dtype_names)?)?;
     m.add(
         "SymmetricMemoryError",
         py.get_type::<SymmetricMemoryError>(),
