@@ -30,7 +30,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use _native::allocator::{failure_counts, symm_rs_alloc, symm_rs_free, take_last_error};
 use _native::handles::{CommPtr, DevicePtr, WindowHandle};
 use _native::nccl::{self, Origin, LIBRARY_ENV};
-use _native::segments::{SharedTable, WindowRegistrar};
+use _native::segments::{SharedTable, WindowRegistrar, ANY_PEERS};
 
 const TABLE_SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
 const COMM: CommPtr = CommPtr::new(0xC0);
@@ -85,13 +85,17 @@ fn segment_at(index: usize) -> DevicePtr {
 fn table_at_exit(registered: usize, new: usize, nccl: &NoopRegistrar) -> SharedTable {
     let table = SharedTable::new();
     for index in 0..registered {
-        table.lock().track(segment_at(index), SEGMENT_BYTES, DEVICE);
+        table
+            .lock()
+            .track(segment_at(index), SEGMENT_BYTES, DEVICE, ANY_PEERS);
     }
     table
-        .register_pending(COMM, nccl)
+        .register_pending(COMM, ANY_PEERS, nccl)
         .expect("the no-op registrar never fails");
     for index in registered..registered + new {
-        table.lock().track(segment_at(index), SEGMENT_BYTES, DEVICE);
+        table
+            .lock()
+            .track(segment_at(index), SEGMENT_BYTES, DEVICE, ANY_PEERS);
     }
     table
 }
@@ -192,9 +196,9 @@ fn exit_nothing_new(c: &mut Criterion) {
     let mut group = c.benchmark_group("exit_nothing_new");
     for size in TABLE_SIZES {
         let table = table_at_exit(size, 0, &nccl);
-        assert_eq!(table.register_pending(COMM, &nccl).unwrap(), 0);
+        assert_eq!(table.register_pending(COMM, ANY_PEERS, &nccl).unwrap(), 0);
         group.bench_function(BenchmarkId::new("segment_table", size), |b| {
-            b.iter(|| table.register_pending(black_box(COMM), &nccl))
+            b.iter(|| table.register_pending(black_box(COMM), ANY_PEERS, &nccl))
         });
 
         let pool = pool_of(size);
@@ -219,14 +223,14 @@ fn exit_with_new(c: &mut Criterion, group_name: &str, new: usize) {
         // The routine must do what the name says: register exactly `new` segments.
         assert_eq!(
             table_at_exit(size, new, &nccl)
-                .register_pending(COMM, &nccl)
+                .register_pending(COMM, ANY_PEERS, &nccl)
                 .unwrap(),
             new
         );
         group.bench_function(BenchmarkId::new("segment_table", size), |b| {
             b.iter_batched_ref(
                 || table_at_exit(size, new, &nccl),
-                |table| table.register_pending(black_box(COMM), &nccl),
+                |table| table.register_pending(black_box(COMM), ANY_PEERS, &nccl),
                 BatchSize::LargeInput,
             )
         });
@@ -282,7 +286,7 @@ fn stats(c: &mut Criterion) {
     let nccl = NoopRegistrar::default();
     let table = table_at_exit(1_000, 0, &nccl);
     table
-        .register_pending(CommPtr::new(0xC1), &nccl)
+        .register_pending(CommPtr::new(0xC1), ANY_PEERS, &nccl)
         .expect("the no-op registrar never fails");
     c.bench_function("stats/1000_segments_2_comms", |b| {
         b.iter(|| {

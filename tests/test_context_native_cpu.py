@@ -26,8 +26,10 @@ class Coordinator:
         self.pynccl_comm = types.SimpleNamespace(comm=comm)
 
 
-def _group(comm: int = COMM, device: int = 0) -> Group:
-    return Group(comm=comm, size=2, rank=0, device=device, name=f"fake {comm:#x}")
+def _group(comm: int = COMM, device: int = 0, peers: int = 0) -> Group:
+    """A two-rank group; its peer set defaults to one of its own (as a bare communicator's)."""
+    name = f"fake {comm:#x}"
+    return Group(comm=comm, size=2, rank=0, device=device, name=name, peer_set=peers or comm)
 
 
 class _Handle:
@@ -43,6 +45,7 @@ class Rules:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, groups: dict[int, Group]) -> None:
         self.log: list[str] = []
+        self.tags: list[int] = []  # the allocation tag while each route was made
         self.resolved: list[object] = []
         self.groups = groups
 
@@ -51,8 +54,9 @@ class Rules:
             comm = group.pynccl_comm.comm if hasattr(group, "pynccl_comm") else group
             return self.groups.get(comm)  # type: ignore[arg-type]
 
-        def enter_slow(group: Group, graph_pool: Any) -> tuple[_Handle, Any]:
-            self.log.append(f"enter {group.comm:#x}")
+        def enter_slow(group: Group, graph_pool: Any, nested: bool = False) -> tuple[Any, Any]:
+            self.log.append(f"enter {group.comm:#x}" + (" nested" if nested else ""))
+            self.tags.append(_tag())
             return _Handle(self.log), None
 
         monkeypatch.setattr(ctx, "resolve", resolve)
@@ -147,12 +151,68 @@ def test_a_one_rank_group_routes_nothing(monkeypatch: pytest.MonkeyPatch) -> Non
     assert rules.log == []
 
 
-def test_nested_contexts_route_once_and_each_registers(monkeypatch: pytest.MonkeyPatch) -> None:
-    rules = Rules(monkeypatch, {COMM: _group(), COMM + 1: _group(COMM + 1)})
+def _tag() -> int:
+    """The peer set this thread's allocations are tagged with now."""
+    tag = _native.allocate_for(0)
+    _native.allocate_for(tag)
+    return tag
+
+
+def test_nested_contexts_over_the_same_ranks_route_once_and_each_registers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A ProcessGroup and a Communicator over the same ranks share a peer set, hence a pool.
+    rules = Rules(monkeypatch, {COMM: _group(peers=7), COMM + 1: _group(COMM + 1, peers=7)})
     with symm_rs.use_symmetric_memory(COMM):
         with symm_rs.use_symmetric_memory(COMM + 1):
-            pass
+            assert _tag() == 7
+        assert _tag() == 7
+    assert _tag() == 0
     assert rules.log == [f"enter {COMM:#x}", "register False", "end", "register False"]
+    assert rules.tags == [7]  # tagged before routing: the slow path may grow the pool at once
+
+
+def test_a_nested_context_for_other_ranks_routes_to_their_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # World {0..3} around TP {0,1}: the TP buffers must not grow the world's pool, which the
+    # other TP group's ranks grow differently.
+    rules = Rules(monkeypatch, {COMM: _group(peers=7), COMM + 1: _group(COMM + 1, peers=8)})
+    with symm_rs.use_symmetric_memory(COMM):
+        with symm_rs.use_symmetric_memory(COMM + 1):
+            assert _tag() == 8
+        assert _tag() == 7
+    assert _tag() == 0
+    assert rules.log == [
+        f"enter {COMM:#x}",
+        f"enter {COMM + 1:#x} nested",
+        "end",
+        "register False",
+        "end",
+        "register False",
+    ]
+
+
+def test_a_nested_context_that_cannot_route_keeps_the_outer_pool_and_tag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Older torch puts the oldest route first: the inner context then allocates into the outer
+    # pool, and its segments carry the outer tag, so the outer group registers them.
+    rules = Rules(monkeypatch, {COMM: _group(peers=7), COMM + 1: _group(COMM + 1, peers=8)})
+    real = ctx._enter_slow
+
+    def enter_slow(group: Group, graph_pool: Any, nested: bool = False) -> tuple[Any, Any]:
+        if nested:
+            rules.log.append("kept")
+            return None, None
+        return real(group, graph_pool, nested)
+
+    monkeypatch.setattr(ctx, "_enter_slow", enter_slow)
+    with symm_rs.use_symmetric_memory(COMM):
+        with symm_rs.use_symmetric_memory(COMM + 1):
+            assert _tag() == 7
+    assert _tag() == 0
+    assert rules.log == [f"enter {COMM:#x}", "kept", "register False", "end", "register False"]
 
 
 def test_nesting_across_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +247,7 @@ def test_an_error_in_the_block_is_reported_not_registered(
 def test_a_failed_enter_tells_verifying_peers(monkeypatch: pytest.MonkeyPatch) -> None:
     rules = Rules(monkeypatch, {COMM: _group()})
 
-    def refuse(group: Group, graph_pool: Any) -> Any:
+    def refuse(group: Group, graph_pool: Any, nested: bool = False) -> Any:
         raise symm_rs.SymmetricMemoryError("no route")
 
     monkeypatch.setattr(ctx, "_enter_slow", refuse)
@@ -225,8 +285,9 @@ def test_only_this_threads_shared_pool_is_routed_natively(monkeypatch: pytest.Mo
     from symm_rs import pool
 
     mine, other = object(), object()
-    monkeypatch.setitem(pool._pools.shared, (0, threading.get_ident()), mine)
-    assert pool.is_shared_pool(0, mine)
-    assert not pool.is_shared_pool(0, other)  # e.g. a capture pool
-    assert not pool.is_shared_pool(1, mine)  # another device: never created by the question
-    assert (1, threading.get_ident()) not in pool._pools.shared
+    monkeypatch.setitem(pool._pools.shared, (0, threading.get_ident(), 5), mine)
+    assert pool.is_shared_pool(0, mine, 5)
+    assert not pool.is_shared_pool(0, other, 5)  # e.g. a capture pool
+    assert not pool.is_shared_pool(0, mine, 6)  # another peer set's pool
+    assert not pool.is_shared_pool(1, mine, 5)  # another device: never created by the question
+    assert (1, threading.get_ident(), 5) not in pool._pools.shared

@@ -72,6 +72,50 @@ def test_a_gloo_process_group_gathers_through_torch(tmp_path: Any) -> None:
         dist.destroy_process_group()
 
 
+# -- peer sets: one pool per set of ranks ------------------------------------------------------
+
+
+def test_groups_over_the_same_ranks_share_a_peer_set_and_others_do_not() -> None:
+    from symm_rs.groups import peer_set
+
+    world = peer_set((0, 1, 2, 3), 0xA)
+    assert peer_set((3, 2, 1, 0), 0xB) == world  # another communicator, the same ranks
+    tp0, tp1 = peer_set((0, 1), 0xC), peer_set((2, 3), 0xD)
+    assert len({world, tp0, tp1}) == 3
+    assert 0 not in {world, tp0, tp1}  # 0 is the native "every communicator" tag
+
+
+def test_a_communicator_without_known_ranks_has_a_peer_set_of_its_own_until_forgotten() -> None:
+    from symm_rs import groups
+
+    first = groups.peer_set(None, 0xE0)
+    assert groups.peer_set(None, 0xE0) == first
+    assert groups.peer_set(None, 0xE1) != first
+    groups.drop_cached(0xE0)  # released or forgotten: NCCL may reuse the address
+    assert groups.peer_set(None, 0xE0) != first
+
+
+def test_the_ranks_of_an_engine_group_come_from_its_cpu_group(tmp_path: Any) -> None:
+    from symm_rs.groups import _ranks_of
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        cpu = dist.group.WORLD
+        coordinator = types.SimpleNamespace(
+            pynccl_comm=types.SimpleNamespace(comm=1), cpu_group=cpu
+        )
+        pynccl = types.SimpleNamespace(comm=1, group=cpu)
+        assert _ranks_of(coordinator, 1) == (0,)
+        assert _ranks_of(types.SimpleNamespace(pynccl_comm=pynccl), 1) == (0,)
+        assert _ranks_of(types.SimpleNamespace(_symm_rs_ranks=(4, 6)), 2) == (4, 6)
+        # Ranks that do not match the communicator's size are not trusted.
+        assert _ranks_of(coordinator, 2) is None
+        assert _ranks_of(types.SimpleNamespace(comm=1), 2) is None
+    finally:
+        dist.destroy_process_group()
+
+
 # -- symmetric kernels: the rules per NCCL version -----------------------------------------
 
 V27, V28, V29 = (2, 27, 5), (2, 28, 9), (2, 29, 7)

@@ -34,8 +34,13 @@ def load_nccl(wheel_candidates: list[Union[str, PathLike[str]]] = ...) -> dict[s
 def probe_nccl(path: Union[str, PathLike[str]]) -> dict[str, Any]:
     """Opens one libnccl by path, apart from the process-wide one, and describes it."""
 
-def register_pending(comm: int) -> int:
-    """Registers every pool segment ``comm`` has not registered yet; collective. The segment
+def allocate_for(peers: int) -> int:
+    """Tags the segments this thread allocates from now on with peer set ``peers`` (0: every
+    communicator registers them); returns the previous tag."""
+
+def register_pending(comm: int, peers: int = 0) -> int:
+    """Registers every pool segment of peer set ``peers`` (and every untagged one) that
+    ``comm`` has not registered yet; collective. The segment
     table is not locked while NCCL registers; registrations of one communicator are serialised.
 
     Raises:
@@ -58,8 +63,8 @@ def defer_registration(comm: int) -> None:
 def take_deferred() -> list[int]:
     """The postponed communicators, in first-seen order, cleared."""
 
-def pending_sizes(comm: int) -> list[int]:
-    """Sizes of the segments ``comm`` would register next, in order."""
+def pending_sizes(comm: int, peers: int = 0) -> list[int]:
+    """Sizes of the segments of ``peers`` that ``comm`` would register next, in order."""
 
 def is_registered(ptr: int, nbytes: int, comm: int) -> bool:
     """Whether ``[ptr, ptr + nbytes)`` lies inside one window of ``comm`` (O(log n))."""

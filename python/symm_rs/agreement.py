@@ -201,7 +201,7 @@ def verify_pending(group: object, timeout: Optional[float] = None) -> None:
     resolved = resolve(group)
     if resolved is None:
         return
-    sizes = [int(s) for s in _native.pending_sizes(resolved.comm)]
+    sizes = [int(s) for s in _native.pending_sizes(resolved.comm, resolved.peer_set)]
     record = [len(sizes), sum(sizes), zlib.crc32(repr(sizes).encode()), *sizes]
     rows = exchange(resolved, "verify", record, timeout, width=_RECORD)
     if all(row[:3] == rows[0][:3] for row in rows):

@@ -13,7 +13,7 @@ import hashlib
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -95,6 +95,10 @@ class Communicator:
     ``SYMM_RS_POLICY_TABLE`` or the measured default for this world size; a ``PolicyTable`` or
     its text sets one. It costs a second NCCL communicator over the same ranks (its memory is
     measured in benches/results); every rank must use the same table.
+
+    ``ranks`` (``from_process_group`` fills it in) are the global ranks it spans, in any order:
+    groups over the same ranks then share one symmetric pool, so a buffer allocated for one of
+    them is a window of each that registers. Without it, the communicator has a pool of its own.
     """
 
     __slots__ = (
@@ -103,6 +107,7 @@ class Communicator:
         "_native",
         "_policy",
         "_symm_rs_channel",
+        "_symm_rs_ranks",
         "_torch_device",
     )
 
@@ -114,6 +119,7 @@ class Communicator:
         device: Union[int, torch.device, None] = None,
         channel: Optional[Channel] = None,
         policy: Any = None,
+        ranks: Optional[Sequence[int]] = None,
     ) -> None:
         if not isinstance(unique_id, (bytes, bytearray)):
             raise TypeError(f"unique_id must be bytes, got {type(unique_id).__name__}")
@@ -126,6 +132,9 @@ class Communicator:
         # symm_rs's cross-rank checks on this communicator go through the store of the group
         # that carried its id, so they time out instead of hanging.
         self._symm_rs_channel = channel
+        # The global ranks it spans, when known: buffers of every group over the same ranks
+        # then come from one pool (symm_rs.groups.peer_set).
+        self._symm_rs_ranks = None if ranks is None else tuple(int(r) for r in ranks)
         # Known once per communicator, not looked up per call; `run` decides staging in Rust.
         self._native.set_stage_unaligned(_unaligned_ll_bug())
         self._policy: Optional[_policy.Policy] = None
@@ -168,7 +177,8 @@ class Communicator:
         store = store_of(group)
         tag = "comm-" + hashlib.sha256(unique).hexdigest()[:16]
         channel = Channel(store, tag) if store is not None else None
-        return cls(unique, rank, size, device, channel, policy)
+        ranks = dist.get_process_group_ranks(group)
+        return cls(unique, rank, size, device, channel, policy, ranks=ranks)
 
     @property
     def comm(self) -> int:

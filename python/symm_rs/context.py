@@ -137,7 +137,7 @@ def _register(group: Group, verify: bool, timeout: Optional[float] = None) -> in
     _warn_known_issues()
     if verify:
         agreement.verify_pending(group, timeout)
-    made = int(_native.register_pending(group.comm))
+    made = int(_native.register_pending(group.comm, group.peer_set))
     if made:
         log.debug("registered %d new segment(s) with %s", made, group.name)
     return made
@@ -152,10 +152,10 @@ def _annotated_oom(error: BaseException) -> Optional[BaseException]:
 
 def _route_for(group: Group, explicit: Optional[Any]) -> Route:
     """Where this thread's allocations go for a context on ``group``."""
-    device = group.device
+    device, peers = group.device, group.peer_set
     if torch.cuda.is_current_stream_capturing():
         graph_pool_id, graph = _capturing_graph_pool(explicit)
-        target = capture_pool(device, graph_pool_id)
+        target = capture_pool(device, graph_pool_id, peers)
         target.sealed = True
         if graph is not None and hasattr(graph, "_retain_pool"):
             graph._retain_pool(target.pool)  # the graph keeps the pool its blocks live in
@@ -164,11 +164,11 @@ def _route_for(group: Group, explicit: Optional[Any]) -> Route:
     inner_route_wins(device)  # probed now, outside any capture, for the captures to come
     graph_pool_id = _native.graph_pool_id()
     if graph_pool_id is not None:
-        warm = capture_pool(device, graph_pool_id)
+        warm = capture_pool(device, graph_pool_id, peers)
         if not warm.sealed:
             # Before its first capture, S(P) serves the warm-up, which the capture then reuses.
             return Route.begin(device, warm.pool)
-    return Route.begin(device, shared_pool(device))
+    return Route.begin(device, shared_pool(device, peers))
 
 
 # The context manager is native (``symm_rs._native.use_symmetric_memory``): the common enter
@@ -211,29 +211,41 @@ class _Entered:
 _routing_checked = False
 
 
-def _enter_slow(group: Group, explicit_graph_pool: Optional[Any]) -> tuple[_Entered, Any]:
-    """Routes this thread for the outermost context on ``group`` when the native fast path
-    cannot: the first context of a thread, a thread on another device, a capture, a graph pool
-    set. Returns the route and, when it is this thread's shared pool on a thread already on the
-    group's device, that pool's id, which later contexts route to natively."""
+def _enter_slow(
+    group: Group, explicit_graph_pool: Optional[Any], nested: bool = False
+) -> tuple[Optional[_Entered], Any]:
+    """Routes this thread for a context on ``group`` when the native fast path cannot: the
+    first context of a thread, a thread on another device, a capture, a graph pool set, or a
+    context nested in one for other ranks. Returns the route (``None``: a nested context keeps
+    the route around it, because this torch puts the oldest route first) and, when it is this
+    thread's shared pool on a thread already on the group's device, that pool's id, which later
+    contexts route to natively."""
     global _routing_checked
     if not _routing_checked:
         require_routing()
         _routing_checked = True
+    if nested and not inner_route_wins(group.device):
+        return None, None
     current = torch.cuda.current_device()
     if current != group.device:
         # The communicator decides the device: a worker thread that never called set_device
         # is on device 0, and its buffers must still land where the communicator runs.
         torch.cuda.set_device(group.device)
     try:
-        _apply_env_reservation(group)
+        if not nested:
+            _apply_env_reservation(group)
         route = _route_for(group, explicit_graph_pool)
     except BaseException:
         if current != group.device:
             torch.cuda.set_device(current)
         raise
     restore = current if current != group.device else None
-    plain = restore is None and route.paused is None and is_shared_pool(group.device, route.pool)
+    plain = (
+        not nested
+        and restore is None
+        and route.paused is None
+        and is_shared_pool(group.device, route.pool, group.peer_set)
+    )
     return _Entered(route, restore), route.pool.id if plain else None
 
 
@@ -277,7 +289,8 @@ def _apply_env_reservation(group: Group) -> None:
     _env_reservation = False
     nbytes = env.read_bytes(env.RESERVE)
     if nbytes:
-        grow(group.device, shared_pool(group.device), nbytes, 8 << 20)
+        device, peers = group.device, group.peer_set
+        grow(device, shared_pool(device, peers), nbytes, 8 << 20, peers)
 
 
 def register(group: object) -> int:
@@ -317,12 +330,13 @@ def reserve(
         raise _native.SymmetricMemoryError("reserve() cannot run during a CUDA-graph capture")
     before = _native.stats().segments_tracked
     with torch.cuda.device(resolved.device):
+        device, peers = resolved.device, resolved.peer_set
         pool = (
-            shared_pool(resolved.device)
+            shared_pool(device, peers)
             if graph_pool is None
-            else capture_pool(resolved.device, pool_id(graph_pool)).pool
+            else capture_pool(device, pool_id(graph_pool), peers).pool
         )
-        grow(resolved.device, pool, nbytes, small_bytes)
+        grow(device, pool, nbytes, small_bytes, peers)
     flush_deferred()
     _register(resolved, verify=False)
     return _native.stats().segments_tracked - before

@@ -13,6 +13,12 @@ Accepted, in the order they are tried:
   ``PyNcclCommunicator``);
 * a raw ``int`` ncclComm_t address.
 
+Each ``Group`` names its *peer set*: a process-local id of the ranks it spans (global ranks
+of ``torch.distributed``'s world when known, else the communicator alone). Every communicator
+over the same ranks shares one symmetric pool (``symm_rs.pool``): the ranks of a group run the
+same allocations, while sub-groups of it do not, so a pool shared with a sub-group would grow
+differently on different ranks and their registrations would not line up.
+
 Communicators die with their groups. ``release(group)`` deregisters first; torch's
 ``destroy_process_group`` is wrapped so that it does so for the groups symm_rs has seen, and a
 group that disappears otherwise is forgotten without NCCL calls, so a destroyed communicator is
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +70,8 @@ class Group:
     device: int
     name: str
     channel: Optional[Channel] = None
+    # The pool this group allocates from and registers: one per set of ranks (``peer_set``).
+    peer_set: int = 0
     # How to all-gather on this group: torch's collective for a ProcessGroup, else NCCL directly.
     gather: Optional[Callable[..., None]] = field(default=None, compare=False, repr=False)
 
@@ -127,6 +136,42 @@ def store_of(pg: Any) -> Optional[Any]:
         return dist.distributed_c10d._world.pg_map[pg][1]
     except (KeyError, RuntimeError, ValueError):
         return None
+
+
+# -- peer sets ------------------------------------------------------------------------------
+
+_peer_sets: dict[tuple[str, object], int] = {}
+_peer_set_ids = itertools.count(1)  # 0 is symm_rs._native's "any communicator" tag
+
+
+def peer_set(ranks: Optional[tuple[int, ...]], comm: int) -> int:
+    """The peer-set id of a group over global ``ranks`` (any order), or, when they are
+    unknown, of the communicator ``comm`` alone (until it is released or forgotten)."""
+    key: tuple[str, object] = ("ranks", tuple(sorted(ranks))) if ranks else ("comm", comm)
+    with _lock:
+        found = _peer_sets.get(key)
+        if found is None:
+            found = _peer_sets[key] = next(_peer_set_ids)
+    return found
+
+
+def _ranks_of(group: object, size: int) -> Optional[tuple[int, ...]]:
+    """The global ranks behind an engine's group object, when it says: a
+    ``symm_rs.Communicator`` made from a ProcessGroup, or the CPU ProcessGroup an engine keeps
+    next to its communicator (SGLang's ``cpu_group``, on the coordinator or its
+    ``pynccl_comm``; vLLM's ``group``)."""
+    for owner in (group, getattr(group, "pynccl_comm", None)):
+        ranks = getattr(owner, "_symm_rs_ranks", None)
+        for attr in ("cpu_group", "group"):
+            candidate = getattr(owner, attr, None)
+            if ranks is None and candidate is not None and is_process_group(candidate):
+                try:
+                    ranks = _dist().get_process_group_ranks(candidate)
+                except (RuntimeError, ValueError):
+                    continue
+        if ranks is not None and len(ranks) == size:
+            return tuple(int(r) for r in ranks)
+    return None
 
 
 # -- ProcessGroups --------------------------------------------------------------------------
@@ -207,6 +252,14 @@ def _torch_gather(pg: Any) -> Callable[..., None]:
     return gather
 
 
+def _process_group_ranks(dist: Any, pg: Any, size: int) -> Optional[tuple[int, ...]]:
+    try:
+        ranks = tuple(int(r) for r in dist.get_process_group_ranks(pg))
+    except (RuntimeError, ValueError):
+        return None
+    return ranks if len(ranks) == size else None
+
+
 def _resolve_process_group(pg: Any) -> Optional[Group]:
     cached = _pg_groups.get(pg)
     if cached is not None:
@@ -229,6 +282,7 @@ def _resolve_process_group(pg: Any) -> Optional[Group]:
         channel=Channel(store, f"pg-{getattr(pg, 'group_name', '')}")
         if store is not None
         else None,
+        peer_set=peer_set(_process_group_ranks(dist, pg, size), comm),
         gather=_torch_gather(pg),
     )
     with _lock:
@@ -263,13 +317,16 @@ def _channel_of(owner: object, tag: str) -> Optional[Channel]:
     return None
 
 
-def _resolve_comm(comm: int, name: str, channel: Optional[Channel]) -> Optional[Group]:
+def _resolve_comm(
+    comm: int, name: str, channel: Optional[Channel], owner: object = None
+) -> Optional[Group]:
     cached = _by_comm.get(comm)
     if cached is not None and (channel is None or cached.channel == channel):
         return cached if cached.size > 1 else None
     library_info()
     size, rank, device = _native.comm_info(comm)
-    group = Group(comm, int(size), int(rank), int(device), name, channel)
+    peers = peer_set(_ranks_of(owner, int(size)), comm)
+    group = Group(comm, int(size), int(rank), int(device), name, channel, peers)
     with _lock:
         _by_comm[comm] = group
     return group if group.size > 1 else None
@@ -313,7 +370,7 @@ def resolve(group: object) -> Optional[Group]:
         return group if group.size > 1 and group.comm else None
     if is_process_group(group):
         return _resolve_process_group(group)
-    return _resolve_comm(*_address(group))
+    return _resolve_comm(*_address(group), owner=group)
 
 
 def peers(group: object) -> Group:
@@ -397,6 +454,7 @@ def drop_cached(comm: int) -> None:
     """Forgets what symm_rs's Python side cached about ``comm`` (its windows stay)."""
     with _lock:
         _by_comm.pop(comm, None)
+        _peer_sets.pop(("comm", comm), None)  # a successor at this address is another group
         watcher = _watchers.pop(comm, None)
         if watcher is not None:
             watcher.detach()

@@ -1,18 +1,23 @@
 """The memory pools symm_rs allocates from, and how allocations are routed into them.
 
 Every pool is a ``torch.cuda.MemPool`` on the same ``ncclMemAlloc`` plugs, so every segment is
-in the one segment table and can be registered with any communicator:
+in the one segment table. Pools are kept apart by *peer set* (the ranks of the group whose
+context allocates, ``symm_rs.groups.peer_set``): registration is collective, and only the ranks
+of one group are sure to allocate the same sequence. A sub-group's allocations (TP ``{0,1}``
+and ``{2,3}`` grow differently) never land in the world's pool, and each segment is registered
+only by the communicators over its own ranks.
 
-* one **shared pool** per device and thread, for allocations made outside CUDA-graph captures
-  (torch routes only one thread at a time into a pool, so each thread that enters a context
-  gets its own; every rank's thread allocates the same sequence, so placement stays symmetric);
-* one **capture pool** per (device, graph pool): allocations made inside a capture into graph
-  pool P come from capture pool S(P), and so do blocks freed during that capture. Eager code
-  never receives a block of S(P) once a capture has used it, so no block a live graph writes is
-  ever handed to code outside that graph's replays. Captures that share P share S(P), as they
-  share P (torch's rule for a shared graph pool). Before its first capture, S(P) also serves
-  the warm-up runs made while P is set (``set_graph_pool``), so that the capture reuses warmed,
-  registered segments and its collectives run NCCL's symmetric kernels.
+* one **shared pool** per device, thread and peer set, for allocations made outside CUDA-graph
+  captures (torch routes only one thread at a time into a pool, so each thread that enters a
+  context gets its own; every rank's thread allocates the same sequence, so placement stays
+  symmetric);
+* one **capture pool** per (device, graph pool, peer set): allocations made inside a capture
+  into graph pool P come from capture pool S(P), and so do blocks freed during that capture.
+  Eager code never receives a block of S(P) once a capture has used it, so no block a live graph
+  writes is ever handed to code outside that graph's replays. Captures that share P share S(P),
+  as they share P (torch's rule for a shared graph pool). Before its first capture, S(P) also
+  serves the warm-up runs made while P is set (``set_graph_pool``), so that the capture reuses
+  warmed, registered segments and its collectives run NCCL's symmetric kernels.
 
 Routing uses torch's allocator routing (``_cuda_beginAllocateCurrentThreadToPool``): this
 thread's allocations, on every stream, go to the pool. torch >= 2.10 consults the newest route
@@ -80,8 +85,8 @@ class CapturePool:
 @dataclass
 class _Pools:
     allocator: Any = None  # keeps torch's CUDAPluggableAllocator (and our plugs) referenced
-    shared: dict[tuple[int, int], Any] = field(default_factory=dict)
-    capture: dict[tuple[int, PoolId], CapturePool] = field(default_factory=dict)
+    shared: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    capture: dict[tuple[int, PoolId, int], CapturePool] = field(default_factory=dict)
     inner_route_wins: dict[int, bool] = field(default_factory=dict)
 
 
@@ -101,11 +106,12 @@ def _new_pool(device: int) -> Any:
         return torch.cuda.MemPool(_pools.allocator.allocator())
 
 
-def shared_pool(device: Optional[int] = None) -> Any:
+def shared_pool(device: Optional[int] = None, peer_set: int = 0) -> Any:
     """This thread's ``torch.cuda.MemPool`` on ``device`` (default: the current one) whose
-    segments come from ``ncclMemAlloc``, for allocations outside CUDA-graph captures."""
+    segments come from ``ncclMemAlloc``, for allocations outside CUDA-graph captures by groups
+    of ``peer_set`` (a ``Group.peer_set``; the default 0 is a pool every group registers)."""
     index = torch.cuda.current_device() if device is None else int(device)
-    key = (index, threading.get_ident())
+    key = (index, threading.get_ident(), int(peer_set))
     pool = _pools.shared.get(key)
     if pool is None:
         with _lock:
@@ -116,15 +122,17 @@ def shared_pool(device: Optional[int] = None) -> Any:
     return pool
 
 
-def is_shared_pool(device: int, pool: Any) -> bool:
-    """Whether ``pool`` is this thread's shared pool on ``device`` (never creates one)."""
-    return _pools.shared.get((device, threading.get_ident())) is pool
+def is_shared_pool(device: int, pool: Any, peer_set: int = 0) -> bool:
+    """Whether ``pool`` is this thread's shared pool on ``device`` for ``peer_set`` (never
+    creates one)."""
+    return _pools.shared.get((device, threading.get_ident(), peer_set)) is pool
 
 
-def capture_pool(device: int, graph_pool: PoolId) -> CapturePool:
-    """S(``graph_pool``) on ``device``, created on first use and kept until ``destroy_pool``
-    or ``release_graph_pool``: graphs that used it write into its blocks on every replay."""
-    key = (device, graph_pool)
+def capture_pool(device: int, graph_pool: PoolId, peer_set: int = 0) -> CapturePool:
+    """S(``graph_pool``) of ``peer_set`` on ``device``, created on first use and kept until
+    ``destroy_pool`` or ``release_graph_pool``: graphs that used it write into its blocks on
+    every replay."""
+    key = (device, graph_pool, int(peer_set))
     found = _pools.capture.get(key)
     if found is None:
         with _lock:
@@ -299,12 +307,18 @@ def pool_id(pool: Any) -> PoolId:
     )
 
 
-def grow(device: int, pool: Any, nbytes: int, small_bytes: int) -> None:
-    """Allocates then frees, routed into ``pool``, one ``nbytes`` block (large requests get a
-    segment of their own size) and ``small_bytes`` of 1 MiB blocks (requests under 1 MiB come
-    from 2 MiB segments), leaving them cached on the current stream."""
+def grow(device: int, pool: Any, nbytes: int, small_bytes: int, peer_set: int = 0) -> None:
+    """Allocates then frees, routed into ``pool`` (of ``peer_set``), one ``nbytes`` block
+    (large requests get a segment of their own size) and ``small_bytes`` of 1 MiB blocks
+    (requests under 1 MiB come from 2 MiB segments), leaving them cached on the current
+    stream."""
     on = torch.device("cuda", device)
-    route = Route.begin(device, pool)
+    previous = _native.allocate_for(peer_set)
+    try:
+        route = Route.begin(device, pool)
+    except BaseException:
+        _native.allocate_for(previous)
+        raise
     try:
         big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None
         small = [
@@ -313,4 +327,5 @@ def grow(device: int, pool: Any, nbytes: int, small_bytes: int) -> None:
         del big, small
     finally:
         route.end()
+        _native.allocate_for(previous)
     log.info("symmetric pool grown by %d + %d bytes on cuda:%d", nbytes, small_bytes, device)

@@ -13,7 +13,7 @@ use crate::cuda::{self, DeviceGuard};
 use crate::error::{Error, Result};
 use crate::handles::{CommPtr, DevicePtr, WindowHandle};
 use crate::nccl::{self, Nccl};
-use crate::segments::{SegmentTable, SharedTable, WindowRegistrar};
+use crate::segments::{PeerSet, SegmentTable, SharedTable, WindowRegistrar, ANY_PEERS};
 
 static TABLE: LazyLock<SharedTable> = LazyLock::new(SharedTable::new);
 /// Communicators whose registration a CUDA-graph capture (or an open NCCL group) postponed, in
@@ -27,6 +27,17 @@ thread_local! {
     // message is the one to attach; another thread's failure must not overwrite it.
     static LAST_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
+thread_local! {
+    // The peer set of the context this thread is in: torch calls the alloc plug on the thread
+    // whose allocation missed the cache, so the segment is tagged with that context's ranks.
+    static ALLOCATING_FOR: std::cell::Cell<PeerSet> = const { std::cell::Cell::new(ANY_PEERS) };
+}
+
+/// Tags this thread's next segments with `peers`; returns the previous tag (to restore).
+pub fn allocate_for(peers: PeerSet) -> PeerSet {
+    ALLOCATING_FOR.with(|cell| cell.replace(peers))
+}
+
 static FAILURES: Mutex<FailureCounts> = Mutex::new(FailureCounts {
     alloc: 0,
     free: 0,
@@ -122,7 +133,8 @@ pub fn allocate(size: usize, device: i32) -> Result<DevicePtr> {
     let nccl = nccl::get()?;
     let _device = DeviceGuard::enter(device)?;
     let ptr = nccl.mem_alloc(size)?;
-    with_table(|table| table.track(ptr, size, device));
+    let peers = ALLOCATING_FOR.with(std::cell::Cell::get);
+    with_table(|table| table.track(ptr, size, device, peers));
     Ok(ptr)
 }
 
@@ -158,12 +170,12 @@ pub fn release(ptr: DevicePtr, device: i32) -> Result<()> {
     unsafe { nccl.mem_free(ptr) }
 }
 
-/// Registers every segment `comm` has not registered yet; returns how many. The table is not
-/// locked while NCCL registers (see `segments`).
-pub fn register_pending(comm: CommPtr) -> Result<usize> {
+/// Registers every segment of `peers` that `comm` has not registered yet; returns how many.
+/// The table is not locked while NCCL registers (see `segments`).
+pub fn register_pending(comm: CommPtr, peers: PeerSet) -> Result<usize> {
     let nccl = nccl::get()?;
     nccl.require_windows()?;
-    TABLE.register_pending(comm, &NcclWindows(nccl))
+    TABLE.register_pending(comm, peers, &NcclWindows(nccl))
 }
 
 /// Whether a context exit on `comm` has nothing to register (one lock, no NCCL call).

@@ -5,6 +5,13 @@
 //! segments each communicator has not seen yet, in allocation order, gives every rank the same
 //! sequence as long as the ranks allocated the same sizes in the same order.
 //!
+//! Ranks allocate the same sequence only within a group: two sub-groups of the world (TP
+//! `{0,1}` and `{2,3}`) grow their pools differently, so a world communicator that registered
+//! every segment of the device would ask rank 0 and rank 2 for different registrations, which
+//! hangs or fails inside NCCL. Every segment therefore records the peer set whose context
+//! allocated it (`PeerSet`, a process-local id of a set of ranks), and a communicator registers
+//! only the segments of its own peer set.
+//!
 //! `SegmentTable` is the bookkeeping alone (no locking, no NCCL). `SharedTable` puts it behind a
 //! mutex and drives the NCCL calls through `WindowRegistrar`, *outside* the lock: registration
 //! waits for every peer, and torch calls the allocator plugs (which need the table) under its
@@ -28,6 +35,12 @@ pub trait WindowRegistrar {
     fn deregister(&self, comm: CommPtr, window: WindowHandle) -> Result<()>;
 }
 
+/// A process-local id of the ranks a pool serves (every communicator over those ranks shares
+/// it); `ANY_PEERS` tags segments allocated outside any context, which every communicator
+/// registers.
+pub type PeerSet = u64;
+pub const ANY_PEERS: PeerSet = 0;
+
 /// A window one communicator holds on one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -44,6 +57,8 @@ pub struct Segment {
     pub ptr: DevicePtr,
     pub size: usize,
     pub device: i32,
+    /// The peer set whose context allocated it: only their communicators register it.
+    pub peers: PeerSet,
     pub windows: Vec<Window>,
     /// NCCL calls on this segment running outside the lock; it must not be freed meanwhile.
     pinned: u32,
@@ -56,6 +71,11 @@ impl Segment {
 
     pub fn window_for(&self, comm: CommPtr) -> Option<Window> {
         self.windows.iter().copied().find(|w| w.comm == comm)
+    }
+
+    /// Whether a communicator over `peers` registers this segment.
+    pub fn serves(&self, peers: PeerSet) -> bool {
+        self.peers == ANY_PEERS || self.peers == peers
     }
 
     fn contains(&self, ptr: usize, len: usize) -> bool {
@@ -97,6 +117,8 @@ struct CommState {
     /// Segments with `seq < next` have been looked at (registered, or on another device).
     next: u64,
     device: i32,
+    /// The peer set this communicator serves (from its first registration on).
+    peers: PeerSet,
     /// A registration or release of this communicator is running outside the lock.
     busy: bool,
 }
@@ -147,8 +169,8 @@ impl SegmentTable {
         self.segments.values().map(|s| s.size).sum()
     }
 
-    /// Records a fresh allocation at the end of the order.
-    pub fn track(&mut self, ptr: DevicePtr, size: usize, device: i32) {
+    /// Records a fresh allocation at the end of the order, allocated for `peers`.
+    pub fn track(&mut self, ptr: DevicePtr, size: usize, device: i32, peers: PeerSet) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.segments.insert(
@@ -158,6 +180,7 @@ impl SegmentTable {
                 ptr,
                 size,
                 device,
+                peers,
                 windows: Vec::new(),
                 pinned: 0,
             },
@@ -166,14 +189,24 @@ impl SegmentTable {
         self.counters.segments_tracked += 1;
     }
 
-    /// Segments `comm` would register next, in order (all of its device's segments if it has
-    /// never registered). `device` is the communicator's device.
-    pub fn pending(&self, comm: CommPtr, device: i32) -> impl Iterator<Item = &Segment> {
+    /// Segments `comm`, serving `peers`, would register next, in order (all of its peer set's
+    /// segments on its device if it has never registered). `device` is the communicator's.
+    pub fn pending(
+        &self,
+        comm: CommPtr,
+        device: i32,
+        peers: PeerSet,
+    ) -> impl Iterator<Item = &Segment> {
         let start = self.comms.get(&comm).map_or(0, |state| state.next);
         self.segments
             .range(start..)
             .map(|(_, s)| s)
-            .filter(move |s| s.device == device && s.window_for(comm).is_none())
+            .filter(move |s| s.device == device && s.serves(peers) && s.window_for(comm).is_none())
+    }
+
+    /// The peer set `comm` registered for, once it has registered.
+    pub fn peers_of(&self, comm: CommPtr) -> Option<PeerSet> {
+        self.comms.get(&comm).map(|state| state.peers)
     }
 
     /// Whether a registration or release of `comm` is running.
@@ -188,10 +221,10 @@ impl SegmentTable {
 
     /// Plans the registration of everything `comm` has not registered: marks the communicator
     /// busy and pins the planned segments, so that neither changes until `finish`.
-    pub fn plan(&mut self, comm: CommPtr, device: i32) -> Plan {
+    pub fn plan(&mut self, comm: CommPtr, device: i32, peers: PeerSet) -> Plan {
         let upto = self.next_seq;
         let segments: Vec<(u64, DevicePtr, usize)> = self
-            .pending(comm, device)
+            .pending(comm, device, peers)
             .map(|s| (s.seq, s.ptr, s.size))
             .collect();
         for (seq, _, _) in &segments {
@@ -202,8 +235,10 @@ impl SegmentTable {
         let state = self.comms.entry(comm).or_insert(CommState {
             next: 0,
             device,
+            peers,
             busy: false,
         });
+        state.peers = peers;
         state.busy = true;
         Plan {
             comm,
@@ -349,7 +384,7 @@ impl SegmentTable {
                     if segment.window_for(comm).is_some() {
                         summary.windows += 1;
                         summary.window_bytes += segment.size;
-                    } else if segment.device == state.device {
+                    } else if segment.device == state.device && segment.serves(state.peers) {
                         summary.pending_segments += 1;
                     }
                 }
@@ -393,23 +428,36 @@ impl SharedTable {
         table
     }
 
-    /// Whether `comm` has registered every segment of its device and no registration of it
-    /// is running (a communicator the table has never seen is not up to date).
+    /// Whether `comm` has registered every segment of its peer set and device and no
+    /// registration of it is running (a communicator the table has never seen is not up to
+    /// date).
     pub fn is_up_to_date(&self, comm: CommPtr) -> bool {
         let table = self.lock();
+        let peers = table.peers_of(comm).unwrap_or(ANY_PEERS);
+        Self::up_to_date(&table, comm, peers)
+    }
+
+    fn up_to_date(table: &SegmentTable, comm: CommPtr, peers: PeerSet) -> bool {
         match table.known_device(comm) {
-            Some(device) => !table.is_busy(comm) && table.pending(comm, device).next().is_none(),
+            Some(device) => {
+                !table.is_busy(comm) && table.pending(comm, device, peers).next().is_none()
+            }
             None => false,
         }
     }
 
-    /// Registers, in allocation order, every segment of the communicator's device that it has
-    /// not registered yet; returns how many windows were made. Registrations of one
+    /// Registers, in allocation order, every segment of `peers` on the communicator's device
+    /// that it has not registered yet; returns how many windows were made. Registrations of one
     /// communicator are serialised (the second waits, then finds what is left); other
     /// communicators, and the allocator plugs, are never blocked by it.
-    pub fn register_pending<R: WindowRegistrar>(&self, comm: CommPtr, nccl: &R) -> Result<usize> {
+    pub fn register_pending<R: WindowRegistrar>(
+        &self,
+        comm: CommPtr,
+        peers: PeerSet,
+        nccl: &R,
+    ) -> Result<usize> {
         // The common exit: nothing new since the last registration, decided under one lock.
-        if self.is_up_to_date(comm) {
+        if Self::up_to_date(&self.lock(), comm, peers) {
             return Ok(0);
         }
         let known = self.lock().known_device(comm);
@@ -417,7 +465,7 @@ impl SharedTable {
             Some(device) => device,
             None => nccl.comm_device(comm)?,
         };
-        let plan = self.lock_idle(comm).plan(comm, device);
+        let plan = self.lock_idle(comm).plan(comm, device, peers);
         let mut made = Vec::with_capacity(plan.segments.len());
         let mut outcome = Ok(());
         for &(_, ptr, size) in &plan.segments {

@@ -1,6 +1,7 @@
 """The core on real GPUs: buffers from use_symmetric_memory are symmetric windows of their group
 (and only of groups that registered them), torch.distributed collectives on them give the same
-results as on plain buffers, groups share one pool, and the pool tears down cleanly."""
+results as on plain buffers, groups over the same ranks share one pool while sub-groups that
+grow differently never reach the world's registrations, and the pool tears down cleanly."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 import symm_rs
 
-from harness import Ctx
+from harness import Ctx, needs
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
 # Element counts: tiny, odd, just over a 2 MiB segment, and 3 MiB + a few bytes of bf16.
@@ -218,6 +219,64 @@ def case_block_freed_by_one_group_is_registered_by_the_next(ctx: Ctx) -> None:
     y.fill_(1)
     dist.all_reduce(y, group=third)
     assert bool((y == ctx.world_size).all())
+
+
+@needs(4)
+def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx: Ctx) -> None:
+    # TP {0,1} and {2,3}, CP {0,2} and {1,3}: each pair grows its pool its own way (TP group 0
+    # three 3 MiB buffers, TP group 1 one 5 MiB buffer; CP groups 1 vs 2 buffers). A world
+    # communicator that registered every segment of the device would then ask the ranks for
+    # different registrations and hang or fail inside NCCL (seen as CUDA 801 in suite_cp). Only
+    # the world's own segments may reach the world's registration.
+    pairs = [dist.new_group(r, device_id=ctx.device) for r in ([0, 1], [2, 3], [0, 2], [1, 3])]
+    tp, cp = pairs[ctx.rank // 2], pairs[2 + ctx.rank % 2]
+    ctx._made.extend([tp, cp])
+    counts = {"tp": (3, 3 << 20) if ctx.rank < 2 else (1, 5 << 20)}
+    counts["cp"] = (1 + ctx.rank % 2, 1 << 20)
+    kept = []
+    for name, group in (("tp", tp), ("cp", cp)):
+        number, nbytes = counts[name]
+        with symm_rs.use_symmetric_memory(group):
+            bufs = [
+                torch.full((nbytes,), 1, dtype=torch.uint8, device="cuda") for _ in range(number)
+            ]
+        for b in bufs:
+            assert symm_rs.is_symmetric(b, group), f"{name} buffer not symmetric for {name}"
+            dist.all_reduce(b, group=group)
+        kept += bufs
+    world_comm = symm_rs.resolve_comm(ctx.group)
+    with symm_rs.use_symmetric_memory(ctx.group):
+        world_buf = torch.full((3 << 20,), ctx.rank + 1, dtype=torch.int32, device="cuda")
+        # A TP context nested inside the world's allocates from the TP pool, not the world's.
+        with symm_rs.use_symmetric_memory(tp):
+            nested = torch.full((1 << 20,), 1, dtype=torch.uint8, device="cuda")
+    dist.all_reduce(world_buf, group=ctx.group)
+    dist.all_reduce(nested, group=tp)
+    torch.cuda.synchronize()
+    stats = symm_rs.stats()["communicators"]
+    ctx.details.update(
+        world_windows=stats[world_comm]["windows"],
+        world_pending=stats[world_comm]["pending_segments"],
+        subgroup_buffers_in_world_windows=sum(symm_rs.is_registered(b, ctx.group) for b in kept),
+    )
+    expected = sum(range(1, ctx.world_size + 1))
+    assert bool((world_buf == expected).all()), "world all-reduce wrong"
+    assert bool((nested == 2).all()), "nested TP all-reduce wrong"
+    assert all(bool((b == 2).all()) for b in kept), "sub-group all-reduce wrong"
+    assert symm_rs.is_symmetric(world_buf, ctx.group)
+    assert symm_rs.is_symmetric(nested, tp) and not symm_rs.is_registered(nested, ctx.group)
+    assert ctx.details["subgroup_buffers_in_world_windows"] == 0
+    assert stats[world_comm]["pending_segments"] == 0
+    # A symm_rs.Communicator over the world's ranks shares the world's pool: its registration
+    # makes the world's buffer a window of it too, and never the sub-groups' buffers.
+    with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
+        symm_rs.register(comm)
+        assert symm_rs.is_symmetric(world_buf, comm)
+        assert not any(symm_rs.is_registered(b, comm) for b in kept)
+        out = comm.all_reduce(world_buf, out=torch.empty_like(world_buf))
+        torch.cuda.synchronize()
+        assert bool((out == expected * ctx.world_size).all()), "Communicator all-reduce wrong"
+    del kept, nested, world_buf
 
 
 def case_destroying_the_pool_deregisters_every_window(ctx: Ctx) -> None:

@@ -103,38 +103,47 @@ enum Route {
     Python(Py<PyAny>),
 }
 
+/// One entered context of this thread.
+struct Level {
+    device: i32,
+    peers: u64,
+    /// The route this context began; `None` when it allocates where the one around it does.
+    route: Option<Route>,
+    /// The allocation tag to restore when it exits.
+    previous_tag: u64,
+}
+
 #[derive(Default)]
 struct ThreadState {
-    depth: u32,
-    /// The outermost context's route and its device.
-    route: Option<(i32, Route)>,
-    /// Device -> (pool generation, id of this thread's shared pool there).
-    shared: HashMap<i32, (u64, Py<PyAny>)>,
+    /// Entered contexts, outermost first.
+    levels: Vec<Level>,
+    /// (device, peer set) -> (pool generation, id of this thread's shared pool for them).
+    shared: HashMap<(i32, u64), (u64, Py<PyAny>)>,
 }
 
 thread_local! {
     static THREAD: RefCell<ThreadState> = RefCell::new(ThreadState::default());
 }
 
-fn cached_shared_pool(py: Python<'_>, device: i32) -> Option<Py<PyAny>> {
+fn cached_shared_pool(py: Python<'_>, device: i32, peers: u64) -> Option<Py<PyAny>> {
     let generation = POOL_GENERATION.load(Ordering::SeqCst);
-    THREAD.with(|t| match t.borrow().shared.get(&device) {
+    THREAD.with(|t| match t.borrow().shared.get(&(device, peers)) {
         Some((seen, id)) if *seen == generation => Some(id.clone_ref(py)),
         _ => None,
     })
 }
 
 /// The shared pool id to route into without Python, when nothing calls for the Python path:
-/// no graph pool is set, this thread already routed there on this device, the thread is on the
-/// communicator's device, and no capture is running.
-fn fast_route(py: Python<'_>, device: i32) -> PyResult<Option<(&Torch, Py<PyAny>)>> {
+/// no graph pool is set, this thread already routed there for these peers on this device, the
+/// thread is on the communicator's device, and no capture is running.
+fn fast_route(py: Python<'_>, device: i32, peers: u64) -> PyResult<Option<(&Torch, Py<PyAny>)>> {
     let Some(torch) = torch(py) else {
         return Ok(None);
     };
     if graph_pool_is_set() {
         return Ok(None);
     }
-    let Some(pool) = cached_shared_pool(py, device) else {
+    let Some(pool) = cached_shared_pool(py, device, peers) else {
         return Ok(None);
     };
     if torch.current_device.bind(py).call0()?.extract::<i32>()? != device
@@ -145,68 +154,100 @@ fn fast_route(py: Python<'_>, device: i32) -> PyResult<Option<(&Torch, Py<PyAny>
     Ok(Some((torch, pool)))
 }
 
-/// Routes this thread for a context on `device` (outermost context only); returns whether this
-/// context owns the routing.
-fn enter(py: Python<'_>, group: &Py<PyAny>, device: i32, graph_pool: &Py<PyAny>) -> PyResult<bool> {
-    let outer = THREAD.with(|t| {
-        let t = t.borrow();
-        (t.depth > 0).then(|| t.route.as_ref().map(|(d, _)| *d))
-    });
-    if let Some(outer_device) = outer {
-        if let Some(outer_device) = outer_device.filter(|d| *d != device) {
+/// Routes by `symm_rs.context._enter_slow`; `None` when a nested context keeps the route
+/// around it (torch cannot put an inner route first).
+fn slow_route(
+    py: Python<'_>,
+    group: &Py<PyAny>,
+    device: i32,
+    peers: u64,
+    graph_pool: &Py<PyAny>,
+    nested: bool,
+) -> PyResult<Option<Route>> {
+    let entered = py.import(RULES)?.getattr("_enter_slow")?.call1((
+        group.bind(py),
+        graph_pool.bind(py),
+        nested,
+    ))?;
+    let (handle, shared): (Option<Py<PyAny>>, Option<Py<PyAny>>) = entered.extract()?;
+    if let Some(id) = shared {
+        let generation = POOL_GENERATION.load(Ordering::SeqCst);
+        THREAD.with(|t| {
+            t.borrow_mut()
+                .shared
+                .insert((device, peers), (generation, id))
+        });
+    }
+    Ok(handle.map(Route::Python))
+}
+
+/// Routes this thread for a context on `device` serving `peers`, and tags the segments it
+/// allocates with `peers`. A context nested in one for the same peers keeps its route; one
+/// for other peers routes to their pool, so that every pool grows only by what its own ranks
+/// all allocate.
+fn enter(
+    py: Python<'_>,
+    group: &Py<PyAny>,
+    device: i32,
+    peers: u64,
+    graph_pool: &Py<PyAny>,
+) -> PyResult<()> {
+    let around = THREAD.with(|t| t.borrow().levels.last().map(|l| (l.device, l.peers)));
+    let route = match around {
+        Some((outer_device, _)) if outer_device != device => {
             return Err(SymmetricMemoryError::new_err(format!(
                 "a use_symmetric_memory context for cuda:{device} cannot nest inside one for \
                  cuda:{outer_device}"
             )));
         }
-        THREAD.with(|t| t.borrow_mut().depth += 1);
-        return Ok(false);
-    }
-    let route = match fast_route(py, device)? {
-        Some((torch, pool)) => {
-            torch.begin.call1(py, (device, pool.bind(py)))?;
-            Route::Shared(pool)
-        }
-        None => {
-            let entered = py
-                .import(RULES)?
-                .getattr("_enter_slow")?
-                .call1((group.bind(py), graph_pool.bind(py)))?;
-            let (handle, shared): (Py<PyAny>, Option<Py<PyAny>>) = entered.extract()?;
-            if let Some(id) = shared {
-                let generation = POOL_GENERATION.load(Ordering::SeqCst);
-                THREAD.with(|t| t.borrow_mut().shared.insert(device, (generation, id)));
+        Some((_, outer_peers)) if outer_peers == peers => None,
+        Some(_) => slow_route(py, group, device, peers, graph_pool, true)?,
+        None => match fast_route(py, device, peers)? {
+            Some((torch, pool)) => {
+                torch.begin.call1(py, (device, pool.bind(py)))?;
+                Some(Route::Shared(pool))
             }
-            Route::Python(handle)
-        }
+            None => {
+                // Tagged before routing: the slow path may grow the pool right away.
+                let previous = allocator::allocate_for(peers);
+                let routed = slow_route(py, group, device, peers, graph_pool, false);
+                allocator::allocate_for(previous);
+                routed?
+            }
+        },
     };
+    // A nested context that keeps the outer route allocates into the outer pool: its segments
+    // keep the outer tag.
+    let tag = match (&route, around) {
+        (None, Some((_, outer_peers))) => outer_peers,
+        _ => peers,
+    };
+    let previous_tag = allocator::allocate_for(tag);
     THREAD.with(|t| {
-        let mut t = t.borrow_mut();
-        t.depth = 1;
-        t.route = Some((device, route));
+        t.borrow_mut().levels.push(Level {
+            device,
+            peers: tag,
+            route,
+            previous_tag,
+        })
     });
-    Ok(true)
+    Ok(())
 }
 
-fn leave(py: Python<'_>, owner: bool) -> PyResult<()> {
-    let route = THREAD.with(|t| {
-        let mut t = t.borrow_mut();
-        t.depth = t.depth.saturating_sub(1);
-        if owner {
-            t.route.take()
-        } else {
-            None
-        }
-    });
-    match route {
-        Some((device, Route::Shared(pool))) => {
+fn leave(py: Python<'_>) -> PyResult<()> {
+    let Some(level) = THREAD.with(|t| t.borrow_mut().levels.pop()) else {
+        return Ok(());
+    };
+    allocator::allocate_for(level.previous_tag);
+    match level.route {
+        Some(Route::Shared(pool)) => {
             // `torch` was loaded when this route began.
             if let Some(torch) = torch(py) {
-                torch.end.call1(py, (device, pool.bind(py)))?;
-                torch.release.call1(py, (device, pool.bind(py)))?;
+                torch.end.call1(py, (level.device, pool.bind(py)))?;
+                torch.release.call1(py, (level.device, pool.bind(py)))?;
             }
         }
-        Some((_, Route::Python(handle))) => {
+        Some(Route::Python(handle)) => {
             handle.call_method0(py, "end")?;
         }
         None => {}
@@ -241,12 +282,21 @@ struct Cached {
     /// `None` for a one-rank group (the context is a no-op).
     group: Option<Py<PyAny>>,
     device: i32,
+    peers: u64,
 }
 
 static GROUPS: Mutex<Option<HashMap<Key, Cached>>> = Mutex::new(None);
 
-/// The resolved `Group`, its communicator and device; `None` for a one-rank group.
-type Resolved = Option<(Py<PyAny>, usize, i32)>;
+/// A resolved group: the `Group`, its communicator, device and peer set.
+struct Target {
+    group: Py<PyAny>,
+    comm: usize,
+    device: i32,
+    peers: u64,
+}
+
+/// `None` for a one-rank group.
+type Resolved = Option<Target>;
 
 fn key_of(group: &Bound<'_, PyAny>) -> Option<Key> {
     if group.is_instance_of::<PyBool>() {
@@ -291,12 +341,12 @@ fn lookup(py: Python<'_>, group: &Bound<'_, PyAny>, key: Key) -> Option<Resolved
     if !still_holds(group, cached.recheck, cached.comm) {
         return None;
     }
-    Some(
-        cached
-            .group
-            .as_ref()
-            .map(|g| (g.clone_ref(py), cached.comm, cached.device)),
-    )
+    Some(cached.group.as_ref().map(|g| Target {
+        group: g.clone_ref(py),
+        comm: cached.comm,
+        device: cached.device,
+        peers: cached.peers,
+    }))
 }
 
 fn remember(py: Python<'_>, group: &Bound<'_, PyAny>, key: Key, how: &str, resolved: &Resolved) {
@@ -319,9 +369,9 @@ fn remember(py: Python<'_>, group: &Bound<'_, PyAny>, key: Key, how: &str, resol
         Key::Address(address) => address,
         Key::Object(_) => 0,
     };
-    let (comm, device) = resolved
+    let (comm, device, peers) = resolved
         .as_ref()
-        .map_or((unresolved, -1), |(_, c, d)| (*c, *d));
+        .map_or((unresolved, -1, 0), |t| (t.comm, t.device, t.peers));
     if comm == 0 && !matches!(recheck, Recheck::Nothing) {
         return;
     }
@@ -330,7 +380,7 @@ fn remember(py: Python<'_>, group: &Bound<'_, PyAny>, key: Key, how: &str, resol
     if map.len() >= MAX_CACHED_GROUPS {
         map.clear();
     }
-    let group = resolved.as_ref().map(|(g, _, _)| g.clone_ref(py));
+    let group = resolved.as_ref().map(|t| t.group.clone_ref(py));
     map.insert(
         key,
         Cached {
@@ -339,6 +389,7 @@ fn remember(py: Python<'_>, group: &Bound<'_, PyAny>, key: Key, how: &str, resol
             comm,
             group,
             device,
+            peers,
         },
     );
 }
@@ -360,7 +411,13 @@ fn resolve(py: Python<'_>, group: &Bound<'_, PyAny>) -> PyResult<Resolved> {
         Some(g) => {
             let comm: usize = g.getattr("comm")?.extract()?;
             let device: i32 = g.getattr("device")?.extract()?;
-            Some((g.unbind(), comm, device))
+            let peers: u64 = g.getattr("peer_set")?.extract()?;
+            Some(Target {
+                group: g.unbind(),
+                comm,
+                device,
+                peers,
+            })
         }
     };
     if let (Some(key), Some(how)) = (key, how) {
@@ -430,8 +487,8 @@ pub(super) struct UseSymmetricMemory {
     verify: bool,
     #[pyo3(get, set)]
     timeout: Py<PyAny>,
-    /// While entered: the resolved group, its communicator, and whether this context routed.
-    active: Option<(Py<PyAny>, usize, bool)>,
+    /// While entered: the resolved group and its communicator.
+    active: Option<(Py<PyAny>, usize)>,
 }
 
 #[pymethods]
@@ -463,7 +520,7 @@ impl UseSymmetricMemory {
     /// The group this context resolved, while it is entered.
     #[getter]
     fn _resolved(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.active.as_ref().map(|(g, _, _)| g.clone_ref(py))
+        self.active.as_ref().map(|(g, _)| g.clone_ref(py))
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
@@ -486,12 +543,13 @@ impl UseSymmetricMemory {
                 this.timeout.clone_ref(py),
             )
         };
-        let Some((resolved, comm, device)) = resolve(py, group.bind(py))? else {
+        let Some(target) = resolve(py, group.bind(py))? else {
             return Ok(slf.clone());
         };
-        match enter(py, &resolved, device, &graph_pool) {
-            Ok(owner) => {
-                slf.borrow_mut().active = Some((resolved, comm, owner));
+        let resolved = target.group;
+        match enter(py, &resolved, target.device, target.peers, &graph_pool) {
+            Ok(()) => {
+                slf.borrow_mut().active = Some((resolved, target.comm));
                 Ok(slf.clone())
             }
             Err(error) => {
@@ -520,10 +578,10 @@ impl UseSymmetricMemory {
             let mut this = slf.borrow_mut();
             (this.active.take(), this.verify, this.timeout.clone_ref(py))
         };
-        let Some((group, comm, owner)) = active else {
+        let Some((group, comm)) = active else {
             return Ok(false);
         };
-        leave(py, owner)?;
+        leave(py)?;
         if !exc_type.is_none() {
             py.import(RULES)?.getattr("_exit_failed")?.call1((
                 group.bind(py),

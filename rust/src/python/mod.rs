@@ -98,10 +98,19 @@ fn probe_nccl(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     info
 }
 
-/// Registers every pool segment `comm` has not registered yet. Collective over its ranks.
+/// Registers every pool segment of `peers` that `comm` has not registered yet. Collective over
+/// its ranks.
 #[pyfunction]
-fn register_pending(py: Python<'_>, comm: usize) -> PyResult<usize> {
-    Ok(py.detach(|| allocator::register_pending(CommPtr::new(comm)))?)
+#[pyo3(signature = (comm, peers = 0))]
+fn register_pending(py: Python<'_>, comm: usize, peers: u64) -> PyResult<usize> {
+    Ok(py.detach(|| allocator::register_pending(CommPtr::new(comm), peers))?)
+}
+
+/// Tags the segments this thread allocates from now on with `peers` (0: any communicator
+/// registers them); returns the previous tag.
+#[pyfunction]
+fn allocate_for(peers: u64) -> u64 {
+    allocator::allocate_for(peers)
 }
 
 /// Deregisters every window `comm` holds; call before the communicator is destroyed.
@@ -131,13 +140,14 @@ fn take_deferred() -> Vec<usize> {
         .collect()
 }
 
-/// Sizes of the segments `comm` would register next, in order.
+/// Sizes of the segments of `peers` that `comm` would register next, in order.
 #[pyfunction]
-fn pending_sizes(py: Python<'_>, comm: usize) -> PyResult<Vec<usize>> {
+#[pyo3(signature = (comm, peers = 0))]
+fn pending_sizes(py: Python<'_>, comm: usize, peers: u64) -> PyResult<Vec<usize>> {
     let comm = CommPtr::new(comm);
     let device = py.detach(|| nccl::get()?.comm_device(comm))?;
     Ok(allocator::with_table(|t| {
-        t.pending(comm, device).map(|s| s.size).collect()
+        t.pending(comm, device, peers).map(|s| s.size).collect()
     }))
 }
 
@@ -597,6 +607,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_nccl, m)?)?;
     m.add_function(wrap_pyfunction!(probe_nccl, m)?)?;
     m.add_function(wrap_pyfunction!(register_pending, m)?)?;
+    m.add_function(wrap_pyfunction!(allocate_for, m)?)?;
     m.add_function(wrap_pyfunction!(release_comm, m)?)?;
     m.add_function(wrap_pyfunction!(forget_comm, m)?)?;
     m.add_function(wrap_pyfunction!(defer_registration, m)?)?;

@@ -81,7 +81,7 @@ fn p(addr: usize) -> DevicePtr {
 fn table_with(ptrs: &[usize]) -> SharedTable {
     let table = SharedTable::new();
     for &ptr in ptrs {
-        table.lock().track(p(ptr), 0x100, 0);
+        table.lock().track(p(ptr), 0x100, 0, ANY_PEERS);
     }
     table
 }
@@ -94,23 +94,55 @@ fn registered_in_table(table: &SharedTable, ptr: usize, comm: CommPtr) -> bool {
 fn registers_in_allocation_order_once() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x3000, 0x1000, 0x2000]);
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 3);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 3);
     assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000]);
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 0);
-    table.lock().track(p(0x500), 0x100, 0);
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 0);
+    table.lock().track(p(0x500), 0x100, 0, ANY_PEERS);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
     assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000, 0x500]);
+}
+
+#[test]
+fn each_communicator_registers_only_its_peer_sets_segments() {
+    // Rank 0 of a 4-rank world: its TP pool ({0,1}) grew twice, its CP pool ({0,2}) once, and
+    // the world's pool once. Rank 2's TP pool ({2,3}) may have grown another way: the world
+    // communicator must ask for the world's segments (and untagged ones) only.
+    const TP: PeerSet = 1;
+    const CP: PeerSet = 2;
+    const WORLD: PeerSet = 3;
+    let (tp, cp, world) = (A, B, CommPtr::new(0xC));
+    let nccl = FakeNccl::default();
+    let table = SharedTable::new();
+    for (ptr, peers) in [(0x1000, TP), (0x2000, CP), (0x3000, WORLD), (0x4000, TP)] {
+        table.lock().track(p(ptr), 0x100, 0, peers);
+    }
+    table.lock().track(p(0x5000), 0x100, 0, ANY_PEERS);
+    assert_eq!(table.register_pending(world, WORLD, &nccl).unwrap(), 2);
+    assert_eq!(nccl.registered(world), vec![0x3000, 0x5000]);
+    assert_eq!(table.register_pending(tp, TP, &nccl).unwrap(), 3);
+    assert_eq!(nccl.registered(tp), vec![0x1000, 0x4000, 0x5000]);
+    assert_eq!(table.register_pending(cp, CP, &nccl).unwrap(), 2);
+    assert_eq!(nccl.registered(cp), vec![0x2000, 0x5000]);
+    // Another TP segment leaves the world communicator up to date.
+    table.lock().track(p(0x6000), 0x100, 0, TP);
+    assert!(table.is_up_to_date(world));
+    assert!(!table.is_up_to_date(tp));
+    let summaries = table.lock().comm_summaries();
+    let pending: Vec<usize> = summaries.iter().map(|s| s.pending_segments).collect();
+    assert_eq!(pending, vec![1, 0, 0]); // tp (0xA), cp (0xB), world (0xC)
+    assert_eq!(table.register_pending(world, WORLD, &nccl).unwrap(), 0);
+    assert_eq!(table.register_pending(tp, TP, &nccl).unwrap(), 1);
 }
 
 #[test]
 fn several_communicators_share_one_pool() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000]);
-    table.register_pending(A, &nccl).unwrap();
-    table.lock().track(p(0x3000), 0x100, 0);
-    table.register_pending(B, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
+    table.lock().track(p(0x3000), 0x100, 0, ANY_PEERS);
+    table.register_pending(B, ANY_PEERS, &nccl).unwrap();
     assert_eq!(nccl.registered(B), vec![0x1000, 0x2000, 0x3000]);
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
     let guard = table.lock();
     for segment in guard.segments() {
@@ -129,9 +161,9 @@ fn segment_reused_under_another_group_is_registered_with_it() {
     // later allocation under group B reuses it. B's exit must register that segment with B.
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000]);
-    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     assert!(!table.lock().is_registered(0x1010, 0x20, B));
-    table.register_pending(B, &nccl).unwrap();
+    table.register_pending(B, ANY_PEERS, &nccl).unwrap();
     assert!(table.lock().is_registered(0x1010, 0x20, B));
     assert_eq!(nccl.registered(B), vec![0x1000]);
 }
@@ -140,11 +172,11 @@ fn segment_reused_under_another_group_is_registered_with_it() {
 fn freed_then_reallocated_address_is_a_new_segment() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000]);
-    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     let gone = table.untrack(p(0x1000), &nccl).unwrap();
     assert!(gone.failures.is_empty());
-    table.lock().track(p(0x1000), 0x100, 0);
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    table.lock().track(p(0x1000), 0x100, 0, ANY_PEERS);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x1000]);
     assert_eq!(table.lock().len(), 2);
 }
@@ -154,17 +186,17 @@ fn null_window_is_an_error_and_retry_resumes_there() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000, 0x3000]);
     *nccl.null_window_at_ptr.lock().unwrap() = Some(0x2000);
-    let err = table.register_pending(A, &nccl).unwrap_err();
+    let err = table.register_pending(A, ANY_PEERS, &nccl).unwrap_err();
     assert!(
         matches!(err, Error::NullWindow { ptr, .. } if ptr == p(0x2000)),
         "{err}"
     );
     assert!(registered_in_table(&table, 0x1000, A));
     assert!(!registered_in_table(&table, 0x2000, A));
-    assert_eq!(table.lock().pending(A, 0).count(), 2);
+    assert_eq!(table.lock().pending(A, 0, ANY_PEERS).count(), 2);
 
     *nccl.null_window_at_ptr.lock().unwrap() = None;
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 2);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 2);
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
 }
 
@@ -173,10 +205,10 @@ fn failed_registration_then_retry_registers_exactly_the_rest() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000, 0x3000]);
     *nccl.fail_register_at_ptr.lock().unwrap() = Some(0x3000);
-    assert!(table.register_pending(A, &nccl).is_err());
+    assert!(table.register_pending(A, ANY_PEERS, &nccl).is_err());
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000]);
     *nccl.fail_register_at_ptr.lock().unwrap() = None;
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
     assert_eq!(table.lock().counters().windows_registered, 3);
 }
@@ -185,16 +217,16 @@ fn failed_registration_then_retry_registers_exactly_the_rest() {
 fn untrack_deregisters_every_window_first_and_keeps_order_right() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000]);
-    table.register_pending(A, &nccl).unwrap();
-    table.register_pending(B, &nccl).unwrap();
-    table.lock().track(p(0x3000), 0x100, 0);
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
+    table.register_pending(B, ANY_PEERS, &nccl).unwrap();
+    table.lock().track(p(0x3000), 0x100, 0, ANY_PEERS);
     let gone = table.untrack(p(0x1000), &nccl).unwrap();
     assert_eq!(gone.segment.windows.len(), 2);
     assert_eq!(nccl.calls("deregister", A).len(), 1);
     assert_eq!(nccl.calls("deregister", B).len(), 1);
     // Only the segment allocated after the last exit is still pending, for both.
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
-    assert_eq!(table.register_pending(B, &nccl).unwrap(), 1);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(table.register_pending(B, ANY_PEERS, &nccl).unwrap(), 1);
     assert_eq!(table.lock().counters().windows_deregistered, 2);
 }
 
@@ -202,7 +234,7 @@ fn untrack_deregisters_every_window_first_and_keeps_order_right() {
 fn failed_deregistration_is_reported_not_hidden() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000]);
-    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     nccl.fail_deregister.store(true, Ordering::SeqCst);
     let gone = table.untrack(p(0x1000), &nccl).unwrap();
     assert_eq!(gone.failures.len(), 1);
@@ -214,9 +246,9 @@ fn failed_deregistration_is_reported_not_hidden() {
 fn other_devices_segments_are_skipped() {
     let nccl = FakeNccl::default();
     let table = SharedTable::new();
-    table.lock().track(p(0x1000), 0x100, 0);
-    table.lock().track(p(0x2000), 0x100, 1);
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    table.lock().track(p(0x1000), 0x100, 0, ANY_PEERS);
+    table.lock().track(p(0x2000), 0x100, 1, ANY_PEERS);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
     assert_eq!(nccl.registered(A), vec![0x1000]);
     assert_eq!(table.lock().comm_summaries()[0].pending_segments, 0);
 }
@@ -225,7 +257,7 @@ fn other_devices_segments_are_skipped() {
 fn failed_release_keeps_the_window_so_the_segment_is_never_freed_under_it() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000]);
-    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     nccl.fail_deregister.store(true, Ordering::SeqCst);
     assert!(table.release_comm(A, &nccl).is_err());
     assert!(registered_in_table(&table, 0x1000, A));
@@ -241,7 +273,7 @@ fn failed_release_keeps_the_window_so_the_segment_is_never_freed_under_it() {
 fn release_comm_retry_after_failure_releases_the_rest() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000]);
-    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     nccl.fail_deregister.store(true, Ordering::SeqCst);
     assert!(table.release_comm(A, &nccl).is_err());
     nccl.fail_deregister.store(false, Ordering::SeqCst);
@@ -253,20 +285,20 @@ fn release_comm_retry_after_failure_releases_the_rest() {
 fn release_comm_deregisters_only_that_communicator() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000]);
-    table.register_pending(A, &nccl).unwrap();
-    table.register_pending(B, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
+    table.register_pending(B, ANY_PEERS, &nccl).unwrap();
     assert_eq!(table.release_comm(A, &nccl).unwrap(), 2);
     assert!(!registered_in_table(&table, 0x1000, A));
     assert!(registered_in_table(&table, 0x1000, B));
     // A communicator seen again later starts from scratch.
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 2);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 2);
 }
 
 #[test]
 fn a_forgotten_communicator_never_reaches_nccl_and_its_address_starts_clean() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000]);
-    table.register_pending(A, &nccl).unwrap();
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     assert_eq!(table.forget_comm(A), 2);
     // Its windows are gone from the table, without a deregister call on the dead communicator.
     assert!(nccl.calls("deregister", A).is_empty());
@@ -275,7 +307,7 @@ fn a_forgotten_communicator_never_reaches_nccl_and_its_address_starts_clean() {
     table.untrack(p(0x1000), &nccl).unwrap();
     assert!(nccl.calls("deregister", A).is_empty());
     // A new communicator at the same address registers what exists, from scratch.
-    assert_eq!(table.register_pending(A, &nccl).unwrap(), 1);
+    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
     assert_eq!(table.lock().counters().windows_forgotten, 2);
 }
 
@@ -311,7 +343,7 @@ fn registration_in_flight(
     *nccl.gate.lock().unwrap() = Some(gate.clone());
     let worker = {
         let (table, nccl) = (table.clone(), nccl.clone());
-        thread::spawn(move || table.register_pending(A, &*nccl))
+        thread::spawn(move || table.register_pending(A, ANY_PEERS, &*nccl))
     };
     gate.wait(); // the worker is inside `register`, holding no lock
     *nccl.gate.lock().unwrap() = None;
@@ -322,21 +354,21 @@ fn registration_in_flight(
 fn the_table_is_not_locked_while_nccl_registers() {
     let (table, _nccl, gate, worker) = registration_in_flight(&[0x1000]);
     // The allocator plug's work (track) and lookups go through while NCCL is busy.
-    table.lock().track(p(0x2000), 0x100, 0);
+    table.lock().track(p(0x2000), 0x100, 0, ANY_PEERS);
     assert!(table.lock().find(0x2000, 1).is_some());
     gate.wait();
     assert_eq!(worker.join().unwrap().unwrap(), 1);
     // The segment tracked during the registration stays pending for the next one.
-    assert_eq!(table.lock().pending(A, 0).count(), 1);
+    assert_eq!(table.lock().pending(A, 0, ANY_PEERS).count(), 1);
 }
 
 #[test]
 fn a_second_registration_of_one_communicator_waits_and_registers_the_rest() {
     let (table, nccl, gate, worker) = registration_in_flight(&[0x1000]);
-    table.lock().track(p(0x2000), 0x100, 0);
+    table.lock().track(p(0x2000), 0x100, 0, ANY_PEERS);
     let second = {
         let (table, nccl) = (table.clone(), nccl.clone());
-        thread::spawn(move || table.register_pending(A, &*nccl))
+        thread::spawn(move || table.register_pending(A, ANY_PEERS, &*nccl))
     };
     thread::sleep(Duration::from_millis(50));
     assert!(
