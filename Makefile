@@ -3,9 +3,9 @@
 # `$(PYTHON) -m TOOL`, so the tools of the interpreter (virtualenv) that runs make are used.
 PYTHON ?= python3
 WHEEL_DIR ?= target/wheels
-PY_DIRS = python tests benches examples
+PY_DIRS = python tests benches examples scripts
 
-.PHONY: fmt lint wheel install test test-rust test-python bench gpu-tests
+.PHONY: fmt lint wheel install test test-rust test-python bench gpu-tests ptx
 
 fmt:
 	cargo fmt --all
@@ -39,3 +39,9 @@ bench:
 # On a host with 2 or 4 GPUs: every GPU suite, JSON summaries into tests/gpu/results.
 gpu-tests:
 	tests/gpu/run_all.sh tests/gpu/results
+
+# The CP copy kernel's PTX (rust/src/cuda/batched_copy.ptx) from its source, after editing
+# batched_copy.cu: needs `pip install nvidia-cuda-nvrtc-cu12==12.4.127` (and, for the ptxas
+# check, nvidia-cuda-nvcc-cu12). The build itself only embeds the committed PTX.
+ptx:
+	$(PYTHON) scripts/compile_ptx.py --ptxas

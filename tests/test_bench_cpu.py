@@ -458,7 +458,11 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
     for name, value in fakes.items():
         setattr(symm_rs, name, value)
     # The CP helpers without symmetric memory (gloo has no NCCL communicator), at small sizes.
-    for name in ("cp_all_gather_reorganized_into_tensor_kv_cache", "_gather_in_python"):
+    for name in (
+        "cp_all_gather_reorganized_into_tensor_kv_cache",
+        "_gather_with_driver_copies",
+        "_gather_in_python",
+    ):
         setattr(cp, name, functools.partial(getattr(cp, name), disabled=True))
     cfg.cp_tokens = [16, 64]
     sections.init_nccl, sections.Rank = _init_gloo, _CpuRank
@@ -528,11 +532,16 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     ):
         assert context[name]["median_batch_us"] > 0
     cp_rows = s["cp"]["rows"]
-    assert len(cp_rows) == 2 * 2 * 3 * 2 and all(len(r["per_rank_us"]) == 2 for r in cp_rows)
+    assert len(cp_rows) == 2 * 2 * 4 * 2 and all(len(r["per_rank_us"]) == 2 for r in cp_rows)
     assert {(r["tokens"], r["shape"]) for r in cp_rows} == {
         (t, shape) for t in (16, 64) for shape in ("8x128", "1x576")
     }
-    assert {r["path"] for r in cp_rows} == {"symm_rs", "symm_rs_python", "sglang"}
+    assert {r["path"] for r in cp_rows} == {
+        "symm_rs",
+        "symm_rs_driver_copies",
+        "symm_rs_python",
+        "sglang",
+    }
     assert s["cp"]["mismatches"] == [] and s["cp"]["most_mismatches_on_a_rank"] == 0
     registration = s["registration"]["rank0"]
     assert registration["first"]["windows_registered"] == 1

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from symm_rs import _native, cp
+from symm_rs import _native, cp, env
 
 COUNTS = ([1], [0, 1], [3, 3], [5, 3, 0, 7], [4, 4, 4, 3], [4, 0, 4, 1], [9, 0, 0, 3], [2, 2])
 ROW_BYTES = (0, 1, 2, 4, 6, 8, 16, 18, 256, 1152, 2048)
@@ -72,6 +72,35 @@ def test_bad_arguments_are_refused_before_nccl() -> None:
         _call([0] * 8, i, o)
     with pytest.raises(TypeError, match="NCCL has no type for bool"):
         _call(g, torch.zeros(2, 4, dtype=torch.bool), o)
+
+
+def test_the_copy_mode_is_checked_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    g, i, o = (torch.zeros(n, 4, dtype=torch.bfloat16) for n in (8, 2, 5))
+    with pytest.raises(ValueError, match="copy must be one of kernel, driver; got 'memcpy'"):
+        _native.cp_all_gather(0, 1, g, i, o, [3, 2], (0, 0), copy="memcpy")
+    for copy in ("kernel", "driver", " Driver "):  # then the tensors are checked, as ever
+        with pytest.raises(ValueError, match="input is not a CUDA tensor"):
+            _native.cp_all_gather(0, 1, g, i, o, [3, 2], (0, 0), copy=copy)
+    # The default comes from SYMM_RS_CP_COPY, read at each call, with symm_rs.env's message.
+    monkeypatch.setenv("SYMM_RS_CP_COPY", "fast")
+    with pytest.raises(ValueError, match="SYMM_RS_CP_COPY: must be one of kernel, driver; got"):
+        _call(g, i, o)
+    with pytest.raises(ValueError, match="SYMM_RS_CP_COPY: must be one of kernel, driver"):
+        env.read_choice(env.CP_COPY, env.CP_COPY_CHOICES)
+    monkeypatch.setenv("SYMM_RS_CP_COPY", "driver")
+    with pytest.raises(ValueError, match="input is not a CUDA tensor"):
+        _call(g, i, o)
+
+
+def test_the_driver_copy_helper_takes_the_rust_path_with_driver_copies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[object] = []
+    monkeypatch.setattr(cp, "_gather", lambda *args, **kwargs: seen.append((args, kwargs)))
+    x = torch.zeros(3, 2)
+    cp._gather_with_driver_copies(x, "group", [3, 1])
+    cp.cp_all_gather_reorganized_into_tensor_kv_cache(x, "group", [3, 1])
+    assert [kwargs for _, kwargs in seen] == [{"native": True, "copy": "driver"}, {"native": True}]
 
 
 def test_python_path_is_kept_for_disabled_and_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

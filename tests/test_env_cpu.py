@@ -133,3 +133,12 @@ def test_timeout_and_register_values() -> None:
         env.read_choice(env.REGISTER, env.REGISTER_CHOICES, {env.REGISTER: "never"})
     issues = env.validate_environment({env.TIMEOUT: "x", env.REGISTER: "sometimes"})
     assert len(issues) == 2 and all("SYMM_RS_" in i for i in issues)
+
+
+def test_cp_copy_values() -> None:
+    assert env.read_choice(env.CP_COPY, env.CP_COPY_CHOICES, {}) == "kernel"
+    assert env.read_choice(env.CP_COPY, env.CP_COPY_CHOICES, {env.CP_COPY: " Driver"}) == "driver"
+    assert env.validate_environment({env.CP_COPY: "kernel"}) == []
+    [issue] = env.environment_issues({env.CP_COPY: "memcpy"})
+    assert issue.fatal
+    assert issue.message == "SYMM_RS_CP_COPY: must be one of kernel, driver; got 'memcpy'"

@@ -177,12 +177,14 @@ def cp_all_gather(
     output: Optional[Any],
     counts: list[int],
     stream: tuple[int, int],
-) -> None:
+    copy: Optional[str] = None,
+) -> str:
     """Enqueues the context-parallel all-gather on ``stream`` (``(cudaStream_t, device
     index)``): ``input`` into this rank's slot of ``gathered`` (``cp_plan``'s slot rows per
     rank), the rest of the slot zeroed, an in-place ``ncclAllGather`` on ``comm``, then every
-    rank's ``counts[r]`` rows copied into ``output``, back to back. Driver copies and one NCCL
-    call, all capturable in a CUDA graph.
+    rank's ``counts[r]`` rows copied into ``output``, back to back. One launch of a batched copy
+    kernel before the NCCL call and one after (or driver copies and memsets), all capturable in
+    a CUDA graph.
 
     Arguments:
         comm: the ncclComm_t; its size must be ``len(counts)`` and its rank ``rank``.
@@ -190,11 +192,18 @@ def cp_all_gather(
         input: ``[counts[rank], *trailing]``, contiguous.
         output: ``[sum(counts), *trailing]`` when some rank is padded, else ``None`` (the
             gathered buffer is then the result).
+        copy: ``"kernel"`` or ``"driver"``; ``None``: ``SYMM_RS_CP_COPY``, read at each call
+            (default ``kernel``). Where the kernel cannot be loaded on the GPU, driver copies are
+            used and the ``symm_rs`` logger warns once per CUDA context.
+
+    Returns:
+        How the copies were issued: ``"kernel"`` or ``"driver"``.
 
     Raises:
         TypeError: not tensors, a dtype NCCL lacks, or dtypes that differ.
-        ValueError: wrong shapes, devices or layout, overlapping buffers, a negative count, or
-            a communicator whose size or rank differs.
+        ValueError: wrong shapes, devices or layout, overlapping buffers, a negative count, a
+            communicator whose size or rank differs, or an unknown ``copy`` (or
+            ``SYMM_RS_CP_COPY``).
         SymmetricMemoryError: no CUDA driver, or a driver call failed.
         NcclError: ncclAllGather failed.
     """

@@ -80,8 +80,9 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
     On an NCCL group with CUDA tensors Python only allocates the gathered buffer (inside
     ``use_symmetric_memory``) and the compact result; the Rust core then enqueues the copy into
     this rank's slot, the zeroed padding, the in-place all-gather and the compaction on one
-    stream (driver copies and one ``ncclAllGather``: capturable in a CUDA graph). Otherwise
-    (``disabled=True``, CPU tensors, groups without a communicator) torch does the same steps.
+    stream (a copy kernel launch before and after one ``ncclAllGather``, or driver copies with
+    ``SYMM_RS_CP_COPY=driver``: capturable in a CUDA graph). Otherwise (``disabled=True``, CPU
+    tensors, groups without a communicator) torch does the same steps.
 
     Arguments:
         input: this rank's tokens, shape ``[per_rank_tokens[rank], *trailing]``.
@@ -120,6 +121,19 @@ def _gather_in_python(
     return _gather(input, group, per_rank_tokens, stream, disabled, native=False)
 
 
+def _gather_with_driver_copies(
+    input: torch.Tensor,
+    group: object,
+    per_rank_tokens: Sequence[int],
+    stream: Optional[torch.cuda.Stream] = None,
+    disabled: bool = False,
+) -> torch.Tensor:
+    """``cp_all_gather_reorganized_into_tensor_kv_cache`` with the Rust core's copies issued as
+    driver copies and memsets instead of its copy kernel (as ``SYMM_RS_CP_COPY=driver`` makes
+    every call): for benchmarks and tests that compare the two in one process."""
+    return _gather(input, group, per_rank_tokens, stream, disabled, native=True, copy="driver")
+
+
 def _slot_rows(max_len: int, row_bytes: int) -> int:
     """Rows per rank in the gathered buffer: ``max_len`` padded so that a slot is a multiple of
     16 bytes. NCCL 2.28's symmetric kernels give wrong results for 16-bit data whose per-rank
@@ -136,6 +150,7 @@ def _gather(
     stream: Optional[torch.cuda.Stream],
     disabled: bool,
     native: bool,
+    copy: Optional[str] = None,
 ) -> torch.Tensor:
     peer = peers(group)  # once per call; the context below reuses it
     rank, world = peer.rank, peer.size
@@ -163,7 +178,7 @@ def _gather(
         # A ProcessGroup's communicator is known once the context above has resolved it.
         nccl = peer if peer.comm else resolve(group)
         if nccl is not None and nccl.comm:
-            return _gather_native(input, gathered, nccl, counts, trailing, compact, stream)
+            return _gather_native(input, gathered, nccl, counts, trailing, compact, stream, copy)
 
     # Gather in place: this rank's padded slice lives inside the gathered buffer, so both NCCL
     # buffers lie in the symmetric window (symmetric kernels need both) and no second
@@ -199,10 +214,12 @@ def _gather_native(
     trailing: tuple[int, ...],
     compact: bool,
     stream: Optional[torch.cuda.Stream],
+    copy: Optional[str],
 ) -> torch.Tensor:
     """The gather enqueued by the Rust core on one stream, into ``gathered`` and (when some rank
     is padded) a compact result from the ordinary allocator: it leaves the symmetric window,
-    which only the collective needs, and is as long-lived as the caller makes it."""
+    which only the collective needs, and is as long-lived as the caller makes it. ``copy``:
+    ``"kernel"`` or ``"driver"``, ``None`` for ``SYMM_RS_CP_COPY``'s choice."""
     total = sum(counts)
     output = input.new_empty((total, *trailing)) if compact else None
     source = input if input.is_contiguous() else input.contiguous()
@@ -222,6 +239,7 @@ def _gather_native(
         output,
         counts,
         (run_on.cuda_stream, run_on.device.index),
+        copy=copy,
     )
     if stream is not None:
         current.wait_stream(stream)

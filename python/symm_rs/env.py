@@ -23,6 +23,8 @@ TIMEOUT = "SYMM_RS_TIMEOUT"
 REGISTER = "SYMM_RS_REGISTER"
 REGISTER_CHOICES = ("auto", "always")
 POLICY_TABLE = "SYMM_RS_POLICY_TABLE"
+CP_COPY = "SYMM_RS_CP_COPY"
+CP_COPY_CHOICES = ("kernel", "driver")
 
 # What each variable a user may set holds (README.md, "Environment variables").
 VARIABLES: dict[str, str] = {
@@ -34,6 +36,7 @@ VARIABLES: dict[str, str] = {
     TIMEOUT: "seconds (> 0), e.g. 30 or 2.5",
     REGISTER: "auto (skip registration where NCCL cannot run symmetric kernels) or always",
     POLICY_TABLE: "size-policy table, e.g. all_reduce:32K-2M,128M-;reduce_scatter:32K-",
+    CP_COPY: "kernel (the CP all-gather's copies in one copy kernel launch per step) or driver",
 }
 # Set by symm_rs itself for its own child processes, or by its test-suite; never a typo.
 INTERNAL_VARIABLES = frozenset(
@@ -210,9 +213,10 @@ def environment_issues(environ: Optional[Mapping[str, str]] = None) -> list[EnvI
                 read_seconds(name, env)
             except ValueError as e:
                 issues.append(EnvIssue(name, value, str(e), fatal=True))
-        elif name == REGISTER:
+        elif name in (REGISTER, CP_COPY):
+            choices = REGISTER_CHOICES if name == REGISTER else CP_COPY_CHOICES
             try:
-                read_choice(name, REGISTER_CHOICES, env)
+                read_choice(name, choices, env)
             except ValueError as e:
                 issues.append(EnvIssue(name, value, str(e), fatal=True))
         elif name == POLICY_TABLE:

@@ -3,14 +3,20 @@
 //! and the padding is dropped by copying each rank's real rows into a compact output.
 //!
 //! `plan` is the arithmetic alone (no GPU, unit-tested); `enqueue` checks the buffers against the
-//! plan and the communicator, then issues driver copies and one `ncclAllGather`. Each of those is
-//! a stream operation, so the whole sequence can be captured in a CUDA graph.
+//! plan and the communicator, then issues the copies (`copies`: one launch of a batched copy
+//! kernel before the gather and one after, or driver copies) and one `ncclAllGather`. Each of those
+//! is a stream operation, so the whole sequence can be captured in a CUDA graph.
 
 use crate::collective::{self, CollectiveKind, Target, TensorView};
-use crate::cuda::{self, DeviceGuard};
+use crate::cuda::DeviceGuard;
 use crate::error::{Error, Result};
 use crate::handles::{CommPtr, DevicePtr, StreamPtr};
 use crate::nccl;
+
+mod copies;
+
+use copies::Copier;
+pub use copies::CopyMode;
 
 /// NCCL 2.28's symmetric kernels give wrong results for 16-bit data whose per-rank size is not a
 /// multiple of 16 bytes (tests/gpu/results/suite_alignment_*): every slot is padded to one.
@@ -134,9 +140,22 @@ pub struct Buffers {
     pub output: Option<TensorView>,
 }
 
+/// What `enqueue` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// How the copies were issued: the mode asked for, or `Driver` where the kernel could not be
+    /// loaded.
+    pub copies: CopyMode,
+    /// Why the kernel could not be loaded, the first time that happened on this context: for the
+    /// caller to log (the crate has no logger of its own).
+    pub warning: Option<String>,
+}
+
 /// Checks every buffer against the plan, then enqueues the gather on `stream`: copy into the
-/// slot, zero the padding, all-gather in place on `comm`, and compact into the output.
-/// `row_elems` is the elements per token row; `rank` is cross-checked against NCCL.
+/// slot, zero the padding, all-gather in place on `comm`, and compact into the output, the
+/// copies issued as `mode` says. `row_elems` is the elements per token row; `rank` is
+/// cross-checked against NCCL.
+#[allow(clippy::too_many_arguments)]
 pub fn enqueue(
     comm: CommPtr,
     rank: usize,
@@ -145,7 +164,8 @@ pub fn enqueue(
     buffers: &Buffers,
     stream: StreamPtr,
     stream_device: Option<i32>,
-) -> Result<()> {
+    mode: CopyMode,
+) -> Result<Enqueued> {
     let dtype = buffers.input.dtype;
     let row_bytes = row_elems
         .checked_mul(dtype.size())
@@ -178,7 +198,11 @@ pub fn enqueue(
         )));
     }
     if plan.gathered_rows() == 0 || row_bytes == 0 {
-        return Ok(()); // nothing to move; every rank sees the same counts and skips together
+        // Nothing to move; every rank sees the same counts and skips together.
+        return Ok(Enqueued {
+            copies: mode,
+            warning: None,
+        });
     }
     let g = buffers.gathered;
     let slot = TensorView {
@@ -188,31 +212,28 @@ pub fn enqueue(
     };
     let gather = collective::plan(CollectiveKind::AllGather, &g, &slot, target, lib.version())?;
     let _device = DeviceGuard::enter(target.device)?;
-    let bytes = |rows: usize| rows * row_bytes;
+    let (copier, warning) = Copier::resolve(mode)?;
+    let fill = copies::fill(&plan, g.ptr, buffers.input.ptr)?;
+    let compaction = match buffers.output {
+        Some(out) => copies::compaction(&plan, g.ptr, out.ptr)?,
+        None => Vec::new(),
+    };
     // SAFETY: `check_buffers` checked that the input holds `fill.rows` rows, that the gathered
     // buffer holds `gathered_rows()` rows (so the slot and its padding lie inside it), that the
     // output holds `total_rows` rows (every compaction copy ends inside both), and that no two
-    // of the buffers overlap; all are CUDA memory of the stream's device, which the caller keeps
-    // alive until the stream has run these operations.
+    // of the buffers overlap (so no copy's destination overlaps a source or another destination
+    // of its step); all are CUDA memory of the stream's device, whose context the guard made
+    // current (the one `Copier::resolve` loaded the kernel for), and the caller keeps them alive
+    // until the stream has run these operations.
     unsafe {
-        let f = plan.fill;
-        cuda::copy_async(
-            offset(g.ptr, bytes(f.dst))?,
-            buffers.input.ptr,
-            bytes(f.rows),
-            stream,
-        )?;
-        let (first, rows) = plan.padding;
-        cuda::zero_async(offset(g.ptr, bytes(first))?, bytes(rows), stream)?;
+        copier.enqueue(&fill, stream)?;
         lib.launch(&gather)?;
-        if let Some(out) = buffers.output {
-            for c in &plan.compaction {
-                let (dst, src) = (offset(out.ptr, bytes(c.dst))?, offset(g.ptr, bytes(c.src))?);
-                cuda::copy_async(dst, src, bytes(c.rows), stream)?;
-            }
-        }
+        copier.enqueue(&compaction, stream)?;
     }
-    Ok(())
+    Ok(Enqueued {
+        copies: copier.mode(),
+        warning,
+    })
 }
 
 fn offset(ptr: DevicePtr, bytes: usize) -> Result<DevicePtr> {

@@ -1,7 +1,8 @@
 //! The few CUDA driver calls symm_rs needs: making the requested device current around
 //! `ncclMemAlloc`/`ncclMemFree`, waiting for it before memory is unmapped, and the stream copies
-//! of the CP all-gather (`crate::cp`). The driver (`libcuda.so.1`) is opened lazily, so a machine
-//! without a GPU never needs it.
+//! of the CP all-gather (`crate::cp`): driver copies here, the batched copy kernel in
+//! `batched_copy` (its PTX loaded by `module`). The driver (`libcuda.so.1`) is opened lazily, so
+//! a machine without a GPU never needs it.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::OnceLock;
@@ -11,10 +12,15 @@ use libloading::os::unix::Library;
 use crate::error::{Error, Result};
 use crate::handles::{DevicePtr, StreamPtr};
 
+pub mod batched_copy;
+mod module;
+
 type CuResult = c_int;
 type CuContext = *mut c_void;
 type CuDevicePtr = u64;
 type CuStream = *mut c_void;
+type CuModule = *mut c_void;
+type CuFunction = *mut c_void;
 
 struct Driver {
     init: unsafe extern "C" fn(c_uint) -> CuResult,
@@ -28,6 +34,29 @@ struct Driver {
     error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
     memcpy_dtod_async: unsafe extern "C" fn(CuDevicePtr, CuDevicePtr, usize, CuStream) -> CuResult,
     memset_d8_async: unsafe extern "C" fn(CuDevicePtr, u8, usize, CuStream) -> CuResult,
+    device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
+    module_load_data_ex: unsafe extern "C" fn(
+        *mut CuModule,
+        *const c_void,
+        c_uint,
+        *mut c_int,
+        *mut *mut c_void,
+    ) -> CuResult,
+    module_get_function: unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult,
+    launch_kernel: unsafe extern "C" fn(
+        CuFunction,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        CuStream,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> CuResult,
+    thread_exchange_capture_mode: unsafe extern "C" fn(*mut c_int) -> CuResult,
     _library: Library,
 }
 
@@ -70,6 +99,11 @@ fn open_driver() -> std::result::Result<Driver, String> {
         // The legacy-stream names (not `_ptsz`): stream 0 means what torch means by it.
         memcpy_dtod_async: sym!("cuMemcpyDtoDAsync_v2"),
         memset_d8_async: sym!("cuMemsetD8Async"),
+        device_get_attribute: sym!("cuDeviceGetAttribute"),
+        module_load_data_ex: sym!("cuModuleLoadDataEx"),
+        module_get_function: sym!("cuModuleGetFunction"),
+        launch_kernel: sym!("cuLaunchKernel"),
+        thread_exchange_capture_mode: sym!("cuThreadExchangeStreamCaptureMode"),
         _library: library,
     };
     // SAFETY: cuInit(0) is idempotent and has no pointer arguments.
@@ -227,4 +261,29 @@ pub unsafe fn zero_async(dst: DevicePtr, bytes: usize, stream: StreamPtr) -> Res
         )
     };
     driver.check("cuMemsetD8Async", code)
+}
+
+/// One stream copy: `bytes` from `src` to `dst`, or `bytes` zeros at `dst` when `src` is `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCopy {
+    pub dst: DevicePtr,
+    pub src: Option<DevicePtr>,
+    pub bytes: usize,
+}
+
+/// Enqueues `copies` on `stream` as driver calls, one each (`copy_async` or `zero_async`).
+///
+/// # Safety
+/// As for `copy_async`, for every copy.
+pub unsafe fn driver_copies(copies: &[ByteCopy], stream: StreamPtr) -> Result<()> {
+    for c in copies {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            match c.src {
+                Some(src) => copy_async(c.dst, src, c.bytes, stream)?,
+                None => zero_async(c.dst, c.bytes, stream)?,
+            }
+        }
+    }
+    Ok(())
 }

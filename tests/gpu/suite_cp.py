@@ -1,19 +1,21 @@
 """Context-parallel KV all-gather on real GPUs: cp = world size over NCCL (torch group and
 symm_rs.Communicator), the Rust path against the torch path (eager, on a side stream and in
-CUDA graphs), and a TP 2 x CP 2 layout on 4 GPUs where each rank uses two groups and the
-gathered buffers are symmetric for the CP group."""
+CUDA graphs), the Rust path's copy kernel against its driver copies on odd rows and unaligned
+inputs, and a TP 2 x CP 2 layout on 4 GPUs where each rank uses two groups and the gathered
+buffers are symmetric for the CP group."""
 
 from __future__ import annotations
 
 import gc
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 import symm_rs
 from symm_rs import cp as cp_module
+from symm_rs import env
 from symm_rs.cp import (
     _gather_in_python,
     cp_all_gather_reorganized_into_tensor_kv_cache,
@@ -36,6 +38,8 @@ def _batch(seed: int, cp: int) -> list[int]:
 
 def _kv(total: int, trailing: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(seed)
+    if not dtype.is_floating_point:
+        return torch.randint(0, 100, (total, *trailing), generator=gen, device="cuda").to(dtype)
     return torch.randn((total, *trailing), generator=gen, device="cuda").to(dtype)
 
 
@@ -146,28 +150,56 @@ def _slices(counts: list[int], trailing: tuple[int, ...], dtype: torch.dtype, se
 
 class _CountingNative:
     """Stands in for ``symm_rs.cp._native`` and counts the Rust gathers (the proof that the
-    Rust path ran, not the torch fallback)."""
+    Rust path ran, not the torch fallback), with the copy mode each asked for and the one the
+    core reports it used."""
 
     def __init__(self, real: Any) -> None:
         self.real, self.calls = real, 0
+        self.modes: list[tuple[Any, str]] = []
 
-    def cp_all_gather(self, *args: Any) -> None:
+    def cp_all_gather(self, *args: Any, **kwargs: Any) -> str:
         self.calls += 1
-        self.real.cp_all_gather(*args)
+        used = self.real.cp_all_gather(*args, **kwargs)
+        self.modes.append((kwargs.get("copy"), used))
+        return used
+
+
+def _default_copy_mode() -> str:
+    """What the Rust path uses when not told: ``SYMM_RS_CP_COPY``, else the kernel."""
+    return env.read_choice(env.CP_COPY, env.CP_COPY_CHOICES)
+
+
+def _input_at(rows: torch.Tensor, misalign: bool) -> torch.Tensor:
+    """``rows`` copied into a fresh buffer, one row in when ``misalign`` (a contiguous view whose
+    address is off by one row: the Rust path reads it in place, unaligned)."""
+    skip = 1 if misalign else 0
+    buffer = rows.new_empty((rows.shape[0] + skip, *rows.shape[1:]))
+    view = buffer[skip:]
+    view.copy_(rows)
+    return view
 
 
 def _graph_problems(
-    group: Any, rank: int, counts: list[int], trailing: tuple, dtype: torch.dtype, seed: int
+    group: Any,
+    rank: int,
+    counts: list[int],
+    trailing: tuple,
+    dtype: torch.dtype,
+    seed: int,
+    paths: Optional[dict[str, Callable[..., torch.Tensor]]] = None,
+    misalign: bool = False,
 ) -> list[str]:
-    """Both paths captured in one CUDA graph (SGLang's way: warm-ups on the capture stream into
-    a fresh graph pool set with ``graph_capture``), replayed on new inputs; exact on every rank."""
+    """The paths (default: Rust and Python) captured in one CUDA graph (SGLang's way: warm-ups
+    on the capture stream into a fresh graph pool set with ``graph_capture``), replayed on new
+    inputs; exact on every rank."""
     problems = []
     pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
-    paths: dict[str, Callable[..., torch.Tensor]] = {
-        "rust": cp_all_gather_reorganized_into_tensor_kv_cache,
-        "python": _gather_in_python,
-    }
-    static_in = _slices(counts, trailing, dtype, seed)[rank].clone()
+    if paths is None:
+        paths = {
+            "rust": cp_all_gather_reorganized_into_tensor_kv_cache,
+            "python": _gather_in_python,
+        }
+    static_in = _input_at(_slices(counts, trailing, dtype, seed)[rank], misalign)
     graph = torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with symm_rs.graph_capture(pool), torch.cuda.stream(stream):
@@ -187,7 +219,10 @@ def _graph_problems(
         expected = torch.cat(slices)
         for name, out in outs.items():
             if not torch.equal(out, expected):
-                problems.append(f"graph {name} replay {replay} counts={counts} {trailing}")
+                problems.append(
+                    f"graph {name} replay {replay} counts={counts} {trailing} {dtype}"
+                    f"{' misaligned' if misalign else ''}"
+                )
     # NCCL waits for graphs that captured its collectives before destroying a communicator,
     # and the capture pool cannot be freed while the outputs live.
     del graph, outs, out, static_in  # `out` still names the last output
@@ -224,13 +259,21 @@ def _native_matches_python(ctx: Ctx, group: Any, rank: int, world: int) -> None:
                     graphs += 1
     finally:
         cp_module._native = counting.real  # type: ignore[assignment]
+    used = sorted({mode for _, mode in counting.modes})
     ctx.details.update(
-        eager_cases=eager, graph_cases=graphs, rust_calls=counting.calls, problems=problems
+        eager_cases=eager,
+        graph_cases=graphs,
+        rust_calls=counting.calls,
+        copy_modes_used=used,
+        problems=problems,
     )
     assert not problems, problems
     # Every eager case ran the Rust path once, and every graph case three times (two warm-ups
     # and the capture): no case fell back to the torch path.
     assert counting.calls == eager + 3 * graphs, counting.calls
+    # ... and its copies went the default way (the kernel, unless SYMM_RS_CP_COPY says
+    # otherwise): the kernel loaded on this GPU.
+    assert used == [_default_copy_mode()], used
 
 
 def case_rust_path_matches_python_path_torch_group(ctx: Ctx) -> None:
@@ -240,3 +283,83 @@ def case_rust_path_matches_python_path_torch_group(ctx: Ctx) -> None:
 def case_rust_path_matches_python_path_symm_rs_communicator(ctx: Ctx) -> None:
     with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
         _native_matches_python(ctx, comm, comm.rank, comm.size)
+
+
+# (trailing shape, dtype) for the copy modes: rows of 6, 5, 2 and 12 bytes (padded slots, and
+# compaction copies that start at every alignment), and 2048-byte engine rows (16-byte units).
+COPY_SHAPES = [
+    ((3,), torch.bfloat16),
+    ((5,), torch.uint8),
+    ((), torch.float16),
+    ((3,), torch.float32),
+    ((8, 128), torch.bfloat16),
+]
+
+
+def _copy_counts(world: int) -> list[list[int]]:
+    """[5, 0, 7, 1] repeated over the ranks (uneven, an empty rank), equal odd counts, and
+    thousands of rows so the kernel runs many blocks."""
+    pattern = [5, 0, 7, 1]
+    return [
+        [pattern[r % 4] + 8 * (r // 4) for r in range(world)],
+        [3] * world,
+        [4099 - 4098 * (r % 2) + 2 * r for r in range(world)],
+    ]
+
+
+def _copy_modes_match_torch(ctx: Ctx, group: Any, rank: int, world: int) -> None:
+    """Each copy mode of the Rust path, eager (aligned and misaligned inputs, on a side stream)
+    and in one CUDA graph together, against ``torch.cat`` of the slices: exact on every rank."""
+    problems: list[str] = []
+    counting = _CountingNative(cp_module._native)
+    cp_module._native = counting  # type: ignore[assignment]
+
+    def gather_with(copy: str) -> Callable[..., torch.Tensor]:
+        def gather(input: torch.Tensor, group: Any, counts: list[int], stream: Any = None) -> Any:
+            return cp_module._gather(input, group, counts, stream, False, native=True, copy=copy)
+
+        return gather
+
+    modes = {copy: gather_with(copy) for copy in env.CP_COPY_CHOICES}
+    eager = graphs = 0
+    try:
+        side = torch.cuda.Stream()
+        for c, counts in enumerate(_copy_counts(world)):
+            for s, (trailing, dtype) in enumerate(COPY_SHAPES):
+                seed = 5000 + 100 * c + 10 * s
+                slices = _slices(counts, trailing, dtype, seed)
+                expected = torch.cat(slices)
+                for misalign, stream in ((False, None), (True, None), (True, side)):
+                    source = _input_at(slices[rank], misalign)
+                    for copy, gather in modes.items():
+                        out = gather(source, group, counts, stream)
+                        torch.cuda.synchronize()
+                        if not torch.equal(out, expected):
+                            problems.append(
+                                f"eager {copy} counts={counts} {trailing} {dtype} "
+                                f"misaligned={misalign} side_stream={stream is not None}"
+                            )
+                        eager += 1
+                if c != 2:  # the graphs at the small counts
+                    problems += _graph_problems(
+                        group, rank, counts, trailing, dtype, seed, paths=modes, misalign=True
+                    )
+                    graphs += 1
+    finally:
+        cp_module._native = counting.real  # type: ignore[assignment]
+    asked = {copy: sorted({used for a, used in counting.modes if a == copy}) for copy in modes}
+    ctx.details.update(eager_calls=eager, graph_cases=graphs, modes_used=asked, problems=problems)
+    assert not problems, problems
+    # Every call took the Rust path (eager once, graphs twice warm and once captured, per mode)
+    # and used the copies it asked for: the kernel loaded, and nothing fell back.
+    assert counting.calls == eager + 3 * len(modes) * graphs, counting.calls
+    assert asked == {"kernel": ["kernel"], "driver": ["driver"]}, asked
+
+
+def case_copy_kernel_and_driver_copies_match_torch_torch_group(ctx: Ctx) -> None:
+    _copy_modes_match_torch(ctx, ctx.group, ctx.rank, ctx.world_size)
+
+
+def case_copy_kernel_and_driver_copies_match_torch_symm_rs_communicator(ctx: Ctx) -> None:
+    with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
+        _copy_modes_match_torch(ctx, comm, comm.rank, comm.size)

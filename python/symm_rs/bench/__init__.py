@@ -15,8 +15,9 @@ bytes per rank (all-gather input, all-reduce buffer, reduce-scatter output) of b
 * context: use_symmetric_memory enter+exit with nothing new, against torch.cuda.use_mem_pool
   and the raw begin/end/release calls.
 * cp: the context-parallel KV all-gather (uneven bf16 tokens per rank, 8 x 128 and 1 x 576
-  rows): symm_rs's Rust helper, its torch path, and SGLang's pad + all-gather + cat on ordinary
-  buffers, eager and in CUDA graphs (see bench/cp_gather.py).
+  rows): symm_rs's Rust helper (with its copy kernel, and with driver copies), its torch path,
+  and SGLang's pad + all-gather + cat on ordinary buffers, eager and in CUDA graphs (see
+  bench/cp_gather.py).
 * coldstart: fresh interpreters: import torch, import symm_rs, the first symmetric allocation
   and the first registration.
 

@@ -1,8 +1,11 @@
-"""Section ``cp``: the context-parallel KV all-gather, three ways, side by side in one process.
+"""Section ``cp``: the context-parallel KV all-gather, four ways, side by side in one process.
 
 * ``symm_rs``: ``cp_all_gather_reorganized_into_tensor_kv_cache``; Python allocates the
   symmetric gathered buffer and the compact result, the Rust core enqueues the copy into this
-  rank's slot, the padding, the in-place ``ncclAllGather`` and the compaction on one stream.
+  rank's slot, the padding, the in-place ``ncclAllGather`` and the compaction on one stream
+  (the copies as one launch of its batched copy kernel before the gather and one after).
+* ``symm_rs_driver_copies``: the same Rust path with driver copies and memsets instead of the
+  kernel (``SYMM_RS_CP_COPY=driver``; one CUDA-graph node per copy).
 * ``symm_rs_python``: the same helper with every step in torch (its path before the Rust core).
 * ``sglang``: the pattern engines use (SGLang's ``cp_all_gather_reorganized_into_tensor_kv_cache``
   on ordinary buffers): ``F.pad`` to the longest rank, ``torch.distributed.all_gather_into_tensor``
@@ -13,7 +16,7 @@ after the first is padded), bf16 rows of 8 x 128 (heads x head_dim) and 1 x 576 
 allocates its buffers, as the helpers do in an engine's forward. Eager: N back-to-back calls
 between CUDA events (host-bound paths show their issue time); graph: replays of K captured
 calls, each path in a graph pool of its own, captured on the warm-up's stream. Before timing,
-the three outputs are checked equal on every rank.
+the four outputs are checked equal on every rank.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from symm_rs import cp
 from symm_rs.bench.timing import Rank, time_eager, time_graph
 
 SHAPES = ((8, 128), (1, 576))
-PATHS = ("symm_rs", "symm_rs_python", "sglang")
+PATHS = ("symm_rs", "symm_rs_driver_copies", "symm_rs_python", "sglang")
 DTYPE = torch.bfloat16
 
 
@@ -66,14 +69,15 @@ def sglang_gather(x: torch.Tensor, group: Any, counts: list[int]) -> torch.Tenso
 
 
 def paths(x: torch.Tensor, group: Any, counts: list[int]) -> dict[str, Callable[[], Any]]:
-    """The three calls to time, by path name (looked up when called, so a dry run can swap
-    the helpers for stand-ins)."""
+    """The calls to time, by path name (looked up when called, so a dry run can swap the
+    helpers for stand-ins)."""
 
     def helper(name: str) -> Any:
         return getattr(cp, name)(x, group, counts)
 
     return {
         "symm_rs": functools.partial(helper, "cp_all_gather_reorganized_into_tensor_kv_cache"),
+        "symm_rs_driver_copies": functools.partial(helper, "_gather_with_driver_copies"),
         "symm_rs_python": functools.partial(helper, "_gather_in_python"),
         "sglang": functools.partial(sglang_gather, x, group, counts),
     }

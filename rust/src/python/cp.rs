@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::tensor_view;
-use crate::cp::{self, Buffers};
+use crate::cp::{self, Buffers, CopyMode};
 use crate::handles::{CommPtr, StreamPtr};
 
 /// Token counts from Python, each an int >= 0.
@@ -48,11 +48,36 @@ fn row_elems(input: &[usize], others: &[(&str, Vec<usize>)]) -> PyResult<usize> 
         .ok_or_else(|| PyValueError::new_err("input's row size overflows"))
 }
 
+/// `copy` as given (`"kernel"` or `"driver"`), else `SYMM_RS_CP_COPY`'s.
+fn copy_mode(copy: Option<&str>) -> PyResult<CopyMode> {
+    let Some(name) = copy else {
+        return Ok(CopyMode::from_env()?);
+    };
+    CopyMode::parse(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "copy must be one of {}; got '{name}'",
+            CopyMode::NAMES.join(", ")
+        ))
+    })
+}
+
+/// Logs `message` on the `symm_rs` logger at WARNING. The gather is already enqueued, so a
+/// failure to log is dropped rather than raised.
+fn log_warning(py: Python<'_>, message: &str) {
+    let logged = py
+        .import("logging")
+        .and_then(|logging| logging.call_method1("getLogger", ("symm_rs",)))
+        .and_then(|logger| logger.call_method1("warning", (message,)));
+    drop(logged);
+}
+
 /// Enqueues the CP all-gather on `stream` (`(cudaStream_t, device index)`): `input` into this
 /// rank's slot of `gathered`, zeroed padding, an in-place all-gather on `comm`, and each rank's
-/// rows compacted into `output` (which must be `None` exactly when no rank is padded).
+/// rows compacted into `output` (which must be `None` exactly when no rank is padded). The
+/// copies are issued as `copy` says (default: `SYMM_RS_CP_COPY`, else the kernel); returns how
+/// they were issued.
 #[pyfunction]
-#[pyo3(signature = (comm, rank, gathered, input, output, counts, stream))]
+#[pyo3(signature = (comm, rank, gathered, input, output, counts, stream, copy=None))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn cp_all_gather(
     py: Python<'_>,
@@ -63,7 +88,9 @@ pub(super) fn cp_all_gather(
     output: Option<&Bound<'_, PyAny>>,
     counts: Vec<i64>,
     stream: (usize, i32),
-) -> PyResult<()> {
+    copy: Option<&str>,
+) -> PyResult<&'static str> {
+    let mode = copy_mode(copy)?;
     let counts = counts_of(&counts)?;
     let buffers = Buffers {
         gathered: tensor_view("gathered", gathered)?,
@@ -76,7 +103,7 @@ pub(super) fn cp_all_gather(
     }
     let row = row_elems(&shape_of(input)?, &others)?;
     let comm = CommPtr::new(comm);
-    Ok(py.detach(|| {
+    let done = py.detach(|| {
         cp::enqueue(
             comm,
             rank,
@@ -85,8 +112,13 @@ pub(super) fn cp_all_gather(
             &buffers,
             StreamPtr::new(stream.0),
             Some(stream.1),
+            mode,
         )
-    })?)
+    })?;
+    if let Some(warning) = &done.warning {
+        log_warning(py, warning);
+    }
+    Ok(done.copies.name())
 }
 
 /// `(source row, destination row, rows)` of one compaction copy.
