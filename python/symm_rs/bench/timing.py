@@ -121,14 +121,8 @@ def time_eager(r: Rank, fn: Callable[[], Any]) -> dict[str, Any]:
     return {"median_us": median, "iters": iters, "estimate_s": r.all_reduce(median / 1e6)}
 
 
-def time_graph(
-    r: Rank, fn: Callable[[], Any], estimate_s: float, pool: Any = None
-) -> dict[str, Any]:
-    """Median over repetitions of R replays of one CUDA graph of K calls, per call; K and R
-    from ``estimate_s``, the eager time per call agreed over ranks. With ``pool`` (a graph
-    pool) the capture allocates from it on the warm-up's stream, as engines capture: what
-    ``fn`` allocates inside ``use_symmetric_memory`` then reuses the warm-up's registered
-    blocks (the caller sets the pool with ``symm_rs.graph_capture``)."""
+def _captured(r: Rank, fn: Callable[[], Any], calls: int, pool: Any = None) -> Any:
+    """``calls`` calls of ``fn`` captured in one CUDA graph after a warm-up, uploaded."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture needs
@@ -136,7 +130,6 @@ def time_graph(
             fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    calls, replays = graph_plan(estimate_s, r.cfg)
     graph = torch.cuda.CUDAGraph()
     capture = {} if pool is None else {"pool": pool, "stream": side}
     # Without a pool, torch captures on a stream of its own.
@@ -146,9 +139,50 @@ def time_graph(
     torch.cuda.synchronize()
     graph.replay()  # the first replay uploads the graph
     torch.cuda.synchronize()
+    return graph
+
+
+def time_graph(
+    r: Rank, fn: Callable[[], Any], estimate_s: float, pool: Any = None
+) -> dict[str, Any]:
+    """Median over repetitions of R replays of one CUDA graph of K calls, per call; K and R
+    from ``estimate_s``, the eager time per call agreed over ranks. With ``pool`` (a graph
+    pool) the capture allocates from it on the warm-up's stream, as engines capture: what
+    ``fn`` allocates inside ``use_symmetric_memory`` then reuses the warm-up's registered
+    blocks (the caller sets the pool with ``symm_rs.graph_capture``)."""
+    calls, replays = graph_plan(estimate_s, r.cfg)
+    graph = _captured(r, fn, calls, pool)
     median = _median_us(r, graph.replay, replays) / calls
     graph.reset()
     return {"median_us": median, "calls_per_graph": calls, "replays": replays}
+
+
+def time_graphs_in_turns(
+    r: Rank, fns: dict[str, Callable[[], Any]], estimate_s: float, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """``time_graph`` for several paths compared with each other: each is captured once, then
+    the paths take turns, ``rounds`` times, starting from a different path each round, so that
+    clock drift and a neighbour's noise fall on every path alike. Per path: the median over
+    every repetition of every round, per call."""
+    calls, replays = graph_plan(estimate_s, r.cfg)
+    graphs = {name: _captured(r, fn, calls) for name, fn in fns.items()}
+    names = list(graphs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(rounds):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            replay = graphs[name].replay
+            samples[name] += [time_calls(r, replay, replays)[0] / calls for _ in range(r.cfg.reps)]
+    for graph in graphs.values():
+        graph.reset()
+    return {
+        name: {
+            "median_us": statistics.median(values),
+            "calls_per_graph": calls,
+            "replays": replays,
+            "rounds": rounds,
+        }
+        for name, values in samples.items()
+    }
 
 
 def time_host(r: Rank, fn: Callable[[], Any]) -> dict[str, Any]:
