@@ -1,9 +1,11 @@
-"""The ``policy`` section: the size policy against both of its choices, in CUDA-graph replay,
-at the bench's sizes: ``plain`` (caching-allocator buffers: NCCL's regular algorithms),
-``symm`` (the same calls on symmetric windows) and ``policy`` (the symmetric buffers through a
-Communicator with the policy on, which sends each call to its window-less twin or not), the
-three captured once and timed in turns (``ROUNDS``). Each ``checks`` entry says whether
-policy <= min(plain, symm) * (1 + TOLERANCE); ``twin_memory`` is the GPU memory the twin
+"""The ``policy`` section: the size policy against both of its choices, in CUDA-graph replay, at
+the bench's sizes, all three on one Communicator so that the policy is the only thing that
+changes: ``plain`` (caching-allocator buffers, the policy's table empty: NCCL's regular
+algorithms), ``symm`` (the same calls on symmetric windows, table empty) and ``policy`` (the
+symmetric buffers with the table on, which sends each call to the window-less twin or not). Each
+path is captured with its table set (the route is chosen when a call is made, so a graph keeps
+the one it captured), and the three are timed in turns (``ROUNDS``). Each ``checks`` entry says
+whether policy <= min(plain, symm) * (1 + TOLERANCE); ``twin_memory`` is the GPU memory the twin
 communicator costs."""
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ PATHS = ("plain", "symm", "policy")
 # The three paths take turns this many times: at a few microseconds a call, one pass each in a
 # row showed differences of 5-15% between two communicators running the very same kernel.
 ROUNDS = 5
+NO_TABLE = "none"  # nothing to the twin: the communicator alone, as without the policy
 
 
 def _free_bytes(r: Rank) -> int:
@@ -89,21 +92,25 @@ def policy(r: Rank) -> dict[str, Any]:
     time plans the graphs), and the verdict on the agreed medians."""
     from symm_rs.bench.sections import allocate, collective
 
-    comm = symm_rs.Communicator.from_process_group(r.group, device=r.rank)
     pcomm, out = _twin(r)
+    table = pcomm.policy.table
+    tables = {"plain": NO_TABLE, "symm": NO_TABLE, "policy": table}
     rows, checks = [], []
     for nbytes in r.cfg.sizes:
         plain = allocate(r, nbytes)
-        symm = allocate(r, nbytes, comm, pcomm)
+        symm = allocate(r, nbytes, pcomm)
         for op in OPS:
             calls = {
-                "plain": collective(op, *plain, r.group, comm),
-                "symm": collective(op, *symm, r.group, comm),
+                "plain": collective(op, *plain, r.group, pcomm),
+                "symm": collective(op, *symm, r.group, pcomm),
                 "policy": collective(op, *symm, r.group, pcomm),
             }
+            pcomm.set_policy_table(NO_TABLE)
             estimate_s = time_eager(r, calls["plain"])["estimate_s"]
             agreed = {}
-            timed = time_graphs_in_turns(r, calls, estimate_s, ROUNDS)
+            timed = time_graphs_in_turns(
+                r, calls, estimate_s, ROUNDS, lambda path: pcomm.set_policy_table(tables[path])
+            )
             for path in PATHS:
                 row = timed[path]
                 rows.append({"op": op, "bytes": nbytes, "path": path, **row})
@@ -113,7 +120,7 @@ def policy(r: Rank) -> dict[str, Any]:
                 {
                     "op": op,
                     "bytes": nbytes,
-                    "route": pcomm.route(op, nbytes),
+                    "route": "twin" if table.use_twin(op, nbytes) else "main",
                     **{f"{p}_us": agreed[p] for p in PATHS},
                     "ok": agreed["policy"] <= best * (1 + TOLERANCE),
                 }
@@ -127,7 +134,6 @@ def policy(r: Rank) -> dict[str, Any]:
         del plain, symm, calls
     torch.cuda.synchronize()
     pcomm.close()
-    comm.close()
     out.update(rows=rows, checks=checks, all_ok=all(c["ok"] for c in checks))
     out["tolerance"] = TOLERANCE
     return out

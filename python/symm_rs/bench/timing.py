@@ -7,7 +7,7 @@ import math
 import statistics
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -158,14 +158,23 @@ def time_graph(
 
 
 def time_graphs_in_turns(
-    r: Rank, fns: dict[str, Callable[[], Any]], estimate_s: float, rounds: int
+    r: Rank,
+    fns: dict[str, Callable[[], Any]],
+    estimate_s: float,
+    rounds: int,
+    before_capture: Optional[Callable[[str], Any]] = None,
 ) -> dict[str, dict[str, Any]]:
-    """``time_graph`` for several paths compared with each other: each is captured once, then
-    the paths take turns, ``rounds`` times, starting from a different path each round, so that
-    clock drift and a neighbour's noise fall on every path alike. Per path: the median over
-    every repetition of every round, per call."""
+    """``time_graph`` for several paths compared with each other: each is captured once
+    (``before_capture(name)`` runs first, outside the capture, on every rank), then the paths
+    take turns, ``rounds`` times, starting from a different path each round, so that clock
+    drift and a neighbour's noise fall on every path alike. Per path: the median over every
+    repetition of every round, per call."""
     calls, replays = graph_plan(estimate_s, r.cfg)
-    graphs = {name: _captured(r, fn, calls) for name, fn in fns.items()}
+    graphs = {}
+    for name, fn in fns.items():
+        if before_capture is not None:
+            before_capture(name)
+        graphs[name] = _captured(r, fn, calls)
     names = list(graphs)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for turn in range(rounds):
