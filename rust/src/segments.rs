@@ -119,6 +119,10 @@ struct CommState {
     device: i32,
     /// The peer set this communicator serves (from its first registration on).
     peers: PeerSet,
+    /// Windows it holds and their bytes, kept as windows come and go so that `stats()` reads
+    /// them without a pass over the segments.
+    windows: usize,
+    window_bytes: usize,
     /// A registration or release of this communicator is running outside the lock.
     busy: bool,
 }
@@ -236,6 +240,8 @@ impl SegmentTable {
             next: 0,
             device,
             peers,
+            windows: 0,
+            window_bytes: 0,
             busy: false,
         });
         state.peers = peers;
@@ -251,6 +257,7 @@ impl SegmentTable {
     /// in order, and `failed_at` the position of the segment that failed, if any. The
     /// communicator's index stops at a failed segment, so a retry registers exactly the rest.
     pub fn finish(&mut self, plan: Plan, made: &[WindowHandle], failed: bool) {
+        let (mut windows, mut bytes) = (0, 0);
         for (i, (seq, _, _)) in plan.segments.iter().enumerate() {
             let Some(segment) = self.segments.get_mut(seq) else {
                 continue;
@@ -262,9 +269,13 @@ impl SegmentTable {
                     handle,
                 });
                 self.counters.windows_registered += 1;
+                windows += 1;
+                bytes += segment.size;
             }
         }
         if let Some(state) = self.comms.get_mut(&plan.comm) {
+            state.windows += windows;
+            state.window_bytes += bytes;
             state.busy = false;
             state.next = match (failed, plan.segments.get(made.len())) {
                 (true, Some(&(seq, _, _))) => seq,
@@ -290,6 +301,12 @@ impl SegmentTable {
         let seq = self.by_address.remove(&ptr.addr())?;
         let segment = self.segments.remove(&seq)?;
         self.counters.segments_untracked += 1;
+        for window in &segment.windows {
+            if let Some(state) = self.comms.get_mut(&window.comm) {
+                state.windows = state.windows.saturating_sub(1);
+                state.window_bytes = state.window_bytes.saturating_sub(segment.size);
+            }
+        }
         Some(segment)
     }
 
@@ -305,6 +322,8 @@ impl SegmentTable {
         }
         if let Some(state) = self.comms.get_mut(&comm) {
             state.busy = true;
+            state.windows = 0;
+            state.window_bytes = 0;
         }
         taken
     }
@@ -326,6 +345,10 @@ impl SegmentTable {
             if failed.contains(&seq) {
                 segment.windows.push(Window { comm, handle });
                 self.counters.deregistration_failures += 1;
+                if let Some(state) = self.comms.get_mut(&comm) {
+                    state.windows += 1;
+                    state.window_bytes += segment.size;
+                }
             } else {
                 self.counters.windows_deregistered += 1;
             }
@@ -369,26 +392,18 @@ impl SegmentTable {
             .is_some_and(|s| s.window_for(comm).is_some())
     }
 
-    /// One summary per communicator the table knows.
+    /// One summary per communicator the table knows, from its running window counts and the
+    /// segments from its index on (no pass over every segment).
     pub fn comm_summaries(&self) -> Vec<CommSummary> {
         let mut out: Vec<CommSummary> = self
             .comms
             .iter()
-            .map(|(&comm, state)| {
-                let mut summary = CommSummary {
-                    comm,
-                    device: state.device,
-                    ..CommSummary::default()
-                };
-                for segment in self.segments.values() {
-                    if segment.window_for(comm).is_some() {
-                        summary.windows += 1;
-                        summary.window_bytes += segment.size;
-                    } else if segment.device == state.device && segment.serves(state.peers) {
-                        summary.pending_segments += 1;
-                    }
-                }
-                summary
+            .map(|(&comm, state)| CommSummary {
+                comm,
+                device: state.device,
+                windows: state.windows,
+                window_bytes: state.window_bytes,
+                pending_segments: self.pending(comm, state.device, state.peers).count(),
             })
             .collect();
         out.sort_by_key(|s| s.comm);

@@ -134,6 +134,64 @@ fn each_communicator_registers_only_its_peer_sets_segments() {
     assert_eq!(table.register_pending(tp, TP, &nccl).unwrap(), 1);
 }
 
+/// Windows and bytes per communicator counted the slow way, to check the running counts.
+fn windows_by_scan(table: &SegmentTable) -> Vec<(CommPtr, usize, usize)> {
+    let mut comms: Vec<CommPtr> = table.comm_summaries().iter().map(|s| s.comm).collect();
+    comms.sort();
+    comms
+        .into_iter()
+        .map(|comm| {
+            let held: Vec<&Segment> = table
+                .segments()
+                .filter(|s| s.window_for(comm).is_some())
+                .collect();
+            (comm, held.len(), held.iter().map(|s| s.size).sum())
+        })
+        .collect()
+}
+
+fn windows_in_summaries(table: &SegmentTable) -> Vec<(CommPtr, usize, usize)> {
+    table
+        .comm_summaries()
+        .iter()
+        .map(|s| (s.comm, s.windows, s.window_bytes))
+        .collect()
+}
+
+#[test]
+fn running_window_counts_match_a_scan_through_frees_releases_and_failures() {
+    let nccl = FakeNccl::default();
+    let table = SharedTable::new();
+    for (i, ptr) in [0x1000, 0x2000, 0x3000, 0x4000].into_iter().enumerate() {
+        table.lock().track(p(ptr), 0x100 * (i + 1), 0, ANY_PEERS);
+    }
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
+    table.register_pending(B, ANY_PEERS, &nccl).unwrap();
+    let check = |when: &str| {
+        let guard = table.lock();
+        assert_eq!(
+            windows_in_summaries(&guard),
+            windows_by_scan(&guard),
+            "{when}"
+        );
+    };
+    check("after registration");
+    table.untrack(p(0x2000), &nccl).unwrap(); // freed: both windows go
+    check("after a free");
+    nccl.fail_deregister.store(true, Ordering::SeqCst);
+    assert!(table.release_comm(A, &nccl).is_err()); // A's windows go back on their segments
+    nccl.fail_deregister.store(false, Ordering::SeqCst);
+    check("after a release that failed");
+    assert_eq!(windows_in_summaries(&table.lock())[0].1, 3);
+    assert_eq!(table.release_comm(A, &nccl).unwrap(), 3);
+    check("after the release, retried");
+    table.lock().forget(B);
+    check("after forgetting B");
+    table.lock().track(p(0x5000), 0x100, 0, ANY_PEERS);
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
+    check("after registering again");
+}
+
 #[test]
 fn several_communicators_share_one_pool() {
     let nccl = FakeNccl::default();
