@@ -306,11 +306,11 @@ def register(group: object) -> int:
 def reserve(
     nbytes: int, group: object, small_bytes: int = 8 << 20, graph_pool: Optional[Any] = None
 ) -> int:
-    """Grows a symmetric pool once, up front, on the current stream, and registers it with
-    ``group``, so steady-state allocations find cached, registered memory and never call
-    ``ncclMemAlloc`` or register. With ``graph_pool``, grows the capture pool of that graph
-    pool instead, so that captures into it reuse registered memory from their first
-    allocation.
+    """Grows the symmetric pool of ``group``'s ranks once, up front, on the current stream, and
+    registers it with ``group``, so steady-state allocations find cached, registered memory
+    and never call ``ncclMemAlloc`` or register. With ``graph_pool``, grows the capture pool
+    of that graph pool instead, so that captures into it reuse registered memory from their
+    first allocation.
 
     One segment of ``nbytes`` serves requests of 1 MiB and more (torch splits it); requests
     under 1 MiB come from ``small_bytes`` of 2 MiB segments. Collective over ``group``.
