@@ -162,15 +162,14 @@ def _ranks_of(group: object, size: int) -> Optional[tuple[int, ...]]:
     ``pynccl_comm``; vLLM's ``group``)."""
     for owner in (group, getattr(group, "pynccl_comm", None)):
         ranks = getattr(owner, "_symm_rs_ranks", None)
+        if ranks is not None and len(ranks) == size:
+            return tuple(int(r) for r in ranks)
         for attr in ("cpu_group", "group"):
             candidate = getattr(owner, attr, None)
             if ranks is None and candidate is not None and is_process_group(candidate):
-                try:
-                    ranks = _dist().get_process_group_ranks(candidate)
-                except (RuntimeError, ValueError):
-                    continue
-        if ranks is not None and len(ranks) == size:
-            return tuple(int(r) for r in ranks)
+                found = _process_group_ranks(_dist(), candidate, size)
+                if found is not None:
+                    return found
     return None
 
 

@@ -27,9 +27,11 @@ first, and the capture's route has to be paused (see ``Route``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -307,25 +309,30 @@ def pool_id(pool: Any) -> PoolId:
     )
 
 
+@contextlib.contextmanager
+def _allocating_for(peer_set: int) -> Iterator[None]:
+    """The segments this thread allocates meanwhile are tagged with ``peer_set``."""
+    previous = _native.allocate_for(peer_set)
+    try:
+        yield
+    finally:
+        _native.allocate_for(previous)
+
+
 def grow(device: int, pool: Any, nbytes: int, small_bytes: int, peer_set: int = 0) -> None:
     """Allocates then frees, routed into ``pool`` (of ``peer_set``), one ``nbytes`` block
     (large requests get a segment of their own size) and ``small_bytes`` of 1 MiB blocks
     (requests under 1 MiB come from 2 MiB segments), leaving them cached on the current
     stream."""
     on = torch.device("cuda", device)
-    previous = _native.allocate_for(peer_set)
-    try:
+    with _allocating_for(peer_set):
         route = Route.begin(device, pool)
-    except BaseException:
-        _native.allocate_for(previous)
-        raise
-    try:
-        big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None
-        small = [
-            torch.empty(1 << 20, dtype=torch.uint8, device=on) for _ in range(small_bytes >> 20)
-        ]
-        del big, small
-    finally:
-        route.end()
-        _native.allocate_for(previous)
+        try:
+            big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None
+            small = [
+                torch.empty(1 << 20, dtype=torch.uint8, device=on) for _ in range(small_bytes >> 20)
+            ]
+            del big, small
+        finally:
+            route.end()
     log.info("symmetric pool grown by %d + %d bytes on cuda:%d", nbytes, small_bytes, device)
