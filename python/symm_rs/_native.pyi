@@ -72,6 +72,12 @@ def is_registered(ptr: int, nbytes: int, comm: int) -> bool:
 def segment_of(ptr: int, nbytes: int) -> Optional[tuple[int, int, int]]:
     """``(ptr, size, device)`` of the pool segment holding the range, if any."""
 
+def window_comms(ptr: int, nbytes: int) -> list[int]:
+    """The communicators holding a window that contains all of the range."""
+
+def innermost_comm() -> Optional[int]:
+    """The communicator of this thread's innermost active context, if one is active."""
+
 def segments() -> list[tuple[int, int, int, list[int]]]:
     """Every pool segment in allocation order: ``(ptr, size, device, communicators with a
     window on it)``, read under one lock."""

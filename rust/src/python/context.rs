@@ -88,6 +88,12 @@ pub(super) fn graph_pool_id(py: Python<'_>) -> Option<Py<PyAny>> {
     pool.as_ref().map(|p| p.clone_ref(py))
 }
 
+/// The communicator of this thread's innermost active context, if one is active.
+#[pyfunction]
+pub(super) fn innermost_comm() -> Option<usize> {
+    THREAD.with(|t| t.borrow().levels.last().map(|l| l.comm))
+}
+
 /// Pools were freed: every thread's cached pool id is stale.
 #[pyfunction]
 pub(super) fn pools_changed() {
@@ -105,6 +111,8 @@ enum Route {
 
 /// One entered context of this thread.
 struct Level {
+    /// The communicator of the group this context registers with.
+    comm: usize,
     device: i32,
     peers: u64,
     /// The route this context began; `None` when it allocates where the one around it does.
@@ -188,6 +196,7 @@ fn slow_route(
 fn enter(
     py: Python<'_>,
     group: &Py<PyAny>,
+    comm: usize,
     device: i32,
     peers: u64,
     graph_pool: &Py<PyAny>,
@@ -225,6 +234,7 @@ fn enter(
     let previous_tag = allocator::allocate_for(tag);
     THREAD.with(|t| {
         t.borrow_mut().levels.push(Level {
+            comm,
             device,
             peers: tag,
             route,
@@ -547,7 +557,14 @@ impl UseSymmetricMemory {
             return Ok(slf.clone());
         };
         let resolved = target.group;
-        match enter(py, &resolved, target.device, target.peers, &graph_pool) {
+        match enter(
+            py,
+            &resolved,
+            target.comm,
+            target.device,
+            target.peers,
+            &graph_pool,
+        ) {
             Ok(()) => {
                 slf.borrow_mut().active = Some((resolved, target.comm));
                 Ok(slf.clone())

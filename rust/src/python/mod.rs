@@ -157,6 +157,16 @@ fn is_registered(ptr: usize, nbytes: usize, comm: usize) -> bool {
     allocator::with_table(|t| t.is_registered(ptr, nbytes.max(1), CommPtr::new(comm)))
 }
 
+/// The communicators holding a window that contains all of `[ptr, ptr + nbytes)`.
+#[pyfunction]
+fn window_comms(ptr: usize, nbytes: usize) -> Vec<usize> {
+    allocator::with_table(|t| {
+        t.find(ptr, nbytes.max(1))
+            .map(|s| s.windows.iter().map(|w| w.comm.addr()).collect())
+            .unwrap_or_default()
+    })
+}
+
 /// `(ptr, size, device)` of the pool segment holding `[ptr, ptr + nbytes)`, if any.
 #[pyfunction]
 fn segment_of(ptr: usize, nbytes: usize) -> Option<(usize, usize, i32)> {
@@ -615,6 +625,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pending_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(is_registered, m)?)?;
     m.add_function(wrap_pyfunction!(segment_of, m)?)?;
+    m.add_function(wrap_pyfunction!(window_comms, m)?)?;
+    m.add_function(wrap_pyfunction!(context::innermost_comm, m)?)?;
     m.add_function(wrap_pyfunction!(segment_position, m)?)?;
     m.add_function(wrap_pyfunction!(segments, m)?)?;
     m.add_function(wrap_pyfunction!(comm_info, m)?)?;
