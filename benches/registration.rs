@@ -196,7 +196,13 @@ fn exit_nothing_new(c: &mut Criterion) {
     let mut group = c.benchmark_group("exit_nothing_new");
     for size in TABLE_SIZES {
         let table = table_at_exit(size, 0, &nccl);
-        assert_eq!(table.register_pending(COMM, ANY_PEERS, &nccl).unwrap(), 0);
+        assert_eq!(
+            table
+                .register_pending(COMM, ANY_PEERS, &nccl)
+                .unwrap()
+                .windows,
+            0
+        );
         group.bench_function(BenchmarkId::new("segment_table", size), |b| {
             b.iter(|| table.register_pending(black_box(COMM), ANY_PEERS, &nccl))
         });
@@ -224,7 +230,8 @@ fn exit_with_new(c: &mut Criterion, group_name: &str, new: usize) {
         assert_eq!(
             table_at_exit(size, new, &nccl)
                 .register_pending(COMM, ANY_PEERS, &nccl)
-                .unwrap(),
+                .unwrap()
+                .windows,
             new
         );
         group.bench_function(BenchmarkId::new("segment_table", size), |b| {

@@ -1,10 +1,12 @@
 """Cross-rank agreement in bounded time, over a real torch store, with one process per rank (no
 GPU): every rank gets every record; a rank that reports a failure makes its peers raise at once
-with its reason; a rank that never arrives makes its peers raise after the timeout, naming it;
-rounds stay in step across many exchanges."""
+with its reason; a rank that never arrives makes its peers raise after the timeout, naming it,
+and leaves the group broken, so every later round raises at once; a rank that arrives after
+its peers gave up cannot go on alone; rounds stay in step across failures."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import time
 from typing import Any
@@ -16,35 +18,78 @@ pytest.importorskip("torch")
 WORLD = 3
 
 
-def _rank(rank: int, path: str, scenario: str, results: Any) -> None:
+def _group(rank: int, path: str, tag: str) -> Any:
     import torch.distributed as dist
 
-    from symm_rs import agreement
     from symm_rs.groups import Channel, Group
 
     store = dist.FileStore(path, WORLD)
-    group = Group(0x1000, WORLD, rank, 0, "test group", Channel(store, f"t-{scenario}"))
-    outcome: dict[str, Any] = {"rank": rank}
+    return Group(0x1000, WORLD, rank, 0, "test group", Channel(store, tag))
+
+
+def _rank(rank: int, path: str, scenario: str, results: Any) -> None:
+    from symm_rs import agreement
+
+    group = _group(rank, path, f"t-{scenario}")
+    outcome: dict[str, Any] = {"rank": rank, "error": None, "errors": []}
     start = time.monotonic()
     try:
         if scenario == "happy":
             rows = [agreement.exchange(group, "x", [rank, i, rank * i]) for i in range(20)]
-            outcome["rows"] = rows[-1]
             outcome["all_rounds_match"] = all(
                 row == [[r, i, r * i] for r in range(WORLD)] for i, row in enumerate(rows)
             )
         elif scenario == "failure":
             if rank == 1:
-                agreement.report_failure(group, "x", "ValueError: rank 1 broke")
-                outcome["error"] = None
+                agreement.report_failure(group, "registration", "ValueError: rank 1 broke")
             else:
-                agreement.exchange(group, "x", [rank], timeout=30)
+                agreement.exchange(group, "registration", [rank], timeout=30)
         elif scenario == "missing":
             if rank != 2:
-                agreement.exchange(group, "x", [rank], timeout=1.0)
+                try:
+                    agreement.exchange(group, "registration", [rank], timeout=1.0)
+                except agreement.AgreementError as e:
+                    outcome["errors"].append(str(e))
+                outcome["seconds"] = time.monotonic() - start
+                # The group is broken now: the next round raises at once, on every rank.
+                again = time.monotonic()
+                try:
+                    agreement.exchange(group, "registration", [rank], timeout=30)
+                finally:
+                    outcome["again_seconds"] = time.monotonic() - again
+            else:
+                time.sleep(3)  # arrives after the others gave up, and meets the mark
+                agreement.exchange(group, "registration", [rank], timeout=30)
+        elif scenario == "late":
+            # Rank 2 arrives after ranks 0 and 1 gave up: the one decision key makes it raise
+            # too, instead of seeing every record and registering alone.
+            if rank == 2:
+                time.sleep(2.0)
+                agreement.exchange(group, "registration", [rank], timeout=30)
+            else:
+                agreement.exchange(group, "registration", [rank], timeout=0.5)
+        elif scenario == "notice":
+            # Rank 2 failed inside a context in which it had nothing to register (so it takes no
+            # round), while its peers did: they learn why well before their timeout.
+            if rank == 2:
+                agreement.notice_failure(group, "OutOfMemoryError: rank 2 ran out")
+            else:
+                agreement.exchange(group, "registration", [rank], timeout=30)
+        elif scenario == "in_step":
+            # Finding 1: a rank that fails takes its part in the very round its peers hold, so
+            # rounds stay in step: the next round pairs every rank's next record.
+            for step in range(3):
+                try:
+                    if rank == 1 and step == 0:
+                        agreement.report_failure(group, "registration", "KeyError: step 0")
+                        continue
+                    rows = agreement.exchange(group, "registration", [step, rank], timeout=30)
+                    outcome.setdefault("rows", []).append(rows)
+                except agreement.AgreementError as e:
+                    outcome["errors"].append(str(e))
     except agreement.AgreementError as e:
         outcome["error"] = str(e)
-    outcome["seconds"] = time.monotonic() - start
+    outcome.setdefault("seconds", time.monotonic() - start)
     results.put(outcome)
 
 
@@ -67,7 +112,7 @@ def _run(scenario: str, tmp_path: Any) -> dict[int, dict[str, Any]]:
 def test_every_rank_gets_every_record_round_after_round(tmp_path: Any) -> None:
     out = _run("happy", tmp_path)
     for rank in range(WORLD):
-        assert out[rank].get("error") is None, out[rank]
+        assert out[rank]["error"] is None, out[rank]
         assert out[rank]["all_rounds_match"], out[rank]
 
 
@@ -79,12 +124,50 @@ def test_a_rank_that_fails_makes_its_peers_raise_at_once_with_its_reason(tmp_pat
         assert out[rank]["seconds"] < 30, "found only by the timeout"
 
 
-def test_a_rank_that_never_arrives_is_named_after_the_timeout(tmp_path: Any) -> None:
+def test_a_missing_rank_is_named_after_the_timeout_and_breaks_the_group(tmp_path: Any) -> None:
     out = _run("missing", tmp_path)
     for rank in (0, 1):
+        (first,) = out[rank]["errors"]
+        assert "rank(s) [2] did not reach" in first and "SYMM_RS_TIMEOUT" in first, first
+        assert "allocated nothing new" in first, "the message should say the likely cause"
+        later = out[rank]["error"]
+        assert later and "stopped after an earlier failure" in later, out[rank]
+        assert out[rank]["again_seconds"] < 10, "a broken group must fail at once"
+    # The first rank to give up aborts the round for both: only one waits the whole timeout.
+    assert max(out[rank]["seconds"] for rank in (0, 1)) >= 1.0
+    late = out[2]["error"]
+    assert late and "did not reach" in late, out[2]
+
+
+def test_a_rank_that_arrives_after_its_peers_gave_up_does_not_go_on_alone(tmp_path: Any) -> None:
+    out = _run("late", tmp_path)
+    for rank in range(WORLD):
+        assert out[rank]["error"] is not None, f"rank {rank} went on: {out[rank]}"
+    assert "rank(s) [2] did not reach" in out[2]["error"], out[2]
+    assert out[2]["seconds"] < 15, "the late rank should raise at once, not time out itself"
+
+
+def test_a_failure_notice_ends_the_wait_long_before_the_timeout(tmp_path: Any) -> None:
+    out = _run("notice", tmp_path)
+    for rank in (0, 1):
         error = out[rank]["error"]
-        assert error and "rank(s) [2] did not reach" in error and "SYMM_RS_TIMEOUT" in error
-        assert out[rank]["seconds"] >= 1.0
+        assert error and "rank 2 will not reach round 0" in error, out[rank]
+        assert "OutOfMemoryError: rank 2 ran out" in error
+        assert out[rank]["seconds"] < 10, "found only by the timeout"
+
+
+def test_rounds_stay_in_step_after_a_rank_fails(tmp_path: Any) -> None:
+    out = _run("in_step", tmp_path)
+    for rank in range(WORLD):
+        rows = out[rank].get("rows", [])
+        expected_steps = [1, 2]
+        assert [r[0][0] for r in rows] == expected_steps, out[rank]
+        for row in rows:
+            step = row[0][0]
+            assert row == [[step, r] for r in range(WORLD)], f"rounds drifted: {row}"
+    for rank in (0, 2):
+        (error,) = out[rank]["errors"]
+        assert "KeyError: step 0" in error
 
 
 def test_rounds_are_keyed_by_channel_not_address() -> None:
@@ -93,6 +176,19 @@ def test_rounds_are_keyed_by_channel_not_address() -> None:
 
     a = Group(0x1000, 2, 0, 0, "a", Channel(object(), "pg-1"))
     successor = Group(0x1000, 2, 0, 0, "b", Channel(object(), "pg-2"))  # same address reused
-    assert agreement.round_key(a, "verify") != agreement.round_key(successor, "verify")
+    assert agreement.round_key(a) != agreement.round_key(successor)
     no_store = Group(0x1000, 2, 0, 0, "c")
-    assert agreement.round_key(no_store, "verify") == (0x1000, "verify")
+    assert agreement.round_key(no_store) == ("comm", 0x1000)
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.inf, math.nan, 0.0])
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused(bad: float) -> None:
+    # Finding 6: torch's store reads a zero timeout as "wait for ever".
+    from symm_rs import agreement
+    from symm_rs.groups import Channel, Group
+
+    group = Group(0x1000, 2, 0, 0, "a", Channel(object(), "pg-timeouts"))
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        agreement.exchange(group, "x", [1], timeout=bad)
+    with pytest.raises(TypeError, match="number of seconds"):
+        agreement.exchange(group, "x", [1], timeout="30")  # type: ignore[arg-type]

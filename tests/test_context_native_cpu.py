@@ -17,6 +17,8 @@ from symm_rs import context as ctx
 from symm_rs.groups import Group
 
 COMM = 0x5EED000
+LANE = 3  # the pool lane the recorded slow path "routes" into
+REGISTER = f"register True lane {LANE}"  # agreement on by default
 
 
 class Coordinator:
@@ -54,20 +56,24 @@ class Rules:
             comm = group.pynccl_comm.comm if hasattr(group, "pynccl_comm") else group
             return self.groups.get(comm)  # type: ignore[arg-type]
 
-        def enter_slow(group: Group, graph_pool: Any, nested: bool = False) -> tuple[Any, Any]:
+        def enter_slow(group: Group, graph_pool: Any, nested: bool = False) -> tuple[Any, Any, int]:
             self.log.append(f"enter {group.comm:#x}" + (" nested" if nested else ""))
             self.tags.append(_tag())
-            return _Handle(self.log), None
+            return _Handle(self.log), None, LANE
 
         monkeypatch.setattr(ctx, "resolve", resolve)
         monkeypatch.setattr(ctx, "_enter_slow", enter_slow)
         monkeypatch.setattr(
-            ctx, "_exit_register", lambda g, verify, timeout: self.log.append(f"register {verify}")
+            ctx,
+            "_exit_register",
+            lambda g, lane, verify, timeout: self.log.append(f"register {verify} lane {lane}"),
         )
         monkeypatch.setattr(
             ctx,
             "_exit_failed",
-            lambda g, verify, timeout, error: self.log.append(f"failed {type(error).__name__}"),
+            lambda g, lane, verify, timeout, error: self.log.append(
+                f"failed {type(error).__name__}"
+            ),
         )
         monkeypatch.setattr(
             ctx, "_enter_failed", lambda g, error, timeout: self.log.append("enter_failed")
@@ -101,7 +107,7 @@ def test_a_group_object_is_resolved_once_then_from_the_cache(
             assert c._resolved == _group()
     assert rules.resolved == [coordinator]
     # Every exit registers here: the stand-in table has never seen COMM, so it is not up to date.
-    assert rules.log == [f"enter {COMM:#x}", "end", "register False"] * 5
+    assert rules.log == [f"enter {COMM:#x}", "end", REGISTER] * 5
 
 
 def test_a_swapped_communicator_is_resolved_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,11 +157,11 @@ def test_a_one_rank_group_routes_nothing(monkeypatch: pytest.MonkeyPatch) -> Non
     assert rules.log == []
 
 
-def _tag() -> int:
-    """The peer set this thread's allocations are tagged with now."""
-    tag = _native.allocate_for(0)
-    _native.allocate_for(tag)
-    return tag
+def _tag() -> tuple[int, int]:
+    """The (peer set, lane) this thread's allocations are tagged with now."""
+    tag = _native.allocate_for(0, 0)
+    _native.allocate_for(*tag)
+    return tuple(tag)
 
 
 def test_nested_contexts_over_the_same_ranks_route_once_and_each_registers(
@@ -165,11 +171,12 @@ def test_nested_contexts_over_the_same_ranks_route_once_and_each_registers(
     rules = Rules(monkeypatch, {COMM: _group(peers=7), COMM + 1: _group(COMM + 1, peers=7)})
     with symm_rs.use_symmetric_memory(COMM):
         with symm_rs.use_symmetric_memory(COMM + 1):
-            assert _tag() == 7
-        assert _tag() == 7
-    assert _tag() == 0
-    assert rules.log == [f"enter {COMM:#x}", "register False", "end", "register False"]
-    assert rules.tags == [7]  # tagged before routing: the slow path may grow the pool at once
+            assert _tag() == (7, LANE)
+        assert _tag() == (7, LANE)
+    assert _tag() == (0, 0)
+    assert rules.log == [f"enter {COMM:#x}", REGISTER, "end", REGISTER]
+    # Tagged before routing (the slow path may grow the pool at once), with the peers.
+    assert rules.tags == [(7, 0)]
 
 
 def test_a_nested_context_for_other_ranks_routes_to_their_pool(
@@ -180,16 +187,16 @@ def test_a_nested_context_for_other_ranks_routes_to_their_pool(
     rules = Rules(monkeypatch, {COMM: _group(peers=7), COMM + 1: _group(COMM + 1, peers=8)})
     with symm_rs.use_symmetric_memory(COMM):
         with symm_rs.use_symmetric_memory(COMM + 1):
-            assert _tag() == 8
-        assert _tag() == 7
-    assert _tag() == 0
+            assert _tag() == (8, LANE)
+        assert _tag() == (7, LANE)
+    assert _tag() == (0, 0)
     assert rules.log == [
         f"enter {COMM:#x}",
         f"enter {COMM + 1:#x} nested",
         "end",
-        "register False",
+        REGISTER,
         "end",
-        "register False",
+        REGISTER,
     ]
 
 
@@ -201,18 +208,18 @@ def test_a_nested_context_that_cannot_route_keeps_the_outer_pool_and_tag(
     rules = Rules(monkeypatch, {COMM: _group(peers=7), COMM + 1: _group(COMM + 1, peers=8)})
     real = ctx._enter_slow
 
-    def enter_slow(group: Group, graph_pool: Any, nested: bool = False) -> tuple[Any, Any]:
+    def enter_slow(group: Group, graph_pool: Any, nested: bool = False) -> tuple[Any, Any, int]:
         if nested:
             rules.log.append("kept")
-            return None, None
+            return None, None, 0
         return real(group, graph_pool, nested)
 
     monkeypatch.setattr(ctx, "_enter_slow", enter_slow)
     with symm_rs.use_symmetric_memory(COMM):
         with symm_rs.use_symmetric_memory(COMM + 1):
-            assert _tag() == 7
-    assert _tag() == 0
-    assert rules.log == [f"enter {COMM:#x}", "kept", "register False", "end", "register False"]
+            assert _tag() == (7, LANE)
+    assert _tag() == (0, 0)
+    assert rules.log == [f"enter {COMM:#x}", "kept", REGISTER, "end", REGISTER]
 
 
 def test_nesting_across_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,7 +228,8 @@ def test_nesting_across_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
         with pytest.raises(symm_rs.SymmetricMemoryError, match=r"cuda:1 cannot nest.*cuda:0"):
             with symm_rs.use_symmetric_memory(COMM + 1):
                 pass
-    assert rules.log == [f"enter {COMM:#x}", "end", "register False"]
+    # The refused context tells peers that may wait for this rank (agreement is on).
+    assert rules.log == [f"enter {COMM:#x}", "enter_failed", "end", REGISTER]
 
 
 def test_an_active_object_cannot_be_entered_twice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -261,6 +269,8 @@ def test_a_failed_enter_tells_verifying_peers(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_verify_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SYMM_RS_VERIFY", raising=False)
+    assert symm_rs.use_symmetric_memory(COMM).verify is True, "agreement is on by default"
     monkeypatch.setenv("SYMM_RS_VERIFY", "yes")
     assert symm_rs.use_symmetric_memory(COMM).verify is True
     monkeypatch.setenv("SYMM_RS_VERIFY", "off")
@@ -291,3 +301,39 @@ def test_only_this_threads_shared_pool_is_routed_natively(monkeypatch: pytest.Mo
     assert not pool.is_shared_pool(0, mine, 6)  # another peer set's pool
     assert not pool.is_shared_pool(1, mine, 5)  # another device: never created by the question
     assert (1, threading.get_ident(), 5) not in pool._pools.shared
+
+
+def test_a_comm_property_that_switches_threads_cannot_deadlock_two_contexts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Finding 3: the cache lookup held its lock while reading `.comm`, a Python property on a
+    # Communicator. When the property let another thread run, and that thread entered a
+    # context, it blocked on the lock holding the GIL, and neither could ever go on.
+    import threading
+    import time
+
+    class Slow:
+        @property
+        def comm(self) -> int:
+            time.sleep(0.0005)  # gives up the GIL, as a property calling into C may
+            return COMM
+
+    Rules(monkeypatch, {COMM: _group()})
+    groups = [Slow(), Slow()]
+    errors: list[BaseException] = []
+
+    def worker(group: Slow) -> None:
+        try:
+            for _ in range(200):
+                with symm_rs.use_symmetric_memory(group):
+                    pass
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "two contexts deadlocked on the group cache"
+    assert not errors, errors

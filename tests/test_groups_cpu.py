@@ -123,8 +123,13 @@ HOST, OTHER_HOST = 11, 22
 P2P_OFF, SHM_OFF, WIN_OFF, CUMEM_OFF = 1, 2, 4, 8
 
 
-def _verdict(version: tuple[int, int, int], *rows: tuple[int, int, int]) -> int:
-    return capability._local_verdict(version, [list(r) for r in rows], 0)[0]
+UNKNOWN = -1  # NCCL without its own answer (2.27.x), NVML without an answer
+
+
+def _verdict(version: tuple[int, int, int], *rows: tuple[int, ...]) -> int:
+    """The verdict code for rows of (host, bus, flags[, NCCL's answer, NVML index, mask])."""
+    full = [list(r) + [UNKNOWN] * (capability.TOPOLOGY_INTS - len(r)) for r in rows]
+    return capability._code(version, full)[0]
 
 
 @pytest.mark.parametrize("version", [V27, V28, V29])
@@ -156,6 +161,41 @@ def test_windows_or_cumem_off_on_any_rank(flag: int, code: int) -> None:
 
 def test_nccl_without_windows() -> None:
     assert _verdict((2, 26, 2), (HOST, 0x100, 0), (HOST, 0x200, 0)) == 8
+
+
+def test_nccls_own_answer_decides_where_every_rank_has_it() -> None:
+    # ncclCommQueryProperties: NCCL's symmetricSupport, whatever symm_rs would judge.
+    yes, no = 1, 0
+    assert _verdict(V29, (HOST, 0x100, P2P_OFF, yes), (HOST, 0x200, P2P_OFF, yes)) == 0
+    assert _verdict(V28, (HOST, 0x100, 0, yes), (HOST, 0x200, 0, no)) == 9
+    assert "rank 1" in capability._describe(9, [1], V28)
+    # One rank without an answer: symm_rs's own rules apply.
+    assert _verdict(V29, (HOST, 0x100, P2P_OFF, yes), (HOST, 0x200, P2P_OFF)) == 4
+    # Nodes are NCCL's nodes even where NCCL itself says yes (it never does across nodes).
+    assert _verdict(V28, (HOST, 0x100, 0, yes), (OTHER_HOST, 0x100, 0, yes)) == 1
+
+
+def test_links_judged_from_nvml_masks_the_same_way_on_every_rank() -> None:
+    # Rank 0 (NVML index 0) links to index 1 only; rank 2 sits at index 2.
+    rows = [(HOST, 0x100, 0, UNKNOWN, 0, 0b010), (HOST, 0x200, 0, UNKNOWN, 1, 0b101)]
+    assert _verdict(V27, *rows) == 0
+    rows.append((HOST, 0x300, 0, UNKNOWN, 2, 0b011))
+    assert _verdict(V27, *rows) == 2  # rank 0 has no peer access to rank 2
+    assert _verdict(V29, *rows) == 3
+    _, details = capability._code(V27, [list(r) for r in rows])
+    assert details == [0, 2]
+
+
+def test_the_host_is_nccls_host_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several ranks on one machine with different NCCL_HOSTID are different nodes to NCCL
+    # (that is how one GPU runs several ranks): symm_rs must not call them one node.
+    monkeypatch.delenv("NCCL_HOSTID", raising=False)
+    plain = capability._host_key()
+    assert capability._host_key() == plain
+    monkeypatch.setenv("NCCL_HOSTID", "rank-0")
+    first = capability._host_key()
+    monkeypatch.setenv("NCCL_HOSTID", "rank-1")
+    assert len({plain, first, capability._host_key()}) == 3
 
 
 def test_reasons_name_the_version_and_the_rank() -> None:

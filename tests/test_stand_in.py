@@ -174,10 +174,10 @@ def test_failed_registration_then_retry(stand_in_lib):
     run_scenario("register_failure_then_retry", library=stand_in_lib)
 
 
-def test_null_window_then_retry(stand_in_lib):
-    # Success with a NULL window: RegistrationError ("symmetric memory is off"), nothing
-    # recorded; after the knob is cleared the retry registers every segment.
-    run_scenario("null_window_then_retry", library=stand_in_lib)
+def test_a_null_window_makes_the_communicator_plain(stand_in_lib):
+    # Success with a NULL window is NCCL's "no symmetric memory here": no error, nothing
+    # recorded, the communicator registers nothing again; other communicators are unaffected.
+    run_scenario("null_window_makes_the_communicator_plain", library=stand_in_lib)
 
 
 def test_failed_deregistration_leaks_instead_of_freeing(stand_in_lib):

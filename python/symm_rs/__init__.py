@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from symm_rs.library import library_info, nccl_library, nccl_version
     from symm_rs.policy import PolicyTable, calibrate
     from symm_rs.pool import destroy_pool, pool_usage, release_graph_pool, shared_pool, stats
+    from symm_rs.watchdog import describe_registration_in_progress
 
 # Quiet by default: applications opt in with logging.getLogger("symm_rs").
 logging.getLogger("symm_rs").addHandler(logging.NullHandler())
@@ -95,12 +96,13 @@ _LAZY: dict[str, str] = {
     "release_graph_pool": "pool",
     "shared_pool": "pool",
     "stats": "pool",
+    "describe_registration_in_progress": "watchdog",
 }
 # Submodules reachable as attributes (``symm_rs.cp.zigzag_layout``) without importing them first.
 _SUBMODULES = frozenset(
     (
         "agreement bench capability cli comm compat context cp doctor env groups launch memory "
-        "library nccl_log ops policy pool"
+        "library nccl_log ops policy pool registration watchdog"
     ).split()
 )
 
@@ -138,6 +140,7 @@ __all__ = [
     "check_layout",
     "cp_all_gather_reorganized_into_tensor_kv_cache",
     "cp_all_gather_rerange_kv_cache",
+    "describe_registration_in_progress",
     "destroy_pool",
     "graph_capture",
     "is_registered",

@@ -34,22 +34,85 @@ def load_nccl(wheel_candidates: list[Union[str, PathLike[str]]] = ...) -> dict[s
 def probe_nccl(path: Union[str, PathLike[str]]) -> dict[str, Any]:
     """Opens one libnccl by path, apart from the process-wide one, and describes it."""
 
-def allocate_for(peers: int) -> int:
-    """Tags the segments this thread allocates from now on with peer set ``peers`` (0: every
-    communicator registers them); returns the previous tag."""
+ALL_LANES: int
+"""The lane that stands for every lane: a registration that takes every pool's segments."""
 
-def register_pending(comm: int, peers: int = 0) -> int:
-    """Registers every pool segment of peer set ``peers`` (and every untagged one) that
-    ``comm`` has not registered yet; collective. The segment
-    table is not locked while NCCL registers; registrations of one communicator are serialised.
+def allocate_for(peers: int, lane: int = 0) -> tuple[int, int]:
+    """Tags the segments this thread allocates from now on with peer set ``peers`` and pool
+    lane ``lane`` (0, 0: every communicator registers them, from any lane); returns the
+    previous ``(peers, lane)``."""
+
+def register_pending(comm: int, peers: int = 0, lane: int = ...) -> int:
+    """Registers every pool segment of peer set ``peers`` (and every untagged one), seen from
+    pool lane ``lane`` (default: every lane), that ``comm`` has not registered yet, with no
+    agreement between ranks first; collective. A NULL window makes ``comm`` plain
+    (``is_plain``) instead of raising. The segment table is not locked while NCCL registers.
 
     Raises:
         NcclLibraryError: NCCL cannot register windows.
         NcclError: ncclCommWindowRegister failed.
-        RegistrationError: NCCL returned a NULL window.
-        SymmetricMemoryError: called inside ``group_start``/``group_end``.
+        SymmetricMemoryError: another registration of ``comm`` ran past the wait limit.
         ValueError: ``comm`` is NULL or not readable memory.
     """
+
+class RegistrationPlan:
+    """A planned registration: its segments are pinned and its list fixed until
+    ``register()`` or ``cancel()`` (or collection)."""
+
+    @property
+    def sizes(self) -> list[int]:
+        """Segment sizes, in registration order: what every rank must agree on."""
+    @property
+    def comm(self) -> int: ...
+    def register(self) -> tuple[int, bool]:
+        """Registers exactly the plan (collective; GIL released). Returns ``(windows made,
+        NCCL answered with a NULL window)``."""
+    def cancel(self) -> None:
+        """Gives the plan up; its segments stay pending. Idempotent."""
+    def __len__(self) -> int: ...
+
+def plan_registration(comm: int, peers: int = 0, lane: int = ...) -> Optional[RegistrationPlan]:
+    """Plans the registration of what ``comm`` has not registered of ``peers``'s pool lane
+    ``lane``; ``None`` when there is nothing. Waits, boundedly, for another registration of
+    ``comm``."""
+
+def is_up_to_date(comm: int, lane: int = ...) -> bool:
+    """Whether an exit on ``comm`` from ``lane`` has nothing to register."""
+
+def make_plain(comm: int) -> None:
+    """From now on ``comm`` registers nothing: its ranks use the pool as plain memory."""
+
+def is_plain(comm: int) -> bool:
+    """Whether ``comm`` registers nothing any more."""
+
+def symmetric_support(comm: int) -> Optional[bool]:
+    """NCCL's own answer (``ncclCommQueryProperties``), or ``None`` where it cannot say."""
+
+def registrations_in_progress() -> list[tuple[int, int, list[int], float, int, int]]:
+    """``(comm, peer set, sizes, seconds running, segments entered, OS thread id)`` of every
+    registration NCCL is running now, oldest first."""
+
+def set_wait_limit(seconds: float) -> None:
+    """How long symm_rs's own waits last (``SYMM_RS_TIMEOUT``)."""
+
+def route_opened() -> None:
+    """Counts an allocation route about to begin; waits (boundedly) for a pool destruction."""
+
+def route_closed() -> None:
+    """Counts a route that ended."""
+
+def begin_pool_drop() -> bool:
+    """Starts destroying pools if no route is open (``True``); ``end_pool_drop`` must follow."""
+
+def end_pool_drop() -> None: ...
+def open_routes() -> int:
+    """Allocation routes symm_rs has open now, on every thread."""
+
+def seal_pool(peers: int, lane: int, note: str) -> None:
+    """Sealed mode: a new segment for ``(peers, lane)`` fails at once, saying ``note``."""
+
+def unseal_pool(peers: int, lane: int) -> bool:
+    """Lets the pool grow again; returns whether it was sealed."""
 
 def release_comm(comm: int) -> int:
     """Deregisters every window ``comm`` holds (local); returns how many."""
@@ -63,8 +126,9 @@ def defer_registration(comm: int) -> None:
 def take_deferred() -> list[int]:
     """The postponed communicators, in first-seen order, cleared."""
 
-def pending_sizes(comm: int, peers: int = 0) -> list[int]:
-    """Sizes of the segments of ``peers`` that ``comm`` would register next, in order."""
+def pending_sizes(comm: int, peers: int = 0, lane: int = ...) -> list[int]:
+    """Sizes of the segments of ``peers`` (seen from ``lane``) that ``comm`` would register
+    next, in order."""
 
 def is_registered(ptr: int, nbytes: int, comm: int) -> bool:
     """Whether ``[ptr, ptr + nbytes)`` lies inside one window of ``comm`` (O(log n))."""
@@ -111,6 +175,9 @@ class CommStats:
     def window_bytes(self) -> int: ...
     @property
     def pending_segments(self) -> int: ...
+    @property
+    def plain(self) -> bool:
+        """It registers nothing (NCCL's NULL window, or no symmetric kernels on it)."""
 
 class Stats:
     """The segment table's figures; no pool snapshot is taken."""
@@ -242,6 +309,8 @@ class NcclCommunicator:
     def closed(self) -> bool: ...
     def close(self) -> None:
         """Deregisters this communicator's windows and destroys it (idempotent; collective)."""
+    def abort(self) -> None:
+        """``ncclCommAbort``: destroys it without waiting for peers; windows are forgotten."""
     def run(self, kind: str, out: Any, inp: Any, stream: tuple[int, int], op: str = "sum") -> str:
         """Checks ``out``/``inp`` against this communicator, then enqueues ``kind`` on
         ``stream`` (``(cudaStream_t, device index)``). Returns ``"main"``, ``"twin"`` (routed

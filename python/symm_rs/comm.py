@@ -13,6 +13,7 @@ import hashlib
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -21,7 +22,7 @@ import torch
 from symm_rs import _native, env
 from symm_rs import policy as _policy
 from symm_rs.agreement import extent
-from symm_rs.groups import Channel, store_of
+from symm_rs.groups import Channel, drop_cached, store_of
 from symm_rs.library import library_info, nccl_issues
 
 _CHECK_MODES = ("off", "warn", "raise")
@@ -104,6 +105,7 @@ class Communicator:
     __slots__ = (
         "__weakref__",
         "_device",
+        "_forget",
         "_native",
         "_policy",
         "_symm_rs_channel",
@@ -127,6 +129,9 @@ class Communicator:
         table = _policy.resolve(policy, int(size))  # a bad policy fails before NCCL is called
         library_info()
         self._native = _native.NcclCommunicator(bytes(unique_id), int(rank), int(size), index)
+        # Collected without close(): the native side destroys it; what symm_rs cached about
+        # it must go too, before NCCL can hand its address to a new communicator.
+        self._forget = weakref.finalize(self, drop_cached, int(self._native.comm))
         self._device = index
         self._torch_device = torch.device("cuda", index)
         # symm_rs's cross-rank checks on this communicator go through the store of the group
@@ -258,10 +263,20 @@ class Communicator:
         Destroy every CUDA graph that captured collectives on it first: NCCL waits for them."""
         if self._native.closed:
             return
-        from symm_rs.groups import drop_cached
-
-        drop_cached(int(self._native.comm))  # symm_rs's caches; close() releases the windows
+        self._forget()  # symm_rs's caches; the native close releases the windows
         self._native.close()
+
+    def abort(self) -> None:
+        """``ncclCommAbort``: destroys it without waiting for peers or pending work, the way
+        out when a peer failed (``SYMM_RS_ON_FAILURE=abort`` does it for symm_rs's own
+        Communicators). Its windows are forgotten, not deregistered. Idempotent."""
+        if self._native.closed:
+            return
+        self._forget()
+        self._native.abort()
+
+    # How symm_rs.groups finds the owner's abort for a group it resolved from this object.
+    _symm_rs_abort = abort
 
     def __enter__(self) -> Communicator:
         return self
@@ -410,9 +425,9 @@ def nccl_group() -> Iterator[None]:
             after, _group_state.after = _group_state.after, []
             for callback in after:
                 callback()
-            from symm_rs.context import flush_deferred
+            from symm_rs.context import register_postponed_in_nccl_group
 
-            flush_deferred()
+            register_postponed_in_nccl_group()
 
 
 def _device_index(device: Union[int, torch.device, None]) -> int:

@@ -2,11 +2,12 @@
 
 Inside the context the current thread allocates from the symmetric pool of the group's device
 (the communicator's device, whatever device the thread is on; the thread is switched to it for
-the duration). On exit every pool segment the group's communicator has not registered yet is
-registered, in allocation order, as a symmetric window. Registration is collective: every rank
-of the group must leave the context the same way, having allocated the same sizes in the same
-order. Inside a CUDA-graph capture allocations come from the capture pool of the capture's graph
-pool (see ``symm_rs.pool``) and registration waits until the capture is over.
+the duration). On exit every segment of that pool the group's communicator has not registered
+yet is registered, in allocation order, as a symmetric window, after the ranks agreed on what
+they register (``symm_rs.registration``): ranks that allocated differently, failed, or never
+arrive make every rank raise within the timeout instead of hanging. Inside a CUDA-graph capture
+allocations come from the capture pool of the capture's graph pool (see ``symm_rs.pool``), and
+their registration waits for that communicator's next exit outside a capture.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import warnings
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 
-from symm_rs import _native, agreement, env
-from symm_rs.capability import known_verdict, should_register
+from symm_rs import _native, agreement, env, registration
+from symm_rs.capability import known_verdict
 from symm_rs.groups import Group, is_process_group, on_forget, resolve
-from symm_rs.library import known_nccl_issues, library_info
 from symm_rs.pool import (
     PoolId,
     Route,
@@ -31,16 +30,17 @@ from symm_rs.pool import (
     grow,
     inner_route_wins,
     is_shared_pool,
+    lane_of,
     pool_id,
     require_routing,
     shared_pool,
 )
+from symm_rs.pool import seal as seal_pool
+from symm_rs.registration import NcclVersionWarning
 
 log = logging.getLogger("symm_rs")
-
-
-class NcclVersionWarning(UserWarning):
-    """The NCCL in use has a known defect that affects symmetric memory (once per process)."""
+# NcclVersionWarning lived here in earlier releases: still importable from here.
+__all__ = ["NcclVersionWarning"]
 
 
 # -- graph pools ----------------------------------------------------------------------------
@@ -94,53 +94,27 @@ def _capturing_graph_pool(explicit: Optional[Any]) -> tuple[PoolId, Any]:
 
 # -- process state ------------------------------------------------------------------------
 
-# Groups whose registration a capture or an NCCL group postponed (in first-seen order).
-_deferred: dict[int, Group] = {}
-_deferred_lock = threading.Lock()
 _env_reservation = True  # SYMM_RS_RESERVE is applied once, at the first eager context
-_warned_versions = False
 # A released or forgotten communicator must not stay in the native resolution cache.
 on_forget(_native.forget_group)
 
 
-def _defer(group: Group) -> None:
-    with _deferred_lock:
-        _deferred.setdefault(group.comm, group)
-    _native.defer_registration(group.comm)
+class _InNcclGroup(threading.local):
+    """Registrations this thread's contexts postponed inside ``symm_rs.nccl_group()`` (NCCL
+    writes a window only at the outermost group end), made when it ends, in order."""
+
+    def __init__(self) -> None:
+        self.postponed: list[tuple[Group, int, bool, Optional[float]]] = []
 
 
-def flush_deferred(verify: bool = False) -> None:
-    """Registers the groups whose registration a capture or an NCCL group postponed."""
-    if not _deferred:
-        return
-    order = _native.take_deferred()
-    with _deferred_lock:
-        pending = [_deferred.pop(comm) for comm in order if comm in _deferred]
-        _deferred.clear()
-    log.debug("registering for %d communicator(s) postponed by a capture", len(pending))
-    for group in pending:
-        _register(group, verify)
+_in_nccl_group = _InNcclGroup()
 
 
-def _warn_known_issues() -> None:
-    global _warned_versions
-    if _warned_versions:
-        return
-    _warned_versions = True
-    for issue in known_nccl_issues(tuple(library_info()["version"])):
-        warnings.warn(issue, NcclVersionWarning, stacklevel=4)
-
-
-def _register(group: Group, verify: bool, timeout: Optional[float] = None) -> int:
-    if not should_register(group, timeout):
-        return 0
-    _warn_known_issues()
-    if verify:
-        agreement.verify_pending(group, timeout)
-    made = int(_native.register_pending(group.comm, group.peer_set))
-    if made:
-        log.debug("registered %d new segment(s) with %s", made, group.name)
-    return made
+def register_postponed_in_nccl_group() -> None:
+    """Called when this thread's outermost ``nccl_group()`` ends."""
+    postponed, _in_nccl_group.postponed = _in_nccl_group.postponed, []
+    for group, lane, verify, timeout in postponed:
+        registration.register(group, lane, verify, timeout)
 
 
 def _annotated_oom(error: BaseException) -> Optional[BaseException]:
@@ -213,19 +187,19 @@ _routing_checked = False
 
 def _enter_slow(
     group: Group, explicit_graph_pool: Optional[Any], nested: bool = False
-) -> tuple[Optional[_Entered], Any]:
+) -> tuple[Optional[_Entered], Any, int]:
     """Routes this thread for a context on ``group`` when the native fast path cannot: the
     first context of a thread, a thread on another device, a capture, a graph pool set, or a
     context nested in one for other ranks. Returns the route (``None``: a nested context keeps
-    the route around it, because this torch puts the oldest route first) and, when it is this
+    the route around it, because this torch puts the oldest route first); when it is this
     thread's shared pool on a thread already on the group's device, that pool's id, which later
-    contexts route to natively."""
+    contexts route to natively; and the lane of the pool routed into."""
     global _routing_checked
     if not _routing_checked:
         require_routing()
         _routing_checked = True
     if nested and not inner_route_wins(group.device):
-        return None, None
+        return None, None, 0
     current = torch.cuda.current_device()
     if current != group.device:
         # The communicator decides the device: a worker thread that never called set_device
@@ -246,34 +220,47 @@ def _enter_slow(
         and route.paused is None
         and is_shared_pool(group.device, route.pool, group.peer_set)
     )
-    return _Entered(route, restore), route.pool.id if plain else None
+    return _Entered(route, restore), route.pool.id if plain else None, route.lane
 
 
 def _enter_failed(group: Group, error: BaseException, timeout: Optional[float]) -> None:
-    """A verifying context failed to enter: its peers learn why instead of waiting."""
-    agreement.report_failure(group, "verify", _reason(error), timeout)
+    """A context failed to enter: a peer that waits for this rank learns why at once."""
+    agreement.notice_failure(group, _reason(error))
+
+
+def _postponing() -> bool:
+    return torch.cuda.is_current_stream_capturing() or _native.in_group()
 
 
 def _exit_failed(
-    group: Group, verify: bool, timeout: Optional[float], error: BaseException
+    group: Group, lane: int, verify: bool, timeout: Optional[float], error: BaseException
 ) -> None:
-    """The block raised: tell verifying peers, and say why the pool could not grow on OOM."""
-    if verify and not torch.cuda.is_current_stream_capturing():
-        agreement.report_failure(group, "verify", _reason(error), timeout)
+    """The block raised. Where this rank would have registered, it takes its part in that
+    round as a failure, so peers raise at once with its reason; where it would not, it posts a
+    notice a waiting peer reads. On OOM, says why the pool could not grow."""
+    if verify and not _postponing():
+        reason = _reason(error)
+        if _native.is_up_to_date(group.comm, lane):
+            agreement.notice_failure(group, reason)
+        else:
+            agreement.report_failure(group, "registration", reason, timeout)
     if isinstance(error, torch.OutOfMemoryError):
         annotated = _annotated_oom(error)
         if annotated is not None:
             raise annotated from error
 
 
-def _exit_register(group: Group, verify: bool, timeout: Optional[float]) -> None:
-    """The exit that has something to do: postpone inside a capture or an NCCL group, else
-    register what was postponed and what is new."""
-    if torch.cuda.is_current_stream_capturing() or _native.in_group():
-        _defer(group)
+def _exit_register(group: Group, lane: int, verify: bool, timeout: Optional[float]) -> None:
+    """The exit that has something to register: inside a capture it waits for this
+    communicator's next exit outside one (NCCL cannot register during a capture); inside an
+    NCCL group, for the group's end; else it registers now, after the ranks agreed."""
+    if torch.cuda.is_current_stream_capturing():
+        _native.defer_registration(group.comm)
         return
-    flush_deferred(verify)
-    _register(group, verify, timeout)
+    if _native.in_group():
+        _in_nccl_group.postponed.append((group, lane, verify, timeout))
+        return
+    registration.register(group, lane, verify, timeout)
 
 
 def _reason(error: BaseException) -> str:
@@ -282,7 +269,8 @@ def _reason(error: BaseException) -> str:
 
 def _apply_env_reservation(group: Group) -> None:
     """The first eager context of the process grows the shared pool by ``SYMM_RS_RESERVE``
-    (routed into it right away; that context's exit registers it)."""
+    (routed into it right away; that context's exit registers it), and with ``SYMM_RS_SEAL=1``
+    seals it."""
     global _env_reservation
     if not _env_reservation or torch.cuda.is_current_stream_capturing():
         return
@@ -290,21 +278,36 @@ def _apply_env_reservation(group: Group) -> None:
     nbytes = env.read_bytes(env.RESERVE)
     if nbytes:
         device, peers = group.device, group.peer_set
-        grow(device, shared_pool(device, peers), nbytes, 8 << 20, peers)
+        target = shared_pool(device, peers)
+        grow(device, target, nbytes, 8 << 20, peers)
+        if env.read_flag(env.SEAL):
+            seal_pool(target, peers, _seal_note(group, nbytes, "SYMM_RS_RESERVE"))
 
 
-def register(group: object) -> int:
-    """Registers now every pool segment ``group`` has not registered yet (collective), after
-    the registrations a CUDA-graph capture postponed. Returns how many windows were made."""
-    flush_deferred()
+def _seal_note(group: Group, nbytes: int, how: str) -> str:
+    return (
+        f"the symmetric pool of {group.name} is sealed (sealed mode) after {how} reserved "
+        f"{nbytes} bytes, and growing it would need a registration its peers might not make; "
+        f"reserve more up front ({how})"
+    )
+
+
+def register(group: object, timeout: Optional[float] = None) -> int:
+    """Registers now every pool segment ``group`` has not registered yet, from every pool of
+    its ranks (also what a capture postponed), after the ranks agreed on it. Collective; call
+    it from one thread per rank. Returns how many windows were made."""
     resolved = resolve(group)
     if resolved is None:
         return 0
-    return _register(resolved, verify=False)
+    return registration.register(resolved, _native.ALL_LANES, True, timeout)
 
 
 def reserve(
-    nbytes: int, group: object, small_bytes: int = 8 << 20, graph_pool: Optional[Any] = None
+    nbytes: int,
+    group: object,
+    small_bytes: int = 8 << 20,
+    graph_pool: Optional[Any] = None,
+    seal: bool = False,
 ) -> int:
     """Grows the symmetric pool of ``group``'s ranks once, up front, on the current stream, and
     registers it with ``group``, so steady-state allocations find cached, registered memory
@@ -316,6 +319,11 @@ def reserve(
     under 1 MiB come from ``small_bytes`` of 2 MiB segments. Collective over ``group``.
     Returns how many new segments were made. ``SYMM_RS_RESERVE=4GiB`` grows the shared pool
     at the first ``use_symmetric_memory`` of the process.
+
+    ``seal=True`` (sealed mode; ``SYMM_RS_SEAL=1`` for ``SYMM_RS_RESERVE``) then seals that
+    pool: an allocation that would grow it later fails at once on the rank that makes it, with
+    torch's out-of-memory error saying to reserve more, instead of needing a registration its
+    peers might not make. A later ``reserve`` on a sealed pool grows it and seals it again.
 
     Raises:
         ValueError: ``nbytes`` or ``small_bytes`` is negative.
@@ -329,16 +337,19 @@ def reserve(
     if torch.cuda.is_current_stream_capturing():
         raise _native.SymmetricMemoryError("reserve() cannot run during a CUDA-graph capture")
     before = _native.stats().segments_tracked
-    with torch.cuda.device(resolved.device):
-        device, peers = resolved.device, resolved.peer_set
-        pool = (
+    device, peers = resolved.device, resolved.peer_set
+    with torch.cuda.device(device):
+        target = (
             shared_pool(device, peers)
             if graph_pool is None
             else capture_pool(device, pool_id(graph_pool), peers).pool
         )
-        grow(device, pool, nbytes, small_bytes, peers)
-    flush_deferred()
-    _register(resolved, verify=False)
+        lane = lane_of(target)
+        was_sealed = bool(_native.unseal_pool(peers, lane))
+        grow(device, target, nbytes, small_bytes, peers)
+        if seal or was_sealed:
+            seal_pool(target, peers, _seal_note(resolved, nbytes, "reserve()"))
+    registration.register(resolved, lane or _native.ALL_LANES)
     return _native.stats().segments_tracked - before
 
 

@@ -25,18 +25,23 @@ REGISTER_CHOICES = ("auto", "always")
 POLICY_TABLE = "SYMM_RS_POLICY_TABLE"
 CP_COPY = "SYMM_RS_CP_COPY"
 CP_COPY_CHOICES = ("kernel", "driver")
+SEAL = "SYMM_RS_SEAL"
+ON_FAILURE = "SYMM_RS_ON_FAILURE"
+ON_FAILURE_CHOICES = ("log", "abort")
 
 # What each variable a user may set holds (README.md, "Environment variables").
 VARIABLES: dict[str, str] = {
     NCCL_LIBRARY: "path of an existing libnccl file",
     RESERVE: "byte size, e.g. 4GiB, 512M or 1048576",
-    VERIFY: "boolean: 1/0, true/false, yes/no, on/off",
+    VERIFY: "boolean (default on): 1/0, true/false, yes/no, on/off",
     DEBUG: "boolean: 1/0, true/false, yes/no, on/off",
     STRICT: "boolean: 1/0, true/false, yes/no, on/off",
     TIMEOUT: "seconds (> 0), e.g. 30 or 2.5",
     REGISTER: "auto (skip registration where NCCL cannot run symmetric kernels) or always",
     POLICY_TABLE: "size-policy table, e.g. all_reduce:32K-2M,128M-;reduce_scatter:32K-",
     CP_COPY: "kernel (the CP all-gather's copies in one copy kernel launch per step) or driver",
+    SEAL: "boolean: 1/0, true/false, yes/no, on/off (seal the pool SYMM_RS_RESERVE grew)",
+    ON_FAILURE: "log (default) or abort (abort a group a peer failed in, through its owner)",
 }
 # Set by symm_rs itself for its own child processes, or by its test-suite; never a typo.
 INTERNAL_VARIABLES = frozenset(
@@ -203,7 +208,7 @@ def environment_issues(environ: Optional[Mapping[str, str]] = None) -> list[EnvI
                 read_bytes(name, env)
             except ValueError as e:
                 issues.append(EnvIssue(name, value, str(e), fatal=True))
-        elif name in (VERIFY, DEBUG, STRICT):
+        elif name in (VERIFY, DEBUG, STRICT, SEAL):
             try:
                 read_flag(name, environ=env)
             except ValueError as e:
@@ -213,8 +218,10 @@ def environment_issues(environ: Optional[Mapping[str, str]] = None) -> list[EnvI
                 read_seconds(name, env)
             except ValueError as e:
                 issues.append(EnvIssue(name, value, str(e), fatal=True))
-        elif name in (REGISTER, CP_COPY):
-            choices = REGISTER_CHOICES if name == REGISTER else CP_COPY_CHOICES
+        elif name in (REGISTER, CP_COPY, ON_FAILURE):
+            choices = {REGISTER: REGISTER_CHOICES, CP_COPY: CP_COPY_CHOICES}.get(
+                name, ON_FAILURE_CHOICES
+            )
             try:
                 read_choice(name, choices, env)
             except ValueError as e:

@@ -19,10 +19,13 @@ over the same ranks shares one symmetric pool (``symm_rs.pool``): the ranks of a
 same allocations, while sub-groups of it do not, so a pool shared with a sub-group would grow
 differently on different ranks and their registrations would not line up.
 
-Communicators die with their groups. ``release(group)`` deregisters first; torch's
-``destroy_process_group`` is wrapped so that it does so for the groups symm_rs has seen, and a
-group that disappears otherwise is forgotten without NCCL calls, so a destroyed communicator is
-never passed to NCCL again and an address NCCL reuses starts clean.
+Communicators die with their groups. ``release(group)`` deregisters first. torch's
+``ProcessGroup.shutdown`` and ``ProcessGroup.abort`` (which ``destroy_process_group`` and
+``_abort_process_group`` call, however they were imported) are wrapped so that a shutdown
+deregisters the windows of the groups symm_rs has seen first and an abort forgets them without
+NCCL calls; a group that disappears otherwise (its object collected, a ``symm_rs.Communicator``
+closed or collected) is forgotten too. A destroyed communicator is never passed to NCCL again,
+and an address NCCL reuses starts clean: no cached size, rank, peer set or verdict survives.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class Group:
     peer_set: int = 0
     # How to all-gather on this group: torch's collective for a ProcessGroup, else NCCL directly.
     gather: Optional[Callable[..., None]] = field(default=None, compare=False, repr=False)
+    # How its owner aborts it (a ProcessGroup's abort, a symm_rs.Communicator's), when a peer
+    # failed and SYMM_RS_ON_FAILURE=abort; None where symm_rs knows no owner's way.
+    abort: Optional[Callable[[], None]] = field(default=None, compare=False, repr=False)
 
     def all_gather_into_tensor(self, out: Any, inp: Any, stream: Any = None) -> None:
         """``inp`` of every rank into ``out``, in rank order, on ``stream`` (default: the
@@ -112,7 +118,7 @@ def _dist() -> Any:
         return None
     if not dist.is_available():
         return None
-    _install_destroy_hook(dist)
+    _wrap_shutdown_and_abort(dist.ProcessGroup)
     return dist
 
 
@@ -231,6 +237,17 @@ def _process_group_comm(pg: Any, device: int) -> int:
     return _as_address(comm, f"{_group_name(pg)} communicator")
 
 
+def _owner_abort(pg: Any) -> Callable[[], None]:
+    ref = weakref.ref(pg)
+
+    def abort() -> None:
+        group = ref()
+        if group is not None:
+            group.abort()
+
+    return abort
+
+
 def _torch_gather(pg: Any) -> Callable[..., None]:
     ref = weakref.ref(pg)
 
@@ -283,6 +300,7 @@ def _resolve_process_group(pg: Any) -> Optional[Group]:
         else None,
         peer_set=peer_set(_process_group_ranks(dist, pg, size), comm),
         gather=_torch_gather(pg),
+        abort=_owner_abort(pg),
     )
     with _lock:
         _pg_groups[pg] = group
@@ -325,7 +343,8 @@ def _resolve_comm(
     library_info()
     size, rank, device = _native.comm_info(comm)
     peers = peer_set(_ranks_of(owner, int(size)), comm)
-    group = Group(comm, int(size), int(rank), int(device), name, channel, peers)
+    abort = getattr(owner, "_symm_rs_abort", None)
+    group = Group(comm, int(size), int(rank), int(device), name, channel, peers, abort=abort)
     with _lock:
         _by_comm[comm] = group
     return group if group.size > 1 else None
@@ -515,27 +534,37 @@ def _forget_if_unreleased(comm: int) -> None:
         pass
 
 
-def _install_destroy_hook(dist: Any) -> None:
-    """Wraps ``destroy_process_group`` so that windows of the groups it destroys are released
-    while their communicators still exist (deregistration is local: no rank can hang on it)."""
-    original = dist.destroy_process_group
-    if getattr(original, "_symm_rs_wrapped", False):
-        return
+def _windows_go_first(original: Callable[..., Any], deregister: bool) -> Callable[..., Any]:
+    """``ProcessGroup.shutdown``/``abort`` that first release (``deregister``: shutdown,
+    while the communicator still exists; deregistration is local, so no rank can hang on it)
+    or forget (abort: no NCCL call on a communicator that may be broken) what symm_rs holds
+    for the group."""
 
     @functools.wraps(original)
-    def destroy_process_group(group: Any = None) -> Any:
-        doomed = list(_pg_groups.keys()) if group is None else [group]
-        for pg in doomed:
-            resolved = _pg_groups.get(pg)
-            if resolved is not None:
-                drop_cached(resolved.comm)
-                try:
-                    _native.release_comm(resolved.comm)
-                except Exception:
-                    # The communicator is about to go regardless; never deregister later.
-                    _native.forget_comm(resolved.comm)
-        return original(group)
+    def wrapper(pg: Any, *args: Any, **kwargs: Any) -> Any:
+        resolved = _pg_groups.get(pg)
+        if resolved is not None:
+            drop_cached(resolved.comm)
+            _release_or_forget(resolved.comm, deregister)
+        return original(pg, *args, **kwargs)
 
-    destroy_process_group._symm_rs_wrapped = True  # type: ignore[attr-defined]
-    dist.destroy_process_group = destroy_process_group
-    dist.distributed_c10d.destroy_process_group = destroy_process_group
+    wrapper._symm_rs_wrapped = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _release_or_forget(comm: int, deregister: bool) -> None:
+    if deregister:
+        try:
+            _native.release_comm(comm)
+            return
+        except Exception:
+            pass  # the communicator goes regardless: its windows must never be used again
+    _native.forget_comm(comm)
+
+
+def _wrap_shutdown_and_abort(process_group: Any) -> None:
+    for name, deregister in (("shutdown", True), ("abort", False)):
+        original = getattr(process_group, name, None)
+        if original is None or getattr(original, "_symm_rs_wrapped", False):
+            continue
+        setattr(process_group, name, _windows_go_first(original, deregister))

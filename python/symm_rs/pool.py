@@ -10,7 +10,12 @@ only by the communicators over its own ranks.
 * one **shared pool** per device, thread and peer set, for allocations made outside CUDA-graph
   captures (torch routes only one thread at a time into a pool, so each thread that enters a
   context gets its own; every rank's thread allocates the same sequence, so placement stays
-  symmetric);
+  symmetric). Each shared pool is a *lane* of the segment table: a registration takes the
+  segments of one lane, in that lane's order, so threads that allocate for the same ranks at
+  once never interleave their registrations differently on different ranks. A pool outlives its
+  thread: the next thread that needs one for the same device and ranks takes it over (pools
+  are never destroyed behind the user's back: torch aborts the process when a pool is destroyed
+  while any thread routes allocations);
 * one **capture pool** per (device, graph pool, peer set): allocations made inside a capture
   into graph pool P come from capture pool S(P), and so do blocks freed during that capture.
   Eager code never receives a block of S(P) once a capture has used it, so no block a live graph
@@ -22,13 +27,16 @@ only by the communicators over its own ranks.
 Routing uses torch's allocator routing (``_cuda_beginAllocateCurrentThreadToPool``): this
 thread's allocations, on every stream, go to the pool. torch >= 2.10 consults the newest route
 first, so a capture's own route is left untouched underneath; older torch consults the oldest
-first, and the capture's route has to be paused (see ``Route``).
+first, and the capture's route has to be paused (see ``Route``). Every route symm_rs opens is
+counted by the native gate, and ``destroy_pool``/``release_graph_pool`` refuse to destroy a
+pool while one is open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -90,10 +98,18 @@ class _Pools:
     shared: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     capture: dict[tuple[int, PoolId, int], CapturePool] = field(default_factory=dict)
     inner_route_wins: dict[int, bool] = field(default_factory=dict)
+    # The route-order probe's pools, kept: destroying a pool can abort the process.
+    probes: list[Any] = field(default_factory=list)
+    # The lane of each shared pool (by pool id); capture pools are lane 0 (every lane's).
+    lanes: dict[PoolId, int] = field(default_factory=dict)
+    # Times pools were freed (destroy_pool, release_graph_pool): ranks compare it before they
+    # register, since a rank that freed alone has different windows than its peers.
+    frees: int = 0
 
 
 _lock = threading.RLock()
 _pools = _Pools()
+_lane_ids = itertools.count(1)  # 0 is the native "every lane" tag
 
 
 def _new_pool(device: int) -> Any:
@@ -119,9 +135,34 @@ def shared_pool(device: Optional[int] = None, peer_set: int = 0) -> Any:
         with _lock:
             pool = _pools.shared.get(key)
             if pool is None:
-                pool = _pools.shared[key] = _new_pool(index)
-                log.info("symmetric pool created on cuda:%d (MemPool id %s)", index, pool.id)
+                pool = _pools.shared[key] = _orphaned_pool(index, int(peer_set)) or _new_pool(index)
+                _pools.lanes.setdefault(pool_id(pool), next(_lane_ids))
+                log.info(
+                    "symmetric pool on cuda:%d (MemPool id %s) for this thread", index, pool.id
+                )
     return pool
+
+
+def _orphaned_pool(device: int, peer_set: int) -> Optional[Any]:
+    """A shared pool whose thread has ended, taken over (with its lane and cached blocks) by
+    the calling thread instead of making another: pools are never destroyed behind the user's
+    back, so this is what keeps their number at the most threads alive at once."""
+    alive = {t.ident for t in threading.enumerate()}
+    for key in list(_pools.shared):
+        if key[0] == device and key[2] == peer_set and key[1] not in alive:
+            return _pools.shared.pop(key)
+    return None
+
+
+def lane_of(pool: Any) -> int:
+    """The segment-table lane of a symm_rs pool (0, every lane, for capture pools)."""
+    return _pools.lanes.get(pool_id(pool), 0)
+
+
+def frees() -> int:
+    """How many times this process freed symm_rs pools (``destroy_pool``,
+    ``release_graph_pool``)."""
+    return _pools.frees
 
 
 def is_shared_pool(device: int, pool: Any, peer_set: int = 0) -> bool:
@@ -154,17 +195,29 @@ def inner_route_wins(device: int) -> bool:
         return known
     if torch.cuda.is_current_stream_capturing() or not hasattr(torch.cuda.MemPool, "snapshot"):
         return False
-    outer, inner = torch.cuda.MemPool(), torch.cuda.MemPool()
-    with torch.cuda.use_mem_pool(outer, device), torch.cuda.use_mem_pool(inner, device):
-        probe = torch.empty(1, device=torch.device("cuda", device))
-    address = probe.data_ptr()
-    wins = any(
-        int(s["address"]) <= address < int(s["address"]) + int(s["total_size"])
-        for s in inner.snapshot()
-    )
-    del probe, outer, inner
-    _pools.inner_route_wins[device] = wins
-    return wins
+    with _lock:
+        known = _pools.inner_route_wins.get(device)
+        if known is not None:
+            return known
+        with torch.cuda.device(device):
+            outer, inner = torch.cuda.MemPool(), torch.cuda.MemPool()
+        # Kept for the life of the process: destroying a pool while another thread routes its
+        # allocations aborts the process inside torch.
+        _pools.probes += [outer, inner]
+        _native.route_opened()
+        try:
+            with torch.cuda.use_mem_pool(outer, device), torch.cuda.use_mem_pool(inner, device):
+                probe = torch.empty(1, device=torch.device("cuda", device))
+        finally:
+            _native.route_closed()
+        address = probe.data_ptr()
+        wins = any(
+            int(s["address"]) <= address < int(s["address"]) + int(s["total_size"])
+            for s in inner.snapshot()
+        )
+        del probe
+        _pools.inner_route_wins[device] = wins
+        return wins
 
 
 @dataclass
@@ -177,27 +230,40 @@ class Route:
     pool: Any
     paused: Optional[PoolId] = None
 
+    @property
+    def lane(self) -> int:
+        return lane_of(self.pool)
+
     @classmethod
     def begin(cls, device: int, pool: Any, pause: Optional[PoolId] = None) -> Route:
-        if pause is not None:
-            try:
-                _end_route(device, pause)
-            except RuntimeError as e:
-                raise _native.SymmetricMemoryError(
-                    f"the CUDA-graph capture in progress does not allocate from graph pool "
-                    f"{pause} ({e}); pass the pool the capture uses (torch.cuda.graph(g, "
-                    "pool=p) and symm_rs.set_graph_pool(p))"
-                ) from None
-        _begin_thread(device, pool.id)
+        # Counted before it begins: no pool may be destroyed while a route is open.
+        _native.route_opened()
+        try:
+            if pause is not None:
+                try:
+                    _end_route(device, pause)
+                except RuntimeError as e:
+                    raise _native.SymmetricMemoryError(
+                        f"the CUDA-graph capture in progress does not allocate from graph pool "
+                        f"{pause} ({e}); pass the pool the capture uses (torch.cuda.graph(g, "
+                        "pool=p) and symm_rs.set_graph_pool(p))"
+                    ) from None
+            _begin_thread(device, pool.id)
+        except BaseException:
+            _native.route_closed()
+            raise
         return cls(device, pool, pause)
 
     def end(self) -> None:
-        _end_route(self.device, self.pool.id)
-        _release_route(self.device, self.pool.id)
-        if self.paused is not None:
-            _begin_thread(self.device, self.paused)
-            # begin counted one more use of the graph's pool; its graph holds the real one.
-            _release_route(self.device, self.paused)
+        try:
+            _end_route(self.device, self.pool.id)
+            _release_route(self.device, self.pool.id)
+            if self.paused is not None:
+                _begin_thread(self.device, self.paused)
+                # begin counted one more use of the graph's pool; its graph holds the real one.
+                _release_route(self.device, self.paused)
+        finally:
+            _native.route_closed()
 
 
 def stats() -> Any:
@@ -239,14 +305,35 @@ def _require_no_live_tensors(pools: list[Any]) -> None:
         )
 
 
+@contextlib.contextmanager
+def _no_routes_open(what: str) -> Iterator[None]:
+    """Holds off every symm_rs route while pools are destroyed, or raises when one is open:
+    torch aborts the process (an internal assert) when a pool is destroyed while any thread
+    routes allocations."""
+    if not _native.begin_pool_drop():
+        raise _native.SymmetricMemoryError(
+            f"{what} while {_native.open_routes()} use_symmetric_memory route(s) are open (on "
+            "this or another thread): torch would abort the process. Call it when no context "
+            "is active"
+        )
+    try:
+        yield
+    finally:
+        _native.end_pool_drop()
+
+
 def _free(pools: list[Any]) -> int:
     """Drops the last references to ``pools`` (no longer in the registry); torch then hands
     their segments to the free plug. Returns how many segments were freed."""
     before = _native.stats().segments_freed
     _native.pools_changed()  # no thread may route natively into a pool id it cached
+    # Work still queued on the segments must finish before their windows are unmapped.
+    torch.cuda.synchronize()
+    for p in pools:
+        _pools.lanes.pop(pool_id(p), None)
     del pools[:]
     gc.collect()
-    torch.cuda.synchronize()
+    _pools.frees += 1
     return _native.stats().segments_freed - before
 
 
@@ -263,9 +350,10 @@ def destroy_pool() -> int:
         if not pools:
             return 0
         _require_no_live_tensors(pools)
-        _pools.shared.clear()
-        _pools.capture.clear()
-        return _free(pools)
+        with _no_routes_open("destroy_pool()"):
+            _pools.shared.clear()
+            _pools.capture.clear()
+            return _free(pools)
 
 
 def release_graph_pool(graph_pool: Any) -> int:
@@ -282,9 +370,10 @@ def release_graph_pool(graph_pool: Any) -> int:
         if not pools:
             return 0
         _require_no_live_tensors(pools)
-        for k in keys:
-            del _pools.capture[k]
-        return _free(pools)
+        with _no_routes_open("release_graph_pool()"):
+            for k in keys:
+                del _pools.capture[k]
+            return _free(pools)
 
 
 def pool_id(pool: Any) -> PoolId:
@@ -310,13 +399,22 @@ def pool_id(pool: Any) -> PoolId:
 
 
 @contextlib.contextmanager
-def _allocating_for(peer_set: int) -> Iterator[None]:
-    """The segments this thread allocates meanwhile are tagged with ``peer_set``."""
-    previous = _native.allocate_for(peer_set)
+def _allocating_for(peer_set: int, lane: int) -> Iterator[None]:
+    """The segments this thread allocates meanwhile are tagged with ``peer_set`` and
+    ``lane``."""
+    previous = _native.allocate_for(peer_set, lane)
     try:
         yield
     finally:
-        _native.allocate_for(previous)
+        _native.allocate_for(*previous)
+
+
+def seal(pool: Any, peer_set: int, note: str) -> None:
+    """Sealed mode: from now on a new segment for ``pool`` (of ``peer_set``) fails at once,
+    on the rank that would grow it, with torch's out-of-memory error carrying ``note``,
+    instead of growing a pool whose new segment would need a registration its peers might
+    not make."""
+    _native.seal_pool(peer_set, lane_of(pool), note)
 
 
 def grow(device: int, pool: Any, nbytes: int, small_bytes: int, peer_set: int = 0) -> None:
@@ -325,7 +423,7 @@ def grow(device: int, pool: Any, nbytes: int, small_bytes: int, peer_set: int = 
     (requests under 1 MiB come from 2 MiB segments), leaving them cached on the current
     stream."""
     on = torch.device("cuda", device)
-    with _allocating_for(peer_set):
+    with _allocating_for(peer_set, lane_of(pool)):
         route = Route.begin(device, pool)
         try:
             big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None

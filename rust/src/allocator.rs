@@ -6,14 +6,17 @@
 
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::cuda::{self, DeviceGuard};
 use crate::error::{Error, Result};
 use crate::handles::{CommPtr, DevicePtr, WindowHandle};
 use crate::nccl::{self, Nccl};
-use crate::segments::{PeerSet, SegmentTable, SharedTable, WindowRegistrar, ANY_PEERS};
+use crate::segments::{
+    Lane, PeerSet, PlanGuard, Registered, Scope, SegmentTable, SharedTable, Tag, WindowRegistrar,
+};
 
 static TABLE: LazyLock<SharedTable> = LazyLock::new(SharedTable::new);
 /// Communicators whose registration a CUDA-graph capture (or an open NCCL group) postponed, in
@@ -28,14 +31,26 @@ thread_local! {
     static LAST_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 thread_local! {
-    // The peer set of the context this thread is in: torch calls the alloc plug on the thread
-    // whose allocation missed the cache, so the segment is tagged with that context's ranks.
-    static ALLOCATING_FOR: std::cell::Cell<PeerSet> = const { std::cell::Cell::new(ANY_PEERS) };
+    // The peer set and pool of the context this thread is in: torch calls the alloc plug on the
+    // thread whose allocation missed the cache, so the segment is tagged with that context's.
+    static ALLOCATING_FOR: std::cell::Cell<Tag> = const {
+        std::cell::Cell::new(Tag { peers: 0, lane: 0 })
+    };
 }
 
-/// Tags this thread's next segments with `peers`; returns the previous tag (to restore).
-pub fn allocate_for(peers: PeerSet) -> PeerSet {
-    ALLOCATING_FOR.with(|cell| cell.replace(peers))
+/// Tags this thread's next segments with `tag`; returns the previous tag (to restore).
+pub fn allocate_for(tag: Tag) -> Tag {
+    ALLOCATING_FOR.with(|cell| cell.replace(tag))
+}
+
+/// How long symm_rs's own waits last (a registration of the same communicator, a segment being
+/// registered): `SYMM_RS_TIMEOUT`, pushed here by the Python layer.
+pub fn set_wait_limit(limit: Duration) {
+    TABLE.set_wait_limit(limit);
+}
+
+pub fn wait_limit() -> Duration {
+    TABLE.wait_limit()
 }
 
 static FAILURES: Mutex<FailureCounts> = Mutex::new(FailureCounts {
@@ -125,16 +140,41 @@ impl WindowRegistrar for NcclWindows<'_> {
     }
 }
 
+/// Pools that may not grow any more (sealed mode), by tag, with what to say when one would.
+static SEALED: Mutex<Vec<(Tag, String)>> = Mutex::new(Vec::new());
+
+/// From now on a new segment for `tag` fails at once (torch raises its out-of-memory error
+/// with `note` attached) instead of growing a pool whose new segment would need a registration
+/// the peers might not make.
+pub fn seal(tag: Tag, note: String) {
+    let mut sealed = lock(&SEALED);
+    sealed.retain(|(t, _)| *t != tag);
+    sealed.push((tag, note));
+}
+
+/// Lets `tag`'s pool grow again; returns whether it was sealed.
+pub fn unseal(tag: Tag) -> bool {
+    let mut sealed = lock(&SEALED);
+    let before = sealed.len();
+    sealed.retain(|(t, _)| *t != tag);
+    sealed.len() != before
+}
+
 /// Allocates one pool segment with `ncclMemAlloc` on `device` and tracks it.
 pub fn allocate(size: usize, device: i32) -> Result<DevicePtr> {
     if size == 0 {
         return Err(Error::invalid_argument("size 0 requested"));
     }
+    let tag = ALLOCATING_FOR.with(std::cell::Cell::get);
+    if let Some((_, note)) = lock(&SEALED).iter().find(|(t, _)| *t == tag) {
+        return Err(Error::Usage(format!(
+            "a new {size}-byte segment was refused: {note}"
+        )));
+    }
     let nccl = nccl::get()?;
     let _device = DeviceGuard::enter(device)?;
     let ptr = nccl.mem_alloc(size)?;
-    let peers = ALLOCATING_FOR.with(std::cell::Cell::get);
-    with_table(|table| table.track(ptr, size, device, peers));
+    with_table(|table| table.track(ptr, size, device, tag));
     Ok(ptr)
 }
 
@@ -144,14 +184,24 @@ pub fn mark_exiting() {
     EXITING.store(true, Ordering::SeqCst);
 }
 
-/// Deregisters every window on the segment at `ptr`, then frees it.
+/// Waits for the device, deregisters every window on the segment at `ptr`, then frees it.
 pub fn release(ptr: DevicePtr, device: i32) -> Result<()> {
     if EXITING.load(Ordering::SeqCst) {
         return Ok(());
     }
     let nccl = nccl::get()?;
-    let untracked = TABLE.untrack(ptr, &NcclWindows(nccl));
     let _device = DeviceGuard::enter(device)?;
+    // A collective still running on this segment reads through its window: wait for the device
+    // before the window is unmapped, not only before the memory is. Segments are freed rarely
+    // (pool destruction, OOM retry), so the wait costs nothing that matters.
+    cuda::synchronize_current()?;
+    let untracked = match TABLE.untrack(ptr, &NcclWindows(nccl)) {
+        Ok(untracked) => untracked,
+        Err(e) => {
+            lock(&FAILURES).leaked_segments += 1;
+            return Err(e);
+        }
+    };
     if let Some(untracked) = &untracked {
         if let Some(first) = untracked.failures.first() {
             lock(&FAILURES).leaked_segments += 1;
@@ -163,24 +213,105 @@ pub fn release(ptr: DevicePtr, device: i32) -> Result<()> {
             });
         }
     }
-    // Unmapping memory a kernel still reads would corrupt it; segments are freed rarely
-    // (pool destruction, OOM retry), so waiting for the device costs nothing that matters.
-    cuda::synchronize_current()?;
     // SAFETY: torch hands back only pointers our alloc plug returned, once each.
     unsafe { nccl.mem_free(ptr) }
 }
 
-/// Registers every segment of `peers` that `comm` has not registered yet; returns how many.
-/// The table is not locked while NCCL registers (see `segments`).
-pub fn register_pending(comm: CommPtr, peers: PeerSet) -> Result<usize> {
-    let nccl = nccl::get()?;
-    nccl.require_windows()?;
-    TABLE.register_pending(comm, peers, &NcclWindows(nccl))
+/// A registration that NCCL is running now, for the watchdog.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub comm: CommPtr,
+    pub peers: PeerSet,
+    pub sizes: Vec<usize>,
+    pub started: Instant,
+    /// Segments whose `ncclCommWindowRegister` has been entered.
+    pub entered: usize,
+    /// The OS thread id of the registering thread.
+    pub thread: u64,
 }
 
-/// Whether a context exit on `comm` has nothing to register (one lock, no NCCL call).
-pub fn is_up_to_date(comm: CommPtr) -> bool {
-    TABLE.is_up_to_date(comm)
+static IN_FLIGHT: Mutex<Vec<(u64, InFlight)>> = Mutex::new(Vec::new());
+static IN_FLIGHT_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Registrations running now, oldest first.
+pub fn registrations_in_progress() -> Vec<InFlight> {
+    lock(&IN_FLIGHT).iter().map(|(_, r)| r.clone()).collect()
+}
+
+/// Removes its entry from `IN_FLIGHT` however the registration ends.
+struct InFlightEntry(u64);
+
+impl InFlightEntry {
+    fn start(comm: CommPtr, peers: PeerSet, sizes: Vec<usize>) -> Self {
+        let id = IN_FLIGHT_IDS.fetch_add(1, Ordering::Relaxed);
+        let record = InFlight {
+            comm,
+            peers,
+            sizes,
+            started: Instant::now(),
+            entered: 0,
+            thread: current_thread_id(),
+        };
+        lock(&IN_FLIGHT).push((id, record));
+        Self(id)
+    }
+
+    fn entered(&self, segments: usize) {
+        if let Some((_, r)) = lock(&IN_FLIGHT).iter_mut().find(|(id, _)| *id == self.0) {
+            r.entered = segments;
+        }
+    }
+}
+
+impl Drop for InFlightEntry {
+    fn drop(&mut self) {
+        lock(&IN_FLIGHT).retain(|(id, _)| *id != self.0);
+    }
+}
+
+fn current_thread_id() -> u64 {
+    // SAFETY: gettid has no preconditions.
+    (unsafe { libc::gettid() }) as u64
+}
+
+/// A registration planned but not yet made: its segments stay pinned and its communicator
+/// busy until `register_planned` or drop.
+pub type Planned = PlanGuard<'static>;
+
+/// Plans the registration of every segment of `scope` that `comm` has not registered; `None`
+/// when there is nothing to register.
+pub fn plan_registration(comm: CommPtr, scope: Scope) -> Result<Option<Planned>> {
+    let nccl = nccl::get()?;
+    nccl.require_windows()?;
+    TABLE.plan(comm, scope, &NcclWindows(nccl))
+}
+
+/// Registers exactly what was planned (collective), visible to the watchdog meanwhile.
+pub fn register_planned(plan: Planned, peers: PeerSet) -> Result<Registered> {
+    let nccl = nccl::get()?;
+    let entry = InFlightEntry::start(plan.plan().comm(), peers, plan.plan().sizes());
+    plan.register(&NcclWindows(nccl), |i| entry.entered(i + 1))
+}
+
+/// Registers every segment of `scope` that `comm` has not registered yet, without an
+/// agreement between ranks first. The table is not locked while NCCL registers.
+pub fn register_pending(comm: CommPtr, scope: Scope) -> Result<Registered> {
+    match plan_registration(comm, scope)? {
+        Some(plan) => register_planned(plan, scope.peers),
+        None => Ok(Registered::default()),
+    }
+}
+
+/// From now on `comm` registers nothing (NCCL cannot use symmetric memory on it).
+pub fn make_plain(comm: CommPtr) -> Result<()> {
+    let nccl = nccl::get()?;
+    TABLE.make_plain(comm, &NcclWindows(nccl))
+}
+
+/// Whether a context exit on `comm` from `lane` has nothing to register (one lock, no NCCL
+/// call).
+pub fn is_up_to_date(comm: CommPtr, lane: Lane) -> bool {
+    TABLE.is_up_to_date(comm, lane)
 }
 
 /// Deregisters every window `comm` holds (call before destroying the communicator).

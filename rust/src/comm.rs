@@ -177,24 +177,40 @@ impl Communicator {
     }
 
     /// Deregisters this communicator's windows, then destroys its twin and itself. Idempotent.
+    /// A window that could not be deregistered is forgotten once its communicator is destroyed
+    /// (NCCL's destruction frees it), so no later free deregisters on a dead communicator.
     pub fn close(&self) -> Result<()> {
         let Some(state) = self.lock().take() else {
             return Ok(());
         };
         let lib = nccl::get()?;
-        let twin = match state.twin {
-            Some(twin) => {
-                let windows = allocator::release_comm(twin.comm);
-                // SAFETY: `take()` removed the only copy of the twin's handle.
-                windows.and(unsafe { lib.comm_destroy(twin.comm) })
-            }
-            None => Ok(()),
+        let mut outcome = Ok(());
+        for comm in state.twin.iter().map(|t| t.comm).chain([state.main.comm]) {
+            let windows = allocator::release_comm(comm).map(|_| ());
+            // SAFETY: `take()` removed the only copy of the handle, so it is destroyed once and
+            // never used again; its windows were released (or are forgotten) just below.
+            let destroyed = unsafe { lib.comm_destroy(comm) };
+            allocator::forget_comm(comm);
+            outcome = outcome.and(windows).and(destroyed);
+        }
+        outcome
+    }
+
+    /// `ncclCommAbort` on the twin and this communicator: no wait for peers or pending work
+    /// (the way out when a peer failed). Its windows are forgotten without NCCL calls.
+    /// Idempotent; a closed communicator stays closed.
+    pub fn abort(&self) -> Result<()> {
+        let Some(state) = self.lock().take() else {
+            return Ok(());
         };
-        let windows = allocator::release_comm(state.main.comm);
-        // SAFETY: `take()` removed the only copy of the handle, so it is destroyed once and
-        // never used again; its windows were released just above.
-        let destroyed = unsafe { lib.comm_destroy(state.main.comm) };
-        twin.and(windows).and(destroyed)
+        let lib = nccl::get()?;
+        let mut outcome = Ok(());
+        for comm in state.twin.iter().map(|t| t.comm).chain([state.main.comm]) {
+            allocator::forget_comm(comm);
+            // SAFETY: `take()` removed the only copy of the handle: it is never used again.
+            outcome = outcome.and(unsafe { lib.comm_abort(comm) });
+        }
+        outcome
     }
 
     /// Checks the buffers against this communicator and enqueues `kind` on `stream`, on the

@@ -12,6 +12,7 @@ pub mod error;
 pub mod handles;
 pub mod nccl;
 pub mod policy;
+pub mod routes;
 pub mod segments;
 
 #[cfg(feature = "python")]

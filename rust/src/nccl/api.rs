@@ -352,6 +352,52 @@ impl Nccl {
         Ok(CommPtr::new(child as usize))
     }
 
+    /// `ncclCommAbort`: frees the communicator without waiting for peers or pending work.
+    ///
+    /// # Safety
+    /// `comm` must be live and never used again.
+    pub unsafe fn comm_abort(&self, comm: CommPtr) -> Result<()> {
+        let f = self.basic(self.symbols.comm_abort, "ncclCommAbort")?;
+        // SAFETY: guaranteed by the caller.
+        let code = unsafe { f(raw_comm(comm)) };
+        self.check("ncclCommAbort", code, None)
+    }
+
+    /// NCCL's own answer to "can this communicator run symmetric kernels"
+    /// (`ncclCommQueryProperties(...).deviceApiSupport`, which is `comm->symmetricSupport`),
+    /// or `None` where this NCCL has no such query. Local: no traffic between ranks.
+    pub fn symmetric_support(&self, comm: CommPtr) -> Result<Option<bool>> {
+        let Some(f) = self.symbols.comm_query_properties else {
+            return Ok(None);
+        };
+        let version = self.version();
+        if version < NcclVersion::PROPERTIES {
+            return Ok(None);
+        }
+        ensure_communicator_readable(comm, "ncclCommQueryProperties")?;
+        let asked = version.min(NcclVersion::PROPERTIES_ASKED);
+        let mut props = sys::NcclCommProperties {
+            size: std::mem::size_of::<sys::NcclCommProperties>(),
+            magic: sys::NCCL_API_MAGIC,
+            version: asked.code(),
+            rank: -1,
+            n_ranks: -1,
+            cuda_dev: -1,
+            nvml_dev: -1,
+            device_api_support: false,
+            multimem_support: false,
+            gin_type: 0,
+            n_lsa_teams: 0,
+            host_rma_support: false,
+            railed_gin_type: 0,
+        };
+        // SAFETY: `comm` is readable and the caller vouches it is live; NCCL fills the struct
+        // we own, no further than the `size` we give it.
+        let code = unsafe { f(raw_comm(comm), &mut props) };
+        self.check("ncclCommQueryProperties", code, Some(comm))?;
+        Ok(Some(props.device_api_support))
+    }
+
     /// # Safety
     /// `comm` must be live and never used again.
     pub unsafe fn comm_destroy(&self, comm: CommPtr) -> Result<()> {

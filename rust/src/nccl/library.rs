@@ -112,6 +112,8 @@ impl Nccl {
             group_start: optional(&library, b"ncclGroupStart\0"),
             group_end: optional(&library, b"ncclGroupEnd\0"),
             comm_get_async_error: optional(&library, b"ncclCommGetAsyncError\0"),
+            comm_abort: optional(&library, b"ncclCommAbort\0"),
+            comm_query_properties: optional(&library, b"ncclCommQueryProperties\0"),
         };
         let mut code: c_int = 0;
         // SAFETY: ncclGetVersion only writes one int through the pointer we own.

@@ -61,6 +61,33 @@ pub type ReduceFn = unsafe extern "C" fn(
 ) -> NcclResult;
 pub type GroupFn = unsafe extern "C" fn() -> NcclResult;
 pub type CommGetAsyncErrorFn = unsafe extern "C" fn(NcclComm, *mut NcclResult) -> NcclResult;
+pub type CommAbortFn = unsafe extern "C" fn(NcclComm) -> NcclResult;
+pub type CommQueryPropertiesFn =
+    unsafe extern "C" fn(NcclComm, *mut NcclCommProperties) -> NcclResult;
+
+/// `NCCL_API_MAGIC`: `ncclCommQueryProperties` refuses a struct without it.
+pub const NCCL_API_MAGIC: u32 = 0xcafe_beef;
+
+/// `ncclCommProperties_t` as NCCL 2.28 to 2.30 lay it out. NCCL reads `size` and `version`
+/// and fills only the fields that version has; the tail stays as we zeroed it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct NcclCommProperties {
+    pub size: usize,
+    pub magic: u32,
+    pub version: u32,
+    pub rank: c_int,
+    pub n_ranks: c_int,
+    pub cuda_dev: c_int,
+    pub nvml_dev: c_int,
+    /// `comm->symmetricSupport`: whether this communicator can run symmetric kernels.
+    pub device_api_support: bool,
+    pub multimem_support: bool,
+    pub gin_type: c_int,
+    pub n_lsa_teams: c_int,
+    pub host_rma_support: bool,
+    pub railed_gin_type: c_int,
+}
 
 /// Every symbol symm_rs may use. `ncclGetVersion` and `ncclGetErrorString` exist in every NCCL
 /// and are required at load time; the rest are resolved as optional so that an old library can
@@ -87,4 +114,7 @@ pub struct Symbols {
     pub group_start: Option<GroupFn>,
     pub group_end: Option<GroupFn>,
     pub comm_get_async_error: Option<CommGetAsyncErrorFn>,
+    pub comm_abort: Option<CommAbortFn>,
+    /// NCCL >= 2.28: a communicator's properties, among them its symmetric support.
+    pub comm_query_properties: Option<CommQueryPropertiesFn>,
 }

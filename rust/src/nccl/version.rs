@@ -21,6 +21,12 @@ impl NcclVersion {
     pub const SPLIT: NcclVersion = NcclVersion::new(2, 18, 1);
     pub const SPLIT_TEXT: &'static str = "2.18.1";
 
+    /// `ncclCommQueryProperties` (with `deviceApiSupport`, NCCL's symmetric support).
+    pub const PROPERTIES: NcclVersion = NcclVersion::new(2, 28, 0);
+    /// The newest properties layout asked for: later versions make the query initialise the
+    /// device runtime, which symm_rs must not trigger as a side effect.
+    pub const PROPERTIES_ASKED: NcclVersion = NcclVersion::new(2, 29, 2);
+
     pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
         Self {
             major,

@@ -16,9 +16,12 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyInt, PyWeakrefReference};
 
+use super::registration::open_route;
 use super::SymmetricMemoryError;
 use crate::allocator;
 use crate::handles::CommPtr;
+use crate::routes::GATE;
+use crate::segments::{Lane, Tag};
 
 /// The Python module whose functions handle everything but the common path.
 const RULES: &str = "symm_rs.context";
@@ -114,29 +117,37 @@ struct Level {
     /// The communicator of the group this context registers with.
     comm: usize,
     device: i32,
-    peers: u64,
+    /// What the segments it allocates are tagged with (its pool's peer set and lane).
+    tag: Tag,
     /// The route this context began; `None` when it allocates where the one around it does.
     route: Option<Route>,
     /// The allocation tag to restore when it exits.
-    previous_tag: u64,
+    previous_tag: Tag,
+}
+
+/// This thread's shared pool for one (device, peer set), as the fast path routes into it.
+struct SharedPool {
+    generation: u64,
+    id: Py<PyAny>,
+    lane: Lane,
 }
 
 #[derive(Default)]
 struct ThreadState {
     /// Entered contexts, outermost first.
     levels: Vec<Level>,
-    /// (device, peer set) -> (pool generation, id of this thread's shared pool for them).
-    shared: HashMap<(i32, u64), (u64, Py<PyAny>)>,
+    /// (device, peer set) -> this thread's shared pool for them.
+    shared: HashMap<(i32, u64), SharedPool>,
 }
 
 thread_local! {
     static THREAD: RefCell<ThreadState> = RefCell::new(ThreadState::default());
 }
 
-fn cached_shared_pool(py: Python<'_>, device: i32, peers: u64) -> Option<Py<PyAny>> {
+fn cached_shared_pool(py: Python<'_>, device: i32, peers: u64) -> Option<(Py<PyAny>, Lane)> {
     let generation = POOL_GENERATION.load(Ordering::SeqCst);
     THREAD.with(|t| match t.borrow().shared.get(&(device, peers)) {
-        Some((seen, id)) if *seen == generation => Some(id.clone_ref(py)),
+        Some(pool) if pool.generation == generation => Some((pool.id.clone_ref(py), pool.lane)),
         _ => None,
     })
 }
@@ -144,14 +155,18 @@ fn cached_shared_pool(py: Python<'_>, device: i32, peers: u64) -> Option<Py<PyAn
 /// The shared pool id to route into without Python, when nothing calls for the Python path:
 /// no graph pool is set, this thread already routed there for these peers on this device, the
 /// thread is on the communicator's device, and no capture is running.
-fn fast_route(py: Python<'_>, device: i32, peers: u64) -> PyResult<Option<(&Torch, Py<PyAny>)>> {
+fn fast_route(
+    py: Python<'_>,
+    device: i32,
+    peers: u64,
+) -> PyResult<Option<(&Torch, Py<PyAny>, Lane)>> {
     let Some(torch) = torch(py) else {
         return Ok(None);
     };
     if graph_pool_is_set() {
         return Ok(None);
     }
-    let Some(pool) = cached_shared_pool(py, device, peers) else {
+    let Some((pool, lane)) = cached_shared_pool(py, device, peers) else {
         return Ok(None);
     };
     if torch.current_device.bind(py).call0()?.extract::<i32>()? != device
@@ -159,11 +174,12 @@ fn fast_route(py: Python<'_>, device: i32, peers: u64) -> PyResult<Option<(&Torc
     {
         return Ok(None);
     }
-    Ok(Some((torch, pool)))
+    Ok(Some((torch, pool, lane)))
 }
 
-/// Routes by `symm_rs.context._enter_slow`; `None` when a nested context keeps the route
-/// around it (torch cannot put an inner route first).
+/// Routes by `symm_rs.context._enter_slow`: the route (`None` when a nested context keeps the
+/// route around it, because torch cannot put an inner route first) and the lane of the pool
+/// it routed into.
 fn slow_route(
     py: Python<'_>,
     group: &Py<PyAny>,
@@ -171,28 +187,33 @@ fn slow_route(
     peers: u64,
     graph_pool: &Py<PyAny>,
     nested: bool,
-) -> PyResult<Option<Route>> {
+) -> PyResult<(Option<Route>, Lane)> {
     let entered = py.import(RULES)?.getattr("_enter_slow")?.call1((
         group.bind(py),
         graph_pool.bind(py),
         nested,
     ))?;
-    let (handle, shared): (Option<Py<PyAny>>, Option<Py<PyAny>>) = entered.extract()?;
+    let (handle, shared, lane): (Option<Py<PyAny>>, Option<Py<PyAny>>, Lane) = entered.extract()?;
     if let Some(id) = shared {
         let generation = POOL_GENERATION.load(Ordering::SeqCst);
         THREAD.with(|t| {
-            t.borrow_mut()
-                .shared
-                .insert((device, peers), (generation, id))
+            t.borrow_mut().shared.insert(
+                (device, peers),
+                SharedPool {
+                    generation,
+                    id,
+                    lane,
+                },
+            )
         });
     }
-    Ok(handle.map(Route::Python))
+    Ok((handle.map(Route::Python), lane))
 }
 
 /// Routes this thread for a context on `device` serving `peers`, and tags the segments it
-/// allocates with `peers`. A context nested in one for the same peers keeps its route; one
-/// for other peers routes to their pool, so that every pool grows only by what its own ranks
-/// all allocate.
+/// allocates with those peers and the lane of the pool it routes into. A context nested in
+/// one for the same peers keeps its route; one for other peers routes to their pool, so that
+/// every pool grows only by what its own ranks all allocate.
 fn enter(
     py: Python<'_>,
     group: &Py<PyAny>,
@@ -201,42 +222,46 @@ fn enter(
     peers: u64,
     graph_pool: &Py<PyAny>,
 ) -> PyResult<()> {
-    let around = THREAD.with(|t| t.borrow().levels.last().map(|l| (l.device, l.peers)));
-    let route = match around {
+    let around = THREAD.with(|t| t.borrow().levels.last().map(|l| (l.device, l.tag)));
+    let (route, tag) = match around {
         Some((outer_device, _)) if outer_device != device => {
             return Err(SymmetricMemoryError::new_err(format!(
                 "a use_symmetric_memory context for cuda:{device} cannot nest inside one for \
                  cuda:{outer_device}"
             )));
         }
-        Some((_, outer_peers)) if outer_peers == peers => None,
-        Some(_) => slow_route(py, group, device, peers, graph_pool, true)?,
+        Some((_, outer)) if outer.peers == peers => (None, outer),
+        Some((_, outer)) => match slow_route(py, group, device, peers, graph_pool, true)? {
+            (Some(route), lane) => (Some(route), Tag { peers, lane }),
+            // Keeps the outer route: its segments keep the outer tag.
+            (None, _) => (None, outer),
+        },
         None => match fast_route(py, device, peers)? {
-            Some((torch, pool)) => {
-                torch.begin.call1(py, (device, pool.bind(py)))?;
-                Some(Route::Shared(pool))
+            Some((torch, pool, lane)) => {
+                // Counted before it begins: no pool may be destroyed while a route is open.
+                open_route(py)?;
+                if let Err(e) = torch.begin.call1(py, (device, pool.bind(py))) {
+                    close_route(py);
+                    return Err(e);
+                }
+                (Some(Route::Shared(pool)), Tag { peers, lane })
             }
             None => {
                 // Tagged before routing: the slow path may grow the pool right away.
-                let previous = allocator::allocate_for(peers);
+                let previous = allocator::allocate_for(Tag { peers, lane: 0 });
                 let routed = slow_route(py, group, device, peers, graph_pool, false);
                 allocator::allocate_for(previous);
-                routed?
+                let (route, lane) = routed?;
+                (route, Tag { peers, lane })
             }
         },
-    };
-    // A nested context that keeps the outer route allocates into the outer pool: its segments
-    // keep the outer tag.
-    let tag = match (&route, around) {
-        (None, Some((_, outer_peers))) => outer_peers,
-        _ => peers,
     };
     let previous_tag = allocator::allocate_for(tag);
     THREAD.with(|t| {
         t.borrow_mut().levels.push(Level {
             comm,
             device,
-            peers: tag,
+            tag,
             route,
             previous_tag,
         })
@@ -244,25 +269,36 @@ fn enter(
     Ok(())
 }
 
-fn leave(py: Python<'_>) -> PyResult<()> {
+/// Counts a route that ended.
+fn close_route(_py: Python<'_>) {
+    GATE.close();
+}
+
+/// Ends this thread's innermost context; returns its level.
+fn leave(py: Python<'_>) -> PyResult<Option<Level>> {
     let Some(level) = THREAD.with(|t| t.borrow_mut().levels.pop()) else {
-        return Ok(());
+        return Ok(None);
     };
     allocator::allocate_for(level.previous_tag);
-    match level.route {
+    match &level.route {
         Some(Route::Shared(pool)) => {
             // `torch` was loaded when this route began.
-            if let Some(torch) = torch(py) {
-                torch.end.call1(py, (level.device, pool.bind(py)))?;
-                torch.release.call1(py, (level.device, pool.bind(py)))?;
-            }
+            let ended = match torch(py) {
+                Some(torch) => torch
+                    .end
+                    .call1(py, (level.device, pool.bind(py)))
+                    .and_then(|_| torch.release.call1(py, (level.device, pool.bind(py)))),
+                None => Ok(py.None()),
+            };
+            close_route(py);
+            ended?;
         }
         Some(Route::Python(handle)) => {
             handle.call_method0(py, "end")?;
         }
         None => {}
     }
-    Ok(())
+    Ok(Some(level))
 }
 
 // -- group resolution, cached ----------------------------------------------------------------------
@@ -340,22 +376,35 @@ fn still_holds(group: &Bound<'_, PyAny>, recheck: Recheck, comm: usize) -> bool 
 }
 
 fn lookup(py: Python<'_>, group: &Bound<'_, PyAny>, key: Key) -> Option<Resolved> {
-    let guard = GROUPS.lock().unwrap_or_else(|p| p.into_inner());
-    let cached = guard.as_ref()?.get(&key)?;
-    if let Some(alive) = &cached.alive {
+    // Copied out under the lock and checked after it: the checks run Python (`.comm` may be a
+    // property), which can switch threads, and another thread that then waits for this lock
+    // while holding the GIL would never let this one finish.
+    let (alive, recheck, comm, resolved, device, peers) = {
+        let guard = GROUPS.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = guard.as_ref()?.get(&key)?;
+        (
+            cached.alive.as_ref().map(|a| a.clone_ref(py)),
+            cached.recheck,
+            cached.comm,
+            cached.group.as_ref().map(|g| g.clone_ref(py)),
+            cached.device,
+            cached.peers,
+        )
+    };
+    if let Some(alive) = alive {
         let target = alive.bind(py).upgrade()?;
         if !target.is(group) {
             return None;
         }
     }
-    if !still_holds(group, cached.recheck, cached.comm) {
+    if !still_holds(group, recheck, comm) {
         return None;
     }
-    Some(cached.group.as_ref().map(|g| Target {
-        group: g.clone_ref(py),
-        comm: cached.comm,
-        device: cached.device,
-        peers: cached.peers,
+    Some(resolved.map(|group| Target {
+        group,
+        comm,
+        device,
+        peers,
     }))
 }
 
@@ -450,8 +499,9 @@ pub(super) fn forget_group(comm: usize) {
 /// `SYMM_RS_VERIFY` read as `symm_rs.env.read_flag` reads it; an unknown value is left to it,
 /// so that the error names the variable the same way.
 fn verify_from_env(py: Python<'_>) -> PyResult<bool> {
+    // On by default: ranks agree before every collective registration.
     let Some(value) = std::env::var_os("SYMM_RS_VERIFY") else {
-        return Ok(false);
+        return Ok(true);
     };
     match value
         .to_str()
@@ -459,7 +509,8 @@ fn verify_from_env(py: Python<'_>) -> PyResult<bool> {
         .as_deref()
     {
         Some("1" | "true" | "yes" | "on") => Ok(true),
-        Some("" | "0" | "false" | "no" | "off") => Ok(false),
+        Some("") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
         _ => py
             .import("symm_rs.env")?
             .getattr("read_flag")?
@@ -475,9 +526,10 @@ fn verify_from_env(py: Python<'_>) -> PyResult<bool> {
 ///     disabled: make the context a no-op (as a one-rank group does).
 ///     graph_pool: the capture's graph pool, overriding ``set_graph_pool`` and what torch
 ///         reports; only consulted inside a CUDA-graph capture.
-///     verify: before registering, check that every rank is about to register the same
-///         segment sizes (bounded by ``timeout``); default from ``SYMM_RS_VERIFY``.
-///     timeout: seconds the verification waits for peers (default ``SYMM_RS_TIMEOUT``, 30).
+///     verify: before registering, the ranks agree (bounded by ``timeout``) that every one of
+///         them is about to register the same segment sizes; default on (``SYMM_RS_VERIFY=0``
+///         turns it off, and an exit may then wait inside NCCL for ever).
+///     timeout: seconds the agreement waits for peers (default ``SYMM_RS_TIMEOUT``, 30).
 ///
 /// The object may be entered again after it exits (engines pause and resume a context).
 ///
@@ -598,25 +650,29 @@ impl UseSymmetricMemory {
         let Some((group, comm)) = active else {
             return Ok(false);
         };
-        leave(py)?;
+        let Some(level) = leave(py)? else {
+            return Ok(false);
+        };
+        let lane = level.tag.lane;
         if !exc_type.is_none() {
             py.import(RULES)?.getattr("_exit_failed")?.call1((
                 group.bind(py),
+                lane,
                 verify,
                 timeout.bind(py),
                 exc,
             ))?;
             return Ok(false);
         }
-        // The common exit: nothing to register and nothing postponed, decided in Rust.
-        if !verify
-            && allocator::deferred_count() == 0
-            && allocator::is_up_to_date(CommPtr::new(comm))
-        {
+        // The common exit: nothing to register, decided in Rust. Whether it is common is this
+        // rank's own view; the agreement before any registration catches ranks whose views
+        // differ.
+        if allocator::is_up_to_date(CommPtr::new(comm), lane) {
             return Ok(false);
         }
         py.import(RULES)?.getattr("_exit_register")?.call1((
             group.bind(py),
+            lane,
             verify,
             timeout.bind(py),
         ))?;

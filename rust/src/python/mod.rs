@@ -17,10 +17,13 @@ use crate::error::Error;
 use crate::handles::{CommPtr, DevicePtr, StreamPtr};
 use crate::nccl;
 use crate::policy::RouteTable;
+use crate::segments::{Scope, Tag, ALL_LANES};
 
 mod context;
 
 mod cp;
+
+mod registration;
 
 create_exception!(
     symm_rs,
@@ -98,19 +101,24 @@ fn probe_nccl(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     info
 }
 
-/// Registers every pool segment of `peers` that `comm` has not registered yet. Collective over
-/// its ranks.
+/// Registers every pool segment of `peers` (seen from `lane`) that `comm` has not registered
+/// yet, without an agreement between ranks first. Collective over its ranks. Returns how many
+/// windows were made; a NULL window from NCCL makes the communicator plain (`is_plain`).
 #[pyfunction]
-#[pyo3(signature = (comm, peers = 0))]
-fn register_pending(py: Python<'_>, comm: usize, peers: u64) -> PyResult<usize> {
-    Ok(py.detach(|| allocator::register_pending(CommPtr::new(comm), peers))?)
+#[pyo3(signature = (comm, peers = 0, lane = ALL_LANES))]
+fn register_pending(py: Python<'_>, comm: usize, peers: u64, lane: u64) -> PyResult<usize> {
+    let scope = Scope { peers, lane };
+    let done = py.detach(|| allocator::register_pending(CommPtr::new(comm), scope))?;
+    Ok(done.windows)
 }
 
-/// Tags the segments this thread allocates from now on with `peers` (0: any communicator
-/// registers them); returns the previous tag.
+/// Tags the segments this thread allocates from now on with `(peers, lane)` (0, 0: any
+/// communicator registers them, from any lane); returns the previous tag.
 #[pyfunction]
-fn allocate_for(peers: u64) -> u64 {
-    allocator::allocate_for(peers)
+#[pyo3(signature = (peers, lane = 0))]
+fn allocate_for(peers: u64, lane: u64) -> (u64, u64) {
+    let previous = allocator::allocate_for(Tag { peers, lane });
+    (previous.peers, previous.lane)
 }
 
 /// Deregisters every window `comm` holds; call before the communicator is destroyed.
@@ -140,14 +148,15 @@ fn take_deferred() -> Vec<usize> {
         .collect()
 }
 
-/// Sizes of the segments of `peers` that `comm` would register next, in order.
+/// Sizes of the segments of `peers` (seen from `lane`) that `comm` would register next.
 #[pyfunction]
-#[pyo3(signature = (comm, peers = 0))]
-fn pending_sizes(py: Python<'_>, comm: usize, peers: u64) -> PyResult<Vec<usize>> {
+#[pyo3(signature = (comm, peers = 0, lane = ALL_LANES))]
+fn pending_sizes(py: Python<'_>, comm: usize, peers: u64, lane: u64) -> PyResult<Vec<usize>> {
     let comm = CommPtr::new(comm);
     let device = py.detach(|| nccl::get()?.comm_device(comm))?;
+    let scope = Scope { peers, lane };
     Ok(allocator::with_table(|t| {
-        t.pending(comm, device, peers).map(|s| s.size).collect()
+        t.pending(comm, device, scope).map(|s| s.size).collect()
     }))
 }
 
@@ -237,14 +246,23 @@ struct PyCommStats {
     window_bytes: usize,
     /// Segments of its device it has not registered yet.
     pending_segments: usize,
+    /// It registers nothing (NCCL answered with a NULL window, or cannot run symmetric
+    /// kernels on it): its ranks use the pool as plain memory.
+    plain: bool,
 }
 
 #[pymethods]
 impl PyCommStats {
     fn __repr__(&self) -> String {
         format!(
-            "CommStats(comm={:#x}, device={}, windows={}, window_bytes={}, pending_segments={})",
-            self.comm, self.device, self.windows, self.window_bytes, self.pending_segments
+            "CommStats(comm={:#x}, device={}, windows={}, window_bytes={}, pending_segments={}, \
+             plain={})",
+            self.comm,
+            self.device,
+            self.windows,
+            self.window_bytes,
+            self.pending_segments,
+            if self.plain { "True" } else { "False" }
         )
     }
 }
@@ -293,6 +311,7 @@ impl PyStats {
             entry.set_item("windows", c.windows)?;
             entry.set_item("window_bytes", c.window_bytes)?;
             entry.set_item("pending_segments", c.pending_segments)?;
+            entry.set_item("plain", c.plain)?;
             comms.set_item(c.comm, entry)?;
         }
         out.set_item("communicators", comms)?;
@@ -347,6 +366,7 @@ fn stats() -> PyStats {
                 windows: c.windows,
                 window_bytes: c.window_bytes,
                 pending_segments: c.pending_segments,
+                plain: c.plain,
             })
             .collect(),
         segments_tracked: counters.segments_tracked,
@@ -388,10 +408,37 @@ fn data_type(dtype: &Bound<'_, PyAny>) -> PyResult<DataType> {
     Ok(found)
 }
 
-/// Reads what a collective needs from a torch tensor in one pass of five cheap calls (no torch
-/// import: duck-typed, so anything with a tensor's methods works).
+/// `torch.Tensor`, taken once. The pointer NCCL is given comes from the tensor, so only a real
+/// tensor (or a subclass) may supply it: an object that merely has a tensor's methods could
+/// name any address.
+static TENSOR_TYPE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+
+fn require_tensor(name: &str, tensor: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = tensor.py();
+    let tensor_type = TENSOR_TYPE.get_or_try_init(py, || -> PyResult<_> {
+        Ok(py
+            .import("torch")?
+            .getattr("Tensor")?
+            .cast_into::<pyo3::types::PyType>()?
+            .unbind())
+    })?;
+    if tensor.is_instance(tensor_type.bind(py))? {
+        return Ok(());
+    }
+    let type_name = tensor
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+    Err(PyTypeError::new_err(format!(
+        "{name} must be a torch.Tensor, got {type_name}"
+    )))
+}
+
+/// Reads what a collective needs from a torch tensor in one pass of five cheap calls, after
+/// checking that it is one.
 fn tensor_view(name: &str, tensor: &Bound<'_, PyAny>) -> PyResult<TensorView> {
     let py = tensor.py();
+    require_tensor(name, tensor)?;
     let not_a_tensor = |e: PyErr| {
         if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py) {
             let type_name = tensor
@@ -535,6 +582,12 @@ impl PyNcclCommunicator {
         Ok(py.detach(|| self.0.close())?)
     }
 
+    /// `ncclCommAbort`: frees it without waiting for peers or pending work (a peer failed);
+    /// its windows are forgotten. Idempotent.
+    fn abort(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.0.abort())?)
+    }
+
     /// Checks `out`/`inp` against this communicator and enqueues the collective on `stream`,
     /// given as `(cudaStream_t, device index)`. Returns where it went: `"main"`, `"twin"` (the
     /// policy's window-less twin), or `"stage"` when nothing was launched because the call
@@ -579,6 +632,15 @@ impl PyNcclCommunicator {
     #[getter]
     fn twin_comm(&self) -> PyResult<Option<usize>> {
         Ok(self.0.twin_comm()?.map(CommPtr::addr))
+    }
+}
+
+impl Drop for PyNcclCommunicator {
+    fn drop(&mut self) {
+        // Destroying a communicator can wait on the GPU: never with the GIL held, or every
+        // other Python thread stops with it. Errors cannot surface here; `close()` shows them.
+        let communicator = &self.0;
+        Python::attach(|py| py.detach(|| drop(communicator.close())));
     }
 }
 
@@ -627,6 +689,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(segment_of, m)?)?;
     m.add_function(wrap_pyfunction!(window_comms, m)?)?;
     m.add_function(wrap_pyfunction!(context::innermost_comm, m)?)?;
+    registration::add_to(m)?;
     m.add_function(wrap_pyfunction!(segment_position, m)?)?;
     m.add_function(wrap_pyfunction!(segments, m)?)?;
     m.add_function(wrap_pyfunction!(comm_info, m)?)?;

@@ -1,6 +1,6 @@
 use super::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -94,11 +94,20 @@ fn registered_in_table(table: &SharedTable, ptr: usize, comm: CommPtr) -> bool {
 fn registers_in_allocation_order_once() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x3000, 0x1000, 0x2000]);
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 3);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        3
+    );
     assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000]);
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 0);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        0
+    );
     table.lock().track(p(0x500), 0x100, 0, ANY_PEERS);
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
     assert_eq!(nccl.registered(A), vec![0x3000, 0x1000, 0x2000, 0x500]);
 }
 
@@ -117,21 +126,27 @@ fn each_communicator_registers_only_its_peer_sets_segments() {
         table.lock().track(p(ptr), 0x100, 0, peers);
     }
     table.lock().track(p(0x5000), 0x100, 0, ANY_PEERS);
-    assert_eq!(table.register_pending(world, WORLD, &nccl).unwrap(), 2);
+    assert_eq!(
+        table.register_pending(world, WORLD, &nccl).unwrap().windows,
+        2
+    );
     assert_eq!(nccl.registered(world), vec![0x3000, 0x5000]);
-    assert_eq!(table.register_pending(tp, TP, &nccl).unwrap(), 3);
+    assert_eq!(table.register_pending(tp, TP, &nccl).unwrap().windows, 3);
     assert_eq!(nccl.registered(tp), vec![0x1000, 0x4000, 0x5000]);
-    assert_eq!(table.register_pending(cp, CP, &nccl).unwrap(), 2);
+    assert_eq!(table.register_pending(cp, CP, &nccl).unwrap().windows, 2);
     assert_eq!(nccl.registered(cp), vec![0x2000, 0x5000]);
     // Another TP segment leaves the world communicator up to date.
     table.lock().track(p(0x6000), 0x100, 0, TP);
-    assert!(table.is_up_to_date(world));
-    assert!(!table.is_up_to_date(tp));
+    assert!(table.is_up_to_date(world, ALL_LANES));
+    assert!(!table.is_up_to_date(tp, ALL_LANES));
     let summaries = table.lock().comm_summaries();
     let pending: Vec<usize> = summaries.iter().map(|s| s.pending_segments).collect();
     assert_eq!(pending, vec![1, 0, 0]); // tp (0xA), cp (0xB), world (0xC)
-    assert_eq!(table.register_pending(world, WORLD, &nccl).unwrap(), 0);
-    assert_eq!(table.register_pending(tp, TP, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(world, WORLD, &nccl).unwrap().windows,
+        0
+    );
+    assert_eq!(table.register_pending(tp, TP, &nccl).unwrap().windows, 1);
 }
 
 /// Windows and bytes per communicator counted the slow way, to check the running counts.
@@ -176,7 +191,7 @@ fn running_window_counts_match_a_scan_through_frees_releases_and_failures() {
         );
     };
     check("after registration");
-    table.untrack(p(0x2000), &nccl).unwrap(); // freed: both windows go
+    table.untrack(p(0x2000), &nccl).unwrap().unwrap(); // freed: both windows go
     check("after a free");
     nccl.fail_deregister.store(true, Ordering::SeqCst);
     assert!(table.release_comm(A, &nccl).is_err()); // A's windows go back on their segments
@@ -200,7 +215,10 @@ fn several_communicators_share_one_pool() {
     table.lock().track(p(0x3000), 0x100, 0, ANY_PEERS);
     table.register_pending(B, ANY_PEERS, &nccl).unwrap();
     assert_eq!(nccl.registered(B), vec![0x1000, 0x2000, 0x3000]);
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
     let guard = table.lock();
     for segment in guard.segments() {
@@ -231,31 +249,54 @@ fn freed_then_reallocated_address_is_a_new_segment() {
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000]);
     table.register_pending(A, ANY_PEERS, &nccl).unwrap();
-    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    let gone = table.untrack(p(0x1000), &nccl).unwrap().unwrap();
     assert!(gone.failures.is_empty());
     table.lock().track(p(0x1000), 0x100, 0, ANY_PEERS);
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x1000]);
     assert_eq!(table.lock().len(), 2);
 }
 
 #[test]
-fn null_window_is_an_error_and_retry_resumes_there() {
+fn a_null_window_makes_the_communicator_plain_without_an_error() {
+    // NCCL answers "no symmetric memory here" with a NULL window, per communicator: every rank
+    // gets it, and every rank then treats the pool as plain memory for that communicator.
     let nccl = FakeNccl::default();
     let table = table_with(&[0x1000, 0x2000, 0x3000]);
-    *nccl.null_window_at_ptr.lock().unwrap() = Some(0x2000);
-    let err = table.register_pending(A, ANY_PEERS, &nccl).unwrap_err();
-    assert!(
-        matches!(err, Error::NullWindow { ptr, .. } if ptr == p(0x2000)),
-        "{err}"
+    *nccl.null_window_at_ptr.lock().unwrap() = Some(0x1000);
+    let done = table.register_pending(A, ANY_PEERS, &nccl).unwrap();
+    assert_eq!(
+        done,
+        Registered {
+            windows: 0,
+            null_window: true
+        }
     );
-    assert!(registered_in_table(&table, 0x1000, A));
-    assert!(!registered_in_table(&table, 0x2000, A));
-    assert_eq!(table.lock().pending(A, 0, ANY_PEERS).count(), 2);
-
+    assert!(table.lock().is_plain(A));
+    assert_eq!(table.lock().pending(A, 0, ANY_PEERS).count(), 0);
+    assert!(
+        table.is_up_to_date(A, ALL_LANES),
+        "a plain communicator has nothing to do"
+    );
+    table.lock().track(p(0x4000), 0x100, 0, ANY_PEERS);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        0
+    );
+    assert!(nccl.registered(A).is_empty());
+    // Other communicators are not affected.
     *nccl.null_window_at_ptr.lock().unwrap() = None;
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 2);
-    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
+    assert_eq!(
+        table.register_pending(B, ANY_PEERS, &nccl).unwrap().windows,
+        4
+    );
+    let summaries = table.lock().comm_summaries();
+    assert!(summaries
+        .iter()
+        .any(|s| s.comm == A && s.plain && s.pending_segments == 0));
 }
 
 #[test]
@@ -266,7 +307,10 @@ fn failed_registration_then_retry_registers_exactly_the_rest() {
     assert!(table.register_pending(A, ANY_PEERS, &nccl).is_err());
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000]);
     *nccl.fail_register_at_ptr.lock().unwrap() = None;
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000, 0x3000]);
     assert_eq!(table.lock().counters().windows_registered, 3);
 }
@@ -278,13 +322,19 @@ fn untrack_deregisters_every_window_first_and_keeps_order_right() {
     table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     table.register_pending(B, ANY_PEERS, &nccl).unwrap();
     table.lock().track(p(0x3000), 0x100, 0, ANY_PEERS);
-    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    let gone = table.untrack(p(0x1000), &nccl).unwrap().unwrap();
     assert_eq!(gone.segment.windows.len(), 2);
     assert_eq!(nccl.calls("deregister", A).len(), 1);
     assert_eq!(nccl.calls("deregister", B).len(), 1);
     // Only the segment allocated after the last exit is still pending, for both.
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
-    assert_eq!(table.register_pending(B, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
+    assert_eq!(
+        table.register_pending(B, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
     assert_eq!(table.lock().counters().windows_deregistered, 2);
 }
 
@@ -294,7 +344,7 @@ fn failed_deregistration_is_reported_not_hidden() {
     let table = table_with(&[0x1000]);
     table.register_pending(A, ANY_PEERS, &nccl).unwrap();
     nccl.fail_deregister.store(true, Ordering::SeqCst);
-    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    let gone = table.untrack(p(0x1000), &nccl).unwrap().unwrap();
     assert_eq!(gone.failures.len(), 1);
     assert_eq!(table.lock().counters().deregistration_failures, 1);
     assert!(table.lock().is_empty());
@@ -306,7 +356,10 @@ fn other_devices_segments_are_skipped() {
     let table = SharedTable::new();
     table.lock().track(p(0x1000), 0x100, 0, ANY_PEERS);
     table.lock().track(p(0x2000), 0x100, 1, ANY_PEERS);
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
     assert_eq!(nccl.registered(A), vec![0x1000]);
     assert_eq!(table.lock().comm_summaries()[0].pending_segments, 0);
 }
@@ -319,7 +372,7 @@ fn failed_release_keeps_the_window_so_the_segment_is_never_freed_under_it() {
     nccl.fail_deregister.store(true, Ordering::SeqCst);
     assert!(table.release_comm(A, &nccl).is_err());
     assert!(registered_in_table(&table, 0x1000, A));
-    let gone = table.untrack(p(0x1000), &nccl).unwrap();
+    let gone = table.untrack(p(0x1000), &nccl).unwrap().unwrap();
     assert_eq!(
         gone.failures.len(),
         1,
@@ -349,7 +402,10 @@ fn release_comm_deregisters_only_that_communicator() {
     assert!(!registered_in_table(&table, 0x1000, A));
     assert!(registered_in_table(&table, 0x1000, B));
     // A communicator seen again later starts from scratch.
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 2);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        2
+    );
 }
 
 #[test]
@@ -362,10 +418,13 @@ fn a_forgotten_communicator_never_reaches_nccl_and_its_address_starts_clean() {
     assert!(nccl.calls("deregister", A).is_empty());
     assert!(!registered_in_table(&table, 0x1000, A));
     // Freeing the segments later must not deregister on the dead communicator either.
-    table.untrack(p(0x1000), &nccl).unwrap();
+    table.untrack(p(0x1000), &nccl).unwrap().unwrap();
     assert!(nccl.calls("deregister", A).is_empty());
     // A new communicator at the same address registers what exists, from scratch.
-    assert_eq!(table.register_pending(A, ANY_PEERS, &nccl).unwrap(), 1);
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        1
+    );
     assert_eq!(table.lock().counters().windows_forgotten, 2);
 }
 
@@ -393,7 +452,7 @@ fn registration_in_flight(
     Arc<SharedTable>,
     Arc<FakeNccl>,
     Arc<Barrier>,
-    thread::JoinHandle<Result<usize>>,
+    thread::JoinHandle<Result<Registered>>,
 ) {
     let table = Arc::new(table_with(ptrs));
     let nccl = Arc::new(FakeNccl::default());
@@ -415,7 +474,7 @@ fn the_table_is_not_locked_while_nccl_registers() {
     table.lock().track(p(0x2000), 0x100, 0, ANY_PEERS);
     assert!(table.lock().find(0x2000, 1).is_some());
     gate.wait();
-    assert_eq!(worker.join().unwrap().unwrap(), 1);
+    assert_eq!(worker.join().unwrap().unwrap().windows, 1);
     // The segment tracked during the registration stays pending for the next one.
     assert_eq!(table.lock().pending(A, 0, ANY_PEERS).count(), 1);
 }
@@ -434,8 +493,8 @@ fn a_second_registration_of_one_communicator_waits_and_registers_the_rest() {
         "the second registration did not wait"
     );
     gate.wait();
-    assert_eq!(worker.join().unwrap().unwrap(), 1);
-    assert_eq!(second.join().unwrap().unwrap(), 1);
+    assert_eq!(worker.join().unwrap().unwrap().windows, 1);
+    assert_eq!(second.join().unwrap().unwrap().windows, 1);
     assert_eq!(nccl.registered(A), vec![0x1000, 0x2000]);
 }
 
@@ -447,6 +506,7 @@ fn a_segment_being_registered_is_not_freed_until_registration_ends() {
         thread::spawn(move || {
             table
                 .untrack(p(0x1000), &*nccl)
+                .unwrap()
                 .map(|u| u.segment.windows.len())
         })
     };
@@ -460,4 +520,112 @@ fn a_segment_being_registered_is_not_freed_until_registration_ends() {
     // Once registered, the free deregisters the new window before handing the memory back.
     assert_eq!(freer.join().unwrap(), Some(1));
     assert_eq!(nccl.calls("deregister", A).len(), 1);
+}
+
+#[test]
+fn each_lane_registers_its_own_segments_in_its_own_order() {
+    // Two threads allocate for the same ranks at once: rank 0 may interleave them as
+    // 1,2,1 and rank 1 as 1,1,2. A registration from lane 1 takes lane 1's segments (and
+    // lane-less ones) only, so every rank registers the same sequence.
+    const PEERS: PeerSet = 7;
+    let tag = |lane| Tag { peers: PEERS, lane };
+    let nccl = FakeNccl::default();
+    let table = SharedTable::new();
+    table.lock().track(p(0x1000), 0x100, 0, tag(1));
+    table.lock().track(p(0x2000), 0x100, 0, tag(2));
+    table.lock().track(p(0x3000), 0x100, 0, tag(1));
+    table.lock().track(p(0x4000), 0x100, 0, tag(ANY_LANE));
+    let lane = |lane| Scope { peers: PEERS, lane };
+    assert!(!table.is_up_to_date(A, 1));
+    assert_eq!(
+        table.register_pending(A, lane(1), &nccl).unwrap().windows,
+        3
+    );
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x3000, 0x4000]);
+    assert!(table.is_up_to_date(A, 1), "lane 1 is done");
+    assert!(
+        !table.is_up_to_date(A, 2),
+        "lane 2's segment is still pending"
+    );
+    assert_eq!(
+        table.register_pending(A, lane(2), &nccl).unwrap().windows,
+        1
+    );
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x3000, 0x4000, 0x2000]);
+    // An explicit registration of every lane takes whatever is left, in allocation order.
+    table.lock().track(p(0x5000), 0x100, 0, tag(2));
+    table.lock().track(p(0x6000), 0x100, 0, tag(1));
+    assert_eq!(table.register_pending(A, PEERS, &nccl).unwrap().windows, 2);
+    assert_eq!(&nccl.registered(A)[4..], &[0x5000, 0x6000]);
+}
+
+#[test]
+fn a_plan_fixes_the_list_so_later_allocations_wait_for_the_next_one() {
+    // The sizes the ranks agree on are the plan's: a segment another thread allocates between
+    // the agreement and the registration is not registered by this one.
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    let plan = table.plan(A, ANY_PEERS, &nccl).unwrap().unwrap();
+    assert_eq!(plan.plan().sizes(), vec![0x100, 0x100]);
+    table.lock().track(p(0x3000), 0x100, 0, ANY_PEERS);
+    assert_eq!(plan.register(&nccl, |_| {}).unwrap().windows, 2);
+    assert_eq!(nccl.registered(A), vec![0x1000, 0x2000]);
+    assert_eq!(table.lock().pending(A, 0, ANY_PEERS).count(), 1);
+}
+
+#[test]
+fn a_dropped_plan_unpins_and_leaves_everything_pending() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000, 0x2000]);
+    {
+        let plan = table.plan(A, ANY_PEERS, &nccl).unwrap().unwrap();
+        assert!(table.lock().is_pinned(p(0x1000)));
+        assert!(table.lock().is_busy(A));
+        drop(plan); // the agreement failed, or a panic unwound through the caller
+    }
+    assert!(!table.lock().is_pinned(p(0x1000)));
+    assert!(!table.lock().is_busy(A));
+    assert_eq!(table.lock().pending(A, 0, ANY_PEERS).count(), 2);
+    assert!(nccl.registered(A).is_empty());
+    assert_eq!(
+        table.register_pending(A, ANY_PEERS, &nccl).unwrap().windows,
+        2
+    );
+}
+
+#[test]
+fn nothing_to_register_plans_nothing() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000]);
+    table.register_pending(A, ANY_PEERS, &nccl).unwrap();
+    assert!(table.plan(A, ANY_PEERS, &nccl).unwrap().is_none());
+    assert!(!table.lock().is_busy(A));
+}
+
+#[test]
+fn waits_on_a_busy_communicator_or_a_pinned_segment_are_bounded() {
+    let nccl = FakeNccl::default();
+    let table = table_with(&[0x1000]);
+    table.set_wait_limit(Duration::from_millis(30));
+    let plan = table.plan(A, ANY_PEERS, &nccl).unwrap().unwrap();
+    // A second registration, a release, and the free plug each give up instead of hanging.
+    let second = table.register_pending(A, ANY_PEERS, &nccl).unwrap_err();
+    assert!(matches!(second, Error::Timeout { .. }), "{second}");
+    let release = table.release_comm(A, &nccl).unwrap_err();
+    assert!(matches!(release, Error::Timeout { .. }), "{release}");
+    let free = table.untrack(p(0x1000), &nccl).unwrap_err();
+    assert!(free.to_string().contains("kept allocated"), "{free}");
+    assert!(
+        table.lock().find(0x1000, 1).is_some(),
+        "a pinned segment must stay tracked"
+    );
+    // Forgetting never waits: the communicator was destroyed, whatever runs on it.
+    assert_eq!(table.forget_comm(A), 0);
+    let late = plan.register(&nccl, |_| {}).unwrap_err();
+    assert!(matches!(late, Error::Closed(_)), "{late}");
+    assert!(
+        nccl.registered(A).is_empty(),
+        "a forgotten communicator reached NCCL"
+    );
+    assert!(!table.lock().is_pinned(p(0x1000)));
 }
