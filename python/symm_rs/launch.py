@@ -9,8 +9,14 @@ import queue
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Optional
+
+# Several ranks on one GPU: NCCL refuses two ranks on one GPU of one host ("Duplicate GPU
+# detected"), but compares host hashes, which NCCL_HOSTID sets; with a host id of its own per
+# rank NCCL accepts them and connects them through its network transport (loopback).
+SHARED_GPU_ENV = "SYMM_RS_SHARED_GPU"
 
 
 def free_port() -> int:
@@ -30,6 +36,26 @@ def set_rank_environment(rank: int, world_size: int, port: int) -> None:
     )
 
 
+def shared_gpu() -> bool:
+    """Whether this run puts several ranks on one GPU (``SYMM_RS_SHARED_GPU=1``)."""
+    return os.environ.get(SHARED_GPU_ENV, "").strip() not in ("", "0")
+
+
+def share_one_gpu(rank: int) -> None:
+    """The environment one rank of a several-ranks-on-one-GPU run needs, set before NCCL
+    starts: its own NCCL host id and the loopback interface."""
+    os.environ["NCCL_HOSTID"] = f"symm_rs-shared-gpu-rank{rank}"
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
+def device_of(rank: int) -> int:
+    """The GPU of a local rank: its own, or, in a shared-GPU run, one of the few there are."""
+    import torch
+
+    count = max(torch.cuda.device_count(), 1)
+    return rank % count if shared_gpu() else rank
+
+
 def _rank_main(
     rank: int,
     world_size: int,
@@ -39,6 +65,8 @@ def _rank_main(
     results: Any,
 ) -> None:
     set_rank_environment(rank, world_size, port)
+    if shared_gpu():
+        share_one_gpu(rank)
     try:
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
@@ -47,19 +75,34 @@ def _rank_main(
 
 
 def init_nccl(rank: int, world_size: int, timeout_s: float = 120.0) -> Any:
-    """``init_process_group("nccl")`` bound to GPU ``rank``, with the communicator made eagerly."""
+    """``init_process_group("nccl")`` bound to the rank's GPU (``device_of``), with the
+    communicator made eagerly."""
     import torch
     import torch.distributed as dist
 
-    torch.cuda.set_device(rank)
+    device = device_of(rank)
+    torch.cuda.set_device(device)
     dist.init_process_group(
         "nccl",
         rank=rank,
         world_size=world_size,
-        device_id=torch.device("cuda", rank),
+        device_id=torch.device("cuda", device),
         timeout=timedelta(seconds=timeout_s),
     )
     return dist.group.WORLD
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """What one rank process did: its answer, and how the process ended afterwards."""
+
+    ok: bool
+    value: Any
+    # The process's exit code (negative: killed by that signal); None if it never exited and
+    # had to be killed after the exit wait.
+    exitcode: Optional[int]
+    # How the process ended: "exited" (on its own), "killed" (did not exit within the wait).
+    ending: str
 
 
 def run_ranks(
@@ -76,6 +119,20 @@ def run_ranks(
     With ``grace``, once a rank has failed the others get ``grace`` more seconds (a failed rank
     can leave the rest waiting inside a collective).
     """
+    return [(o.ok, o.value) for o in run_ranks_to_exit(fn, world_size, args, timeout, grace, 5.0)]
+
+
+def run_ranks_to_exit(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple[Any, ...] = (),
+    timeout: float = 300.0,
+    grace: Optional[float] = None,
+    exit_wait: float = 60.0,
+) -> list[RankOutcome]:
+    """``run_ranks``, and how each process ended after it answered: a rank that crashes or
+    hangs at interpreter exit (after its answer was sent) shows in ``exitcode``/``ending``.
+    Each process gets ``exit_wait`` seconds to exit on its own after the answers are in."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -107,19 +164,26 @@ def run_ranks(
         if failed and grace is not None and not cut_short:
             cut_short = True
             deadline = min(deadline, time.monotonic() + grace)
+    endings = []
+    exit_deadline = time.monotonic() + exit_wait
     for p in procs:
-        p.join(timeout=5)
+        p.join(timeout=max(exit_deadline - time.monotonic(), 0.1))
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
-    out: list[tuple[bool, Any]] = []
-    for r, p in enumerate(procs):
-        if r in answers:
-            out.append(answers[r])
-        elif cut_short and (p.exitcode is None or p.exitcode == -9):
-            out.append((False, f"rank {r} killed {grace:.0f} s after another rank failed"))
-        elif p.exitcode is None or p.exitcode == -9:
-            out.append((False, f"rank {r} did not finish within {timeout:.0f} s (killed)"))
+            endings.append("killed")
         else:
-            out.append((False, f"rank {r} exited with code {p.exitcode} before answering"))
+            endings.append("exited")
+    out: list[RankOutcome] = []
+    for r, p in enumerate(procs):
+        code = p.exitcode if endings[r] == "exited" else None
+        if r in answers:
+            ok, value = answers[r]
+        elif cut_short and (p.exitcode is None or p.exitcode == -9):
+            ok, value = False, f"rank {r} killed {grace:.0f} s after another rank failed"
+        elif p.exitcode is None or p.exitcode == -9:
+            ok, value = False, f"rank {r} did not finish within {timeout:.0f} s (killed)"
+        else:
+            ok, value = False, f"rank {r} exited with code {p.exitcode} before answering"
+        out.append(RankOutcome(ok, value, code, endings[r]))
     return out

@@ -1,12 +1,24 @@
-"""Runs a GPU suite, one process per GPU, and writes a JSON summary.
+"""Runs a GPU suite, one process per rank, and writes a JSON summary.
 
 A suite is a module in this folder whose ``case_*`` functions run, in definition order, on every
 rank with a ``Ctx``; a case passes when it passes on every rank. Usage:
 
-    python tests/gpu/harness.py SUITE --world-size N [--out DIR]
+    python tests/gpu/harness.py SUITE --world-size N [--shared-gpu] [--out DIR]
 
 where SUITE is e.g. ``suite_core``. The summary (device, torch, NCCL, world size, passed, failed,
-per-case outcome and details) is written to ``DIR/SUITE_<N>gpu.json``.
+per-case outcome and details) is written to ``DIR/SUITE_<N>gpu.json``
+(``DIR/SUITE_<N>rank_1gpu.json`` with ``--shared-gpu``).
+
+``--shared-gpu`` runs the N ranks on the GPUs there are (one GPU is enough): each rank gets its
+own ``NCCL_HOSTID``, so NCCL accepts several ranks on one GPU and connects them through its
+network transport. Everything but NVLink runs: real communicators, registration (NCCL 2.28.9
+hands back windows there; ``SYMM_RS_REGISTER=always`` makes symm_rs register although no
+symmetric kernel can run), agreement, failures and hangs, threads and graphs. Cases marked
+``needs_nvlink`` (symmetric kernels, timings) are skipped with the reason.
+
+Teardown is part of the run: after the cases each rank releases its groups, destroys them and
+exits; a rank that fails or hangs there, or crashes at interpreter exit, fails the
+``<teardown>`` entry.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -37,6 +49,8 @@ class Ctx:
     group: Any
     device: Any
     details: dict[str, Any] = field(default_factory=dict)
+    # Several ranks share one GPU (no NVLink between ranks, no symmetric kernels).
+    shared_gpu: bool = False
 
     def new_group(self) -> Any:
         """A second NCCL group over the same ranks (its own communicator), made eagerly."""
@@ -48,6 +62,13 @@ class Ctx:
 
     def __post_init__(self) -> None:
         self._made: list[Any] = []
+
+
+def needs_nvlink(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a case that needs one GPU per rank linked by NVLink: it checks symmetric kernels
+    or timings, which a shared-GPU run cannot show."""
+    fn.needs_nvlink = True  # type: ignore[attr-defined]
+    return fn
 
 
 def needs(world_size: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -71,7 +92,7 @@ def _worker(
     import torch.distributed as dist
 
     import symm_rs
-    from symm_rs.launch import init_nccl
+    from symm_rs.launch import device_of, init_nccl, shared_gpu
 
     module = importlib.import_module(suite)
     setup = getattr(module, "setup_rank", None)
@@ -79,7 +100,8 @@ def _worker(
         setup(rank, world_size)
     # A short watchdog: a case that leaves ranks out of step should fail the run, not stall it.
     group = init_nccl(rank, world_size, timeout_s=60)
-    device = torch.device("cuda", rank)
+    device = torch.device("cuda", device_of(rank))
+    shared = shared_gpu()
     results: list[dict[str, Any]] = []
     made: list[Any] = []
 
@@ -96,7 +118,11 @@ def _worker(
         if world_size < need:
             record({"name": name, "outcome": "skipped", "reason": f"needs {need} GPUs"})
             continue
-        ctx = Ctx(rank, world_size, group, device)
+        if shared and getattr(fn, "needs_nvlink", False):
+            reason = "needs NVLink GPUs (symmetric kernels or timings); this run shares a GPU"
+            record({"name": name, "outcome": "skipped", "reason": reason})
+            continue
+        ctx = Ctx(rank, world_size, group, device, shared_gpu=shared)
         start = time.perf_counter()
         try:
             fn(ctx)
@@ -115,12 +141,28 @@ def _worker(
         record(result)
         if error:
             print(f"[rank {rank}] {name} FAILED: {error}", file=sys.stderr, flush=True)
-        dist.barrier(group=group, device_ids=[rank])
-    # Windows must go before their communicators do.
-    for g in [*made, group]:
-        symm_rs.release(g)
-    dist.destroy_process_group()
+        dist.barrier(group=group, device_ids=[device.index])
+    start = time.perf_counter()
+    try:
+        # Windows must go before their communicators do.
+        for g in [*made, group]:
+            symm_rs.release(g)
+        dist.destroy_process_group()
+        outcome, error = "passed", None
+    except Exception as e:
+        outcome, error = "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    record(
+        {
+            "name": TEARDOWN,
+            "outcome": outcome,
+            "error": error,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
     return results
+
+
+TEARDOWN = "<teardown>"
 
 
 def _environment() -> dict[str, Any]:
@@ -140,11 +182,13 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "symm_rs": symm_rs.__version__,
         "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
+        "symm_rs_env": {k: v for k, v in os.environ.items() if k.startswith("SYMM_RS_")},
     }
 
 
-def _recover(rank: int, ok: bool, value: Any, progress: str) -> tuple[bool, Any]:
-    """A rank that died or hung: its finished cases from disk, then the case it was in."""
+def _recover(rank: int, ok: bool, value: Any, progress: str, names: list[str]) -> tuple[bool, Any]:
+    """A rank that died or hung: its finished cases from disk, then the case it was in (the
+    first it did not finish) failed with what killed it."""
     if ok:
         return ok, value
     done = []
@@ -152,31 +196,48 @@ def _recover(rank: int, ok: bool, value: Any, progress: str) -> tuple[bool, Any]
     if os.path.exists(path):
         with open(path) as f:
             done = [json.loads(line) for line in f if line.strip()]
-    done.append({"name": "<in progress>", "outcome": "failed", "error": value})
+    finished = {d["name"] for d in done}
+    current = next((n for n in names if n not in finished), TEARDOWN)
+    done.append({"name": current, "outcome": "failed", "error": f"in progress: {value}"})
     return True, done
+
+
+def _exit_problem(outcome: Any) -> Optional[str]:
+    """How a rank's process ended badly after its cases (crash or hang at exit), if it did."""
+    if outcome.ending == "killed":
+        return "the process did not exit within the wait after its cases (hang at exit); killed"
+    if outcome.exitcode not in (0, None):
+        return f"the process exited with code {outcome.exitcode} after its cases"
+    return None
 
 
 def run(suite: str, world_size: int, only: list[str], timeout: float) -> dict[str, Any]:
     import tempfile
 
-    from symm_rs.launch import run_ranks
+    from symm_rs.launch import run_ranks_to_exit, shared_gpu
 
     module = importlib.import_module(suite)
     started = time.time()
     progress = tempfile.mkdtemp(prefix="symm_rs_gpu_")
-    per_rank = run_ranks(_worker, world_size, args=(suite, only, progress), timeout=timeout)
-    per_rank = [_recover(rank, ok, value, progress) for rank, (ok, value) in enumerate(per_rank)]
-    names = [n for n, _ in _cases(module) if not only or n in only]
+    processes = run_ranks_to_exit(
+        _worker, world_size, args=(suite, only, progress), timeout=timeout, exit_wait=60.0
+    )
+    names = [n for n, _ in _cases(module) if not only or n in only] + [TEARDOWN]
+    per_rank = [_recover(rank, o.ok, o.value, progress, names) for rank, o in enumerate(processes)]
     tests = []
-    for index, name in enumerate(names):
+    for name in names:
         ranks = []
         for rank, (ok, value) in enumerate(per_rank):
+            found = [v for v in value if v.get("name") == name] if ok else []
             if not ok:
                 ranks.append({"rank": rank, "outcome": "failed", "error": value})
-            elif index < len(value):
-                ranks.append({"rank": rank, **value[index]})
+            elif found:
+                ranks.append({"rank": rank, **found[0]})
             else:
                 ranks.append({"rank": rank, "outcome": "failed", "error": "not run: the rank died"})
+            problem = _exit_problem(processes[rank]) if name == TEARDOWN else None
+            if problem is not None:
+                ranks[-1] = {"rank": rank, "outcome": "failed", "error": problem}
         outcomes = {r["outcome"] for r in ranks}
         outcome = (
             "skipped"
@@ -196,6 +257,7 @@ def run(suite: str, world_size: int, only: list[str], timeout: float) -> dict[st
     return {
         "suite": suite,
         "world_size": world_size,
+        "mode": "shared_gpu" if shared_gpu() else "one_gpu_per_rank",
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "wall_seconds": round(time.time() - started, 1),
         **_environment(),
@@ -214,10 +276,23 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=[])
     parser.add_argument("--timeout", type=float, default=420)
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--shared-gpu",
+        action="store_true",
+        help="run the ranks on the GPUs there are (one is enough), each with its own NCCL_HOSTID",
+    )
     args = parser.parse_args()
+    if args.shared_gpu:
+        from symm_rs.launch import SHARED_GPU_ENV
+
+        os.environ[SHARED_GPU_ENV] = "1"  # inherited by the rank processes
+        # NCCL 2.28 hands back windows between "hosts" though it runs no symmetric kernel
+        # there: register anyway, so that registration and agreement run for real.
+        os.environ.setdefault("SYMM_RS_REGISTER", "always")
     summary = run(args.suite, args.world_size, args.only, args.timeout)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{args.suite}_{args.world_size}gpu{args.tag}.json")
+    size = f"{args.world_size}rank_1gpu" if args.shared_gpu else f"{args.world_size}gpu"
+    path = os.path.join(args.out, f"{args.suite}_{size}{args.tag}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     for t in summary["tests"]:
@@ -225,7 +300,8 @@ def main() -> int:
         for rank, err in t.get("errors", {}).items():
             print(f"         rank {rank}: {str(err).splitlines()[0] if err else err}")
     print(
-        f"{summary['suite']} on {summary['world_size']} x {summary['device']}: "
+        f"{summary['suite']} on {summary['world_size']} ranks ({summary['mode']}), "
+        f"{summary['gpus_visible']} x {summary['device']}: "
         f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped "
         f"-> {path}"
     )
