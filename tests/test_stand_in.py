@@ -217,3 +217,22 @@ def test_communicator_routing_on_the_stand_in(stand_in_lib):
 def test_communicator_host_cost_on_the_stand_in(stand_in_lib):
     out = run_scenario("communicator_host_cost", "5000", library=stand_in_lib)
     assert "host cost per call: native" in out
+
+
+# --- never hang, never crash -----------------------------------------------------------------
+
+NEVER_HANG = [
+    "communicator_drop_releases_the_gil",
+    "communicator_abort_forgets_its_windows",
+    "close_after_a_failed_deregistration_never_uses_the_dead_communicator",
+    "symmetric_support_is_nccls_own_answer",
+    "symmetric_support_asks_for_the_2_29_layout_at_most",
+    "a_sealed_pool_refuses_new_segments_at_once",
+    "a_plan_fixes_what_is_registered",
+    "the_free_plug_never_waits_unboundedly",
+]
+
+
+@pytest.mark.parametrize("name", NEVER_HANG)
+def test_never_hang_on_the_stand_in(stand_in_lib, name):
+    run_scenario(name, library=stand_in_lib)

@@ -814,6 +814,173 @@ def communicator_host_cost(calls: str = "20000") -> None:
     plugs.free(seg_big, 128 * KIB)
 
 
+# --- never hang, never crash -----------------------------------------------------------------
+
+
+@scenario
+def communicator_drop_releases_the_gil() -> None:
+    """Finding 4: a Communicator collected without close() destroys its communicator, which can
+    wait on the GPU; the GIL must be released meanwhile, or every other thread stops too."""
+    si = StandIn()
+    _native.load_nccl([])
+    c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
+    si.set("destroy_sleep_ms", 800)
+    ticks = [0]
+    running = threading.Event()
+    stop = threading.Event()
+
+    def spin() -> None:
+        running.set()
+        while not stop.is_set():
+            ticks[0] += 1
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    running.wait()
+    before = ticks[0]
+    del c  # the drop destroys it: 800 ms inside ncclCommDestroy
+    during = ticks[0] - before
+    stop.set()
+    spinner.join()
+    check(si.get("comms_destroyed") == 1, "the dropped communicator was not destroyed")
+    check(during > 10_000, f"another thread ran only {during} steps during the drop: GIL held")
+
+
+@scenario
+def communicator_abort_forgets_its_windows() -> None:
+    """ncclCommAbort for symm_rs's own Communicator: no deregistration on a communicator that
+    may be broken, and no window of it left for a later free to deregister."""
+    si = StandIn()
+    use_fake_torch()
+    _native.load_nccl([])
+    c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
+    plugs = Plugs()
+    ptrs = [plugs.alloc_ok(8 * KIB), plugs.alloc_ok(8 * KIB)]
+    check(_native.register_pending(c.comm) == 2, "register")
+    c.abort()
+    c.abort()  # idempotent
+    check(si.get("comms_aborted") == 1 and si.get("comms_destroyed") == 0, "abort")
+    check(c.closed, "an aborted communicator must read as closed")
+    check(si.get("deregisters") == 0, "abort deregistered on the aborted communicator")
+    for p in ptrs:
+        plugs.free(p, 8 * KIB)
+    check(si.get("deregisters") == 0, "a later free deregistered on the aborted communicator")
+    check(si.get("frees") == 2, "segments not freed")
+
+
+@scenario
+def close_after_a_failed_deregistration_never_uses_the_dead_communicator() -> None:
+    """Finding 7: close() destroyed the communicator although a failed deregistration had put
+    its windows back; the next free then deregistered on the destroyed communicator."""
+    si = StandIn()
+    _native.load_nccl([])
+    c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
+    comm = c.comm
+    plugs = Plugs()
+    ptr = plugs.alloc_ok(8 * KIB)
+    check(_native.register_pending(comm) == 1, "register")
+    si.set("fail_deregister", 1)
+    raises(_native.SymmetricMemoryError, c.close)
+    check(si.get("comms_destroyed") == 1, "close must still destroy the communicator")
+    si.set("fail_deregister", 0)
+    deregisters = si.get("deregisters")
+    plugs.free(ptr, 8 * KIB)
+    check(si.get("deregisters") == deregisters, "a free deregistered on a destroyed communicator")
+    check(si.get("frees") == 1, "the segment was not freed")
+    check(not _native.is_registered(ptr, 1, comm), "a window of a destroyed communicator is left")
+
+
+@scenario
+def symmetric_support_is_nccls_own_answer() -> None:
+    si = StandIn()
+    _native.load_nccl([])
+    check(_native.symmetric_support(COMM_A) is True, "NCCL said yes")
+    check(si.get("last_props_version") == 22809, f"asked for {si.get('last_props_version')}")
+    si.set("symmetric_support", 0)
+    check(_native.symmetric_support(COMM_A) is False, "NCCL said no")
+    check(si.get("property_queries") == 2, "one query per call")
+
+
+@scenario
+def symmetric_support_asks_for_the_2_29_layout_at_most() -> None:
+    # Newer layouts make the query initialise NCCL's device runtime: never as a side effect.
+    si = StandIn()
+    si.set("version", 23007)
+    _native.load_nccl([])
+    check(_native.symmetric_support(COMM_A) is True, "NCCL said yes")
+    check(si.get("last_props_version") == 22902, f"asked for {si.get('last_props_version')}")
+
+
+@scenario
+def a_sealed_pool_refuses_new_segments_at_once() -> None:
+    StandIn()
+    _native.load_nccl([])
+    plugs = Plugs()
+    previous = _native.allocate_for(5, 9)
+    try:
+        first = plugs.alloc_ok(8 * KIB)
+        _native.seal_pool(5, 9, "sealed after reserve() of 8192 bytes; reserve more")
+        check(plugs.alloc(8 * KIB) == 0, "a sealed pool grew")
+        contains_all(_native.take_last_error(), "refused", "sealed after reserve()", "8192")
+        _native.allocate_for(5, 10)  # another pool of the same ranks is not sealed
+        other = plugs.alloc_ok(8 * KIB)
+        _native.allocate_for(5, 9)
+        check(_native.unseal_pool(5, 9) and not _native.unseal_pool(5, 9), "unseal")
+        again = plugs.alloc_ok(8 * KIB)
+    finally:
+        _native.allocate_for(*previous)
+    check(stats()["alloc_failures"] == 1, f"{stats()}")
+    for p in (first, other, again):
+        plugs.free(p, 8 * KIB)
+
+
+@scenario
+def a_plan_fixes_what_is_registered() -> None:
+    """Finding 5: the ranks agree on the plan's sizes, and exactly the plan is registered,
+    whatever another thread allocates in between."""
+    si = StandIn()
+    _native.load_nccl([])
+    plugs = Plugs()
+    first = plugs.alloc_ok(8 * KIB)
+    plan = _native.plan_registration(COMM_A)
+    check(plan is not None and plan.sizes == [8 * KIB], f"plan {plan and plan.sizes}")
+    later = plugs.alloc_ok(16 * KIB)  # allocated between the agreement and the registration
+    check(plan.register() == (1, False), "the plan registered something else")
+    check(list(_native.pending_sizes(COMM_A)) == [16 * KIB], "the later segment is pending")
+    raises(ValueError, plan.register)  # once only
+    check(si.get("registers") == 1, f"{si.counters()}")
+    # A cancelled plan registers nothing and leaves its segments pending.
+    plan = _native.plan_registration(COMM_A)
+    plan.cancel()
+    check(list(_native.pending_sizes(COMM_A)) == [16 * KIB], "cancel lost a segment")
+    check(_native.plan_registration(COMM_B).sizes == [8 * KIB, 16 * KIB], "B's plan")
+    for p, size in ((first, 8 * KIB), (later, 16 * KIB)):
+        plugs.free(p, size)
+
+
+@scenario
+def the_free_plug_never_waits_unboundedly() -> None:
+    """Finding 4: the free plug waited without limit for a segment being registered, while
+    torch held its allocator mutex: one dead peer froze every allocation of the device."""
+    si = StandIn()
+    _native.load_nccl([])
+    _native.set_wait_limit(0.2)
+    plugs = Plugs()
+    ptr = plugs.alloc_ok(8 * KIB)
+    plan = _native.plan_registration(COMM_A)  # pins the segment, as a registration in NCCL
+    import time
+
+    start = time.monotonic()
+    plugs.free(ptr, 8 * KIB)
+    waited = time.monotonic() - start
+    check(waited < 5, f"the free plug waited {waited:.1f} s")
+    contains_all(_native.take_last_error(), "still being registered", "kept allocated")
+    s = stats()
+    check(s["leaked_segments"] == 1 and s["free_failures"] == 1, f"{s}")
+    check(si.get("frees") == 0, "a pinned segment was freed")
+    plan.cancel()
+
+
 def main() -> None:
     name, args = sys.argv[1], sys.argv[2:]
     try:

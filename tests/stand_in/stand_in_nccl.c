@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef int ncclResult_t;
 typedef void *ncclComm_t;
@@ -21,11 +22,14 @@ static long null_window = 0;       /* non-zero: register succeeds with a NULL wi
 static long fail_register_at = 0;  /* n > 0: the n-th register call from now fails */
 static long fail_deregister = 0;   /* non-zero: deregister fails */
 static long nranks = 2;
+static long destroy_sleep_ms = 0;  /* ncclCommDestroy takes this long (a teardown that waits) */
+static long symmetric_support = 1; /* what ncclCommQueryProperties reports */
 
 /* Counters, read back with stand_in_get(). */
 static long allocs, frees, registers, deregisters, live_windows;
 /* Communicators and collectives: made, split, destroyed; launches and the last one's comm. */
-static long comms_made, splits, comms_destroyed, launches, last_comm, last_count;
+static long comms_made, splits, comms_destroyed, comms_aborted, launches, last_comm, last_count;
+static long property_queries, last_props_version;
 static char last_error[256] = "";
 
 int stand_in_set(const char *key, long value) {
@@ -36,6 +40,8 @@ int stand_in_set(const char *key, long value) {
   else if (!strcmp(key, "fail_register_at")) fail_register_at = value;
   else if (!strcmp(key, "fail_deregister")) fail_deregister = value;
   else if (!strcmp(key, "nranks")) nranks = value;
+  else if (!strcmp(key, "destroy_sleep_ms")) destroy_sleep_ms = value;
+  else if (!strcmp(key, "symmetric_support")) symmetric_support = value;
   else return -1;
   return 0;
 }
@@ -49,6 +55,9 @@ long stand_in_get(const char *key) {
   if (!strcmp(key, "comms_made")) return comms_made;
   if (!strcmp(key, "splits")) return splits;
   if (!strcmp(key, "comms_destroyed")) return comms_destroyed;
+  if (!strcmp(key, "comms_aborted")) return comms_aborted;
+  if (!strcmp(key, "property_queries")) return property_queries;
+  if (!strcmp(key, "last_props_version")) return last_props_version;
   if (!strcmp(key, "launches")) return launches;
   if (!strcmp(key, "last_comm")) return last_comm;
   if (!strcmp(key, "last_count")) return last_count;
@@ -170,8 +179,38 @@ ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t *newc
 
 ncclResult_t ncclCommDestroy(ncclComm_t comm) {
   if (!comm) return INVALID_ARGUMENT;
+  if (destroy_sleep_ms > 0) {
+    struct timespec t = {destroy_sleep_ms / 1000, (destroy_sleep_ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+  }
   free(comm);
   __atomic_add_fetch(&comms_destroyed, 1, __ATOMIC_RELAXED);
+  return OK;
+}
+
+ncclResult_t ncclCommAbort(ncclComm_t comm) {
+  if (!comm) return INVALID_ARGUMENT;
+  free(comm);
+  __atomic_add_fetch(&comms_aborted, 1, __ATOMIC_RELAXED);
+  return OK;
+}
+
+/* The head of ncclCommProperties_t: NCCL checks magic and version and fills the fields. */
+typedef struct {
+  size_t size;
+  unsigned int magic, version;
+  int rank, nRanks, cudaDev, nvmlDev;
+  _Bool deviceApiSupport;
+} stand_in_props;
+
+ncclResult_t ncclCommQueryProperties(ncclComm_t comm, stand_in_props *props) {
+  if (!comm || !props) return INVALID_ARGUMENT;
+  if (props->magic != 0xcafebeef || props->size < sizeof *props) return INVALID_USAGE;
+  __atomic_add_fetch(&property_queries, 1, __ATOMIC_RELAXED);
+  last_props_version = props->version;
+  props->rank = 0;
+  props->nRanks = (int)nranks;
+  props->deviceApiSupport = symmetric_support != 0;
   return OK;
 }
 
