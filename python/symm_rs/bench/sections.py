@@ -207,12 +207,38 @@ def _timed_exit(r: Rank, sizes: list[int], keep: list[Any]) -> dict[str, Any]:
     }
 
 
+def _agreement_cost(r: Rank, keep: list[Any], turns: int = 10) -> dict[str, Any]:
+    """An exit that registers one new segment, with the default agreement before it and
+    without (``verify=False``), in alternating turns of the same run: the difference is what
+    the agreement adds to an exit that registers."""
+    times: dict[str, list[float]] = {"agreed": [], "unagreed": []}
+    for turn in range(turns):
+        for verify in (turn % 2 == 0, turn % 2 == 1):
+            r.barrier()
+            with symm_rs.use_symmetric_memory(r.group, verify=verify):
+                keep.append(torch.empty(12 * MiB, dtype=torch.uint8, device=r.device))
+                torch.cuda.synchronize()
+                r.barrier()
+                t0 = time.perf_counter()
+            times["agreed" if verify else "unagreed"].append((time.perf_counter() - t0) * 1e3)
+    agreed, unagreed = (statistics.median(times[k]) for k in ("agreed", "unagreed"))
+    return {
+        "turns": turns,
+        "agreed_exit_ms": agreed,
+        "unagreed_exit_ms": unagreed,
+        "agreement_ms": agreed - unagreed,
+        "target_ms": 1.0,
+    }
+
+
 def registration(r: Rank) -> dict[str, Any]:
     """Run first, on an empty pool: the first window on the communicator (20 MiB), a batch of
-    new segments registered at one exit, then ``symm_rs.reserve(1 GiB)``."""
+    new segments registered at one exit, the agreement's cost at an exit that registers, then
+    ``symm_rs.reserve(1 GiB)``."""
     keep: list[Any] = []
     batch = [REGISTRATION_SEGMENT_MIB[i % 6] * MiB for i in range(r.cfg.registration_segments)]
     out = {"first": _timed_exit(r, [20 * MiB], keep), "batch": _timed_exit(r, batch, keep)}
+    out["agreement"] = _agreement_cost(r, keep)
     r.barrier()
     t0 = time.perf_counter()
     segments = symm_rs.reserve(1 << 30, r.group)
@@ -223,7 +249,8 @@ def registration(r: Rank) -> dict[str, Any]:
         "segments_created": segments,
     }
     for name, data in out.items():
-        r.log(f"[registration] {name}: {data.get('register_ms', data.get('ms')):.1f} ms (rank 0)")
+        ms = data.get("register_ms", data.get("ms", data.get("agreement_ms")))
+        r.log(f"[registration] {name}: {ms:.1f} ms (rank 0)")
     return out
 
 
