@@ -63,6 +63,29 @@ class Ctx:
     def __post_init__(self) -> None:
         self._made: list[Any] = []
 
+    def in_window(self, tensor: Any, group: Any) -> bool:
+        """Whether ``tensor`` lies in a window of ``group`` as far as this mode can tell: a
+        window NCCL runs its symmetric kernels on (``is_symmetric``) with one GPU per rank, a
+        registered window (``is_registered``) when ranks share a GPU, where NCCL runs none."""
+        import symm_rs
+
+        if self.shared_gpu:
+            return bool(symm_rs.is_registered(tensor, group))
+        return bool(symm_rs.is_symmetric(tensor, group))
+
+    def expect_window(self, tensor: Any, group: Any, what: str = "buffer") -> None:
+        """Asserts ``in_window``; when ranks share a GPU, also that symm_rs does not call the
+        window symmetric (the ranks are on different NCCL hosts: no symmetric kernel)."""
+        import symm_rs
+
+        if self.shared_gpu:
+            assert symm_rs.is_registered(tensor, group), f"{what} is not registered"
+            assert not symm_rs.is_symmetric(tensor, group), (
+                f"{what} counts as symmetric although the ranks share a GPU"
+            )
+        else:
+            assert symm_rs.is_symmetric(tensor, group), f"{what} is not symmetric"
+
 
 def needs_nvlink(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Marks a case that needs one GPU per rank linked by NVLink: it checks symmetric kernels
@@ -116,7 +139,7 @@ def _worker(
             continue
         need = getattr(fn, "min_world_size", 2)
         if world_size < need:
-            record({"name": name, "outcome": "skipped", "reason": f"needs {need} GPUs"})
+            record({"name": name, "outcome": "skipped", "reason": f"needs {need} ranks"})
             continue
         if shared and getattr(fn, "needs_nvlink", False):
             reason = "needs NVLink GPUs (symmetric kernels or timings); this run shares a GPU"

@@ -1,6 +1,9 @@
 """Runs the examples under torchrun on N GPUs and writes ``examples_<N>gpu.json``.
 
 python tests/gpu/run_examples.py --nproc 2 --out tests/gpu/results
+
+The examples put each rank on its own GPU (``cuda:LOCAL_RANK``), as torchrun users do, so they
+do not run with ranks sharing one GPU: with ``SYMM_RS_SHARED_GPU=1`` this says so and exits 0.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(ROOT, "tests", "gpu", "results"))
     args = parser.parse_args()
+    from symm_rs.launch import SHARED_GPU_ENV, shared_gpu
+
+    if shared_gpu():
+        print(f"skipped: the examples need one GPU per rank ({SHARED_GPU_ENV} is set)")
+        return 0
     runs = []
     for example in EXAMPLES:
         start = time.time()

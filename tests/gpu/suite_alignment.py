@@ -1,6 +1,7 @@
 """Small collectives on symmetric buffers whose per-rank size is not a multiple of 16 bytes,
 through torch.distributed and symm_rs.Communicator, with the placement of every buffer checked
-across ranks. Records a matrix of (count, path) -> correct?, layout symmetric?"""
+across ranks. Records a matrix of (count, path) -> correct?, layout symmetric? Runs alike with
+ranks sharing one GPU (``--shared-gpu``), where NCCL runs its regular kernels on the windows."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ COUNTS = [4096, 4097, 4098, 4099, 4100, 4104, 1000, 1001, 65537]
 
 
 def _pattern(n: int, rank: int, salt: int) -> torch.Tensor:
+    # On the current device, which the harness sets to the rank's (ctx.device).
     base = torch.arange(n, device="cuda", dtype=torch.int64)
     return ((base * 5 + rank * 3 + salt) % 7).to(torch.bfloat16)
 
@@ -26,11 +28,11 @@ def _run(ctx: Ctx, path: str, comm: Any, count: int) -> dict[str, Any]:
     owner = ctx.group if path == "torch" else comm
     with symm_rs.use_symmetric_memory(owner):
         b = {
-            "ag_in": torch.empty(count, dtype=torch.bfloat16, device="cuda"),
-            "ag_out": torch.empty(count * ws, dtype=torch.bfloat16, device="cuda"),
-            "rs_in": torch.empty(count * ws, dtype=torch.bfloat16, device="cuda"),
-            "rs_out": torch.empty(count, dtype=torch.bfloat16, device="cuda"),
-            "ar": torch.empty(count, dtype=torch.bfloat16, device="cuda"),
+            "ag_in": torch.empty(count, dtype=torch.bfloat16, device=ctx.device),
+            "ag_out": torch.empty(count * ws, dtype=torch.bfloat16, device=ctx.device),
+            "rs_in": torch.empty(count * ws, dtype=torch.bfloat16, device=ctx.device),
+            "rs_out": torch.empty(count, dtype=torch.bfloat16, device=ctx.device),
+            "ar": torch.empty(count, dtype=torch.bfloat16, device=ctx.device),
         }
     layout = "symmetric"
     try:
@@ -58,6 +60,7 @@ def _run(ctx: Ctx, path: str, comm: Any, count: int) -> dict[str, Any]:
         "count": count,
         "path": path,
         "layout": layout,
+        "in_window": all(ctx.in_window(t, owner) for t in b.values()),
         "all_gather": bool(torch.equal(b["ag_out"], ag)),
         "reduce_scatter": bool(torch.equal(b["rs_out"].double(), rs)),
         "all_reduce": bool(torch.equal(b["ar"].double(), ar)),
@@ -67,7 +70,7 @@ def _run(ctx: Ctx, path: str, comm: Any, count: int) -> dict[str, Any]:
 def _inplace_all_gather(ctx: Ctx, path: str, comm: Any, count: int) -> bool:
     owner = ctx.group if path == "torch" else comm
     with symm_rs.use_symmetric_memory(owner):
-        out = torch.empty(count * ctx.world_size, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(count * ctx.world_size, dtype=torch.bfloat16, device=ctx.device)
     mine = out.narrow(0, ctx.rank * count, count)
     mine.copy_(_pattern(count, ctx.rank, 3))
     if path == "torch":
@@ -96,6 +99,7 @@ def case_unaligned_small_collectives(ctx: Ctx) -> None:
         {r["count"] for r in rows if r["path"] == "torch" and not r["all_gather_in_place"]}
     )
     assert all(r["layout"] == "symmetric" for r in rows), "buffers not placed symmetrically"
+    assert all(r["in_window"] for r in rows), "buffers outside their owner's windows"
     ours = [r for r in rows if r["path"] == "communicator"]
     keys = ("all_gather", "reduce_scatter", "all_reduce", "all_gather_in_place")
     bad = [r for r in ours if not all(r[k] for k in keys)]

@@ -1,7 +1,11 @@
 """symm_rs.Communicator on real GPUs: every dtype NCCL has, eager and inside a replayed CUDA
 graph, against torch.distributed on the same data; argument errors before NCCL is called; the
 Communicator accepted as a group by use_symmetric_memory; and the size policy (calls routed to
-the window-less twin by size, exact, in graphs and groups, and NCCL's tuning log agreeing)."""
+the window-less twin by size, exact, in graphs and groups, and NCCL's tuning log agreeing).
+
+With ranks sharing one GPU (``--shared-gpu``) every check runs but the symmetric-kernel ones:
+buffers must be registered windows of the communicator instead, and NCCL must log no symmetric
+kernel."""
 
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ def _communicator(ctx: Ctx) -> symm_rs.Communicator:
 
 
 def _integers(n: int, rank: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:
+    # On the current device, which the harness sets to the rank's (ctx.device).
     base = torch.arange(n, device="cuda", dtype=torch.int64)
     return ((base * 5 + rank * 3 + salt) % 7).to(dtype)
 
@@ -58,8 +63,8 @@ def _buffers(
     shapes = {"ag_in": n, "ag_out": n * ws, "ar": n, "ar_out": n, "rs_in": n * ws, "rs_out": n}
     if symmetric:
         with symm_rs.use_symmetric_memory(comm):
-            return {k: torch.empty(v, dtype=dtype, device="cuda") for k, v in shapes.items()}
-    return {k: torch.empty(v, dtype=dtype, device="cuda") for k, v in shapes.items()}
+            return {k: torch.empty(v, dtype=dtype, device=comm.device) for k, v in shapes.items()}
+    return {k: torch.empty(v, dtype=dtype, device=comm.device) for k, v in shapes.items()}
 
 
 def _fill(bufs: dict[str, torch.Tensor], rank: int, dtype: torch.dtype, random: bool) -> None:
@@ -165,8 +170,8 @@ def case_fp8_all_gather_is_bit_exact(ctx: Ctx) -> None:
     done = []
     for dtype in FP8_DTYPES:
         with symm_rs.use_symmetric_memory(comm):
-            inp = torch.empty(N, dtype=dtype, device="cuda")
-            out = torch.empty(N * comm.size, dtype=dtype, device="cuda")
+            inp = torch.empty(N, dtype=dtype, device=ctx.device)
+            out = torch.empty(N * comm.size, dtype=dtype, device=ctx.device)
         inp.copy_(_integers(N, ctx.rank, torch.float32).to(dtype))
         comm.all_gather_into_tensor(out, inp)
         expected = torch.cat([_integers(N, r, torch.float32).to(dtype) for r in range(comm.size)])
@@ -179,8 +184,8 @@ def case_fp8_all_gather_is_bit_exact(ctx: Ctx) -> None:
 def case_buffers_are_symmetric_for_the_communicator(ctx: Ctx) -> None:
     comm = _communicator(ctx)
     with symm_rs.use_symmetric_memory(comm):
-        t = torch.empty(1 << 20, dtype=torch.bfloat16, device="cuda")
-    assert symm_rs.is_symmetric(t, comm)
+        t = torch.empty(1 << 20, dtype=torch.bfloat16, device=ctx.device)
+    ctx.expect_window(t, comm, "a buffer of the Communicator's context")
     assert comm.comm == symm_rs.resolve_comm(comm)
     assert comm.size == ctx.world_size and comm.rank == ctx.rank
 
@@ -188,41 +193,42 @@ def case_buffers_are_symmetric_for_the_communicator(ctx: Ctx) -> None:
 def case_wrong_arguments_raise_before_nccl(ctx: Ctx) -> None:
     comm = _communicator(ctx)
     ws = comm.size
-    x = torch.zeros(8, device="cuda")
+    on = ctx.device
+    x = torch.zeros(8, device=on)
     cases = [
         (
             lambda: comm.all_gather_into_tensor(
-                torch.zeros(8 * ws, device="cuda", dtype=torch.float16), x
+                torch.zeros(8 * ws, device=on, dtype=torch.float16), x
             ),
             TypeError,
             "must match",
         ),
         (
-            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws + 1, device="cuda"), x),
+            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws + 1, device=on), x),
             ValueError,
             "size * inp.numel()",
         ),
         (
-            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws, device="cuda"), x.cpu()),
+            lambda: comm.all_gather_into_tensor(torch.zeros(8 * ws, device=on), x.cpu()),
             ValueError,
             "inp is not a CUDA tensor",
         ),
-        (lambda: comm.all_reduce(torch.zeros(8, 2, device="cuda").t()), ValueError, "contiguous"),
+        (lambda: comm.all_reduce(torch.zeros(8, 2, device=on).t()), ValueError, "contiguous"),
         (
-            lambda: comm.all_reduce(torch.zeros(8, device="cuda", dtype=torch.bool)),
+            lambda: comm.all_reduce(torch.zeros(8, device=on, dtype=torch.bool)),
             TypeError,
             "NCCL has no type",
         ),
         (lambda: comm.all_reduce(x, op="xor"), ValueError, "op must be one of"),
         (
-            lambda: comm.reduce_scatter_tensor(torch.zeros(3, device="cuda"), x),
+            lambda: comm.reduce_scatter_tensor(torch.zeros(3, device=on), x),
             ValueError,
             "size * out.numel()",
         ),
         (lambda: comm.all_reduce(x, stream=42), TypeError, "stream"),
     ]
-    if torch.cuda.device_count() > 1:
-        other = (ctx.rank + 1) % torch.cuda.device_count()
+    if torch.cuda.device_count() > 1:  # another GPU than the communicator's
+        other = (ctx.device.index + 1) % torch.cuda.device_count()
         cases.append(
             (
                 lambda: comm.all_reduce(torch.zeros(8, device=f"cuda:{other}")),
@@ -242,8 +248,8 @@ def case_wrong_arguments_raise_before_nccl(ctx: Ctx) -> None:
 
 def case_grouped_collectives_and_close(ctx: Ctx) -> None:
     comm = _communicator(ctx)
-    a = torch.full((1024,), float(ctx.rank), device="cuda")
-    b = torch.full((1024,), 1.0, device="cuda")
+    a = torch.full((1024,), float(ctx.rank), device=ctx.device)
+    b = torch.full((1024,), 1.0, device=ctx.device)
     with symm_rs.nccl_group():
         comm.all_reduce(a)
         comm.all_reduce(b)
@@ -268,17 +274,18 @@ def case_grouped_collectives_and_close(ctx: Ctx) -> None:
 
 def case_even_16bit_counts_run_symmetric_kernels_exactly(ctx: Ctx) -> None:
     """N above is odd, so 16-bit calls there take the staging path; here the per-rank counts
-    are even, so all-gather and reduce-scatter run on the windows themselves (no staging)."""
+    are even, so all-gather and reduce-scatter run on the windows themselves (no staging).
+    On a shared GPU the windows are registered but run NCCL's regular kernels."""
     comm = _communicator(ctx)
     ws = ctx.world_size
     rows = []
     for dtype in (torch.bfloat16, torch.float16):
         for n in (4098, 1 << 16):
             with symm_rs.use_symmetric_memory(comm):
-                ag_in = torch.empty(n, dtype=dtype, device="cuda")
-                ag_out = torch.empty(n * ws, dtype=dtype, device="cuda")
-                rs_in = torch.empty(n * ws, dtype=dtype, device="cuda")
-                rs_out = torch.empty(n, dtype=dtype, device="cuda")
+                ag_in = torch.empty(n, dtype=dtype, device=ctx.device)
+                ag_out = torch.empty(n * ws, dtype=dtype, device=ctx.device)
+                rs_in = torch.empty(n * ws, dtype=dtype, device=ctx.device)
+                rs_out = torch.empty(n, dtype=dtype, device=ctx.device)
             ag_in.copy_(_integers(n, ctx.rank, dtype))
             rs_in.copy_(_integers(n * ws, ctx.rank, dtype, 1))
             # The native call's own decision: even counts run on the windows ("main"), with no
@@ -296,12 +303,11 @@ def case_even_16bit_counts_run_symmetric_kernels_exactly(ctx: Ctx) -> None:
                 "count": n,
                 "all_gather": torch.equal(ag_out, expected_ag),
                 "reduce_scatter": torch.equal(rs_out.double(), expected_rs),
-                "symmetric": symm_rs.is_symmetric(ag_out, comm)
-                and symm_rs.is_symmetric(rs_in, comm),
+                "in_window": ctx.in_window(ag_out, comm) and ctx.in_window(rs_in, comm),
             }
             rows.append(row)
     ctx.details["rows"] = rows
-    assert all(r["all_gather"] and r["reduce_scatter"] and r["symmetric"] for r in rows), rows
+    assert all(r["all_gather"] and r["reduce_scatter"] and r["in_window"] for r in rows), rows
 
 
 # The policy case's table and sizes: per rank, 2048 elements (4 or 8 KiB) stay on the
@@ -382,7 +388,7 @@ def case_policy_routes_by_size_exactly(ctx: Ctx) -> None:
     assert routes["torch.float32 x 2048"] == dict.fromkeys(OPS.values(), "main"), routes
     assert routes[f"torch.float32 x {3 << 15}"] == dict.fromkeys(OPS.values(), "twin"), routes
 
-    dist.barrier(group=ctx.group, device_ids=[ctx.rank])
+    dist.barrier(group=ctx.group, device_ids=[ctx.device.index])
     lines = _log_since(offsets)
     twin_bytes = {
         n * size * k for n in POLICY_COUNTS[1:] for size in (2, 4) for k in (1, ctx.world_size)
@@ -405,6 +411,8 @@ def case_policy_routes_by_size_exactly(ctx: Ctx) -> None:
     if ctx.rank == 0 and lines:  # NCCL >= 2.28 logs kernel choices on rank 0 only
         assert not wrong, f"calls routed to the twin ran symmetric kernels: {wrong[:3]}"
         assert right or not supported, "no symmetric kernel logged for the communicator's calls"
+    if ctx.shared_gpu:  # different NCCL hosts: no symmetric kernel anywhere
+        assert not supported and not symmetric, symmetric[:3]
 
 
 def case_calibration_agrees_on_one_table(ctx: Ctx) -> None:

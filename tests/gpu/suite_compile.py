@@ -4,7 +4,8 @@ A small tensor-parallel block (column-parallel matmul, row-parallel matmul + all
 all-gather feeding a reduce-scatter) calls the custom ops; compiled (inductor, or aot_eager when
 inductor cannot be imported) and eager runs on the same inputs must agree exactly on every rank
 (integer-valued data: the order of a sum cannot matter), and so must every replay of a CUDA graph
-that captured the compiled block. The ops' outputs must lie in the communicator's windows.
+that captured the compiled block. The ops' outputs must lie in the communicator's windows
+(symmetric ones; registered ones when the ranks share one GPU, ``--shared-gpu``).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ class Block(torch.nn.Module):
     def __init__(self, comm: symm_rs.Communicator) -> None:
         super().__init__()
         self.comm, self.rank = comm, comm.rank
-        gen = torch.Generator(device="cuda").manual_seed(1234 + self.rank)
+        gen = torch.Generator(device=comm.device).manual_seed(1234 + self.rank)
         shard = FFN // comm.size
-        w1 = torch.randint(-1, 2, (HIDDEN, shard), generator=gen, device="cuda").float()
-        w2 = torch.randint(-1, 2, (shard, HIDDEN), generator=gen, device="cuda").float()
+        w1 = torch.randint(-1, 2, (HIDDEN, shard), generator=gen, device=comm.device).float()
+        w2 = torch.randint(-1, 2, (shard, HIDDEN), generator=gen, device=comm.device).float()
         self.register_buffer("w1", w1)
         self.register_buffer("w2", w2)
 
@@ -61,7 +62,7 @@ def setup_rank(rank: int, world_size: int) -> None:
 
 
 def _new_input(gen: torch.Generator) -> torch.Tensor:
-    return torch.randint(-2, 3, (TOKENS, HIDDEN), generator=gen, device="cuda").float()
+    return torch.randint(-2, 3, (TOKENS, HIDDEN), generator=gen, device=gen.device).float()
 
 
 def _backend() -> str:
@@ -83,7 +84,7 @@ def _setup(ctx: Ctx) -> dict[str, Any]:
             block=block,
             backend=backend,
             compiled=torch.compile(block, fullgraph=True, backend=backend),
-            gen=torch.Generator(device="cuda").manual_seed(99),  # same inputs on every rank
+            gen=torch.Generator(device=ctx.device).manual_seed(99),  # same inputs on every rank
         )
     return _state
 
@@ -107,7 +108,7 @@ def case_ops_eager_are_exact_and_symmetric(ctx: Ctx) -> None:
     outputs = (reduced, gathered, scattered)
     torch.cuda.synchronize()
     symmetric = {
-        name: symm_rs.is_symmetric(t, comm)
+        name: ctx.in_window(t, comm)
         for name, t in zip(("all_reduce", "all_gather", "reduce_scatter"), outputs)
     }
     ctx.details.update(symmetric=symmetric)
@@ -135,7 +136,7 @@ def case_compiled_fullgraph_matches_eager_exactly(ctx: Ctx) -> None:
     torch.cuda.synchronize()
     ctx.details.update(
         wrong=wrong,
-        compiled_outputs_symmetric=[symm_rs.is_symmetric(t, s["comm"]) for t in compiled],
+        compiled_outputs_symmetric=[ctx.in_window(t, s["comm"]) for t in compiled],
     )
     assert not wrong, wrong
 
@@ -170,7 +171,7 @@ def case_compiled_block_replays_in_cuda_graph_exactly(ctx: Ctx) -> None:
         backend=s["backend"],
         replays=REPLAYS,
         wrong=wrong,
-        graph_outputs_symmetric=[symm_rs.is_symmetric(t, comm) for t in static_out],
+        graph_outputs_symmetric=[ctx.in_window(t, comm) for t in static_out],
     )
     # NCCL's communicator destruction waits for every CUDA graph that captured its
     # collectives: drop the graph (and what refers to it) before closing.

@@ -1,7 +1,10 @@
 """The core on real GPUs: buffers from use_symmetric_memory are symmetric windows of their group
 (and only of groups that registered them), torch.distributed collectives on them give the same
 results as on plain buffers, groups over the same ranks share one pool while sub-groups that
-grow differently never reach the world's registrations, and the pool tears down cleanly."""
+grow differently never reach the world's registrations, and the pool tears down cleanly.
+
+With ranks sharing one GPU (``--shared-gpu``) the same buffers must be registered windows
+(``is_registered``) instead of symmetric ones, and NCCL must log no symmetric kernel."""
 
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def _symmetric_lines() -> int:
 
 
 def _integer_pattern(n: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-    # Small integers: every sum over <= 8 ranks stays exact in bf16/fp16/uint8.
+    # Small integers: every sum over <= 8 ranks stays exact in bf16/fp16/uint8. On the current
+    # device, which the harness sets to the rank's (ctx.device).
     base = torch.arange(n, device="cuda", dtype=torch.int64)
     return ((base * 7 + rank * 3) % 8).to(dtype)
 
@@ -57,7 +61,7 @@ def _random(n: int, rank: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 def _alloc(ctx: Ctx, n: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     ws = ctx.world_size
     shapes = {"ag_in": n, "ag_out": n * ws, "ar": n, "rs_in": n * ws, "rs_out": n}
-    return {k: torch.empty(v, dtype=dtype, device="cuda") for k, v in shapes.items()}
+    return {k: torch.empty(v, dtype=dtype, device=ctx.device) for k, v in shapes.items()}
 
 
 def _run_collectives(bufs: dict[str, torch.Tensor], group: Any) -> None:
@@ -75,14 +79,14 @@ def _fill(bufs: dict[str, torch.Tensor], make: Any) -> None:
 def case_buffers_are_symmetric_for_their_group_only(ctx: Ctx) -> None:
     other = ctx.new_group()
     with symm_rs.use_symmetric_memory(ctx.group):
-        inside = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
-    plain = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
-    assert symm_rs.is_symmetric(inside, ctx.group), "allocated in the context but not symmetric"
-    assert not symm_rs.is_symmetric(inside, other), "symmetric for a group that never registered"
-    assert not symm_rs.is_symmetric(plain, ctx.group), "a caching-allocator buffer is symmetric"
+        inside = torch.empty(4096, dtype=torch.bfloat16, device=ctx.device)
+    plain = torch.empty(4096, dtype=torch.bfloat16, device=ctx.device)
+    ctx.expect_window(inside, ctx.group, "allocated in the context, but it")
+    assert not symm_rs.is_registered(inside, other), "a window of a group that never registered"
+    assert not symm_rs.is_registered(plain, ctx.group), "a caching-allocator buffer is a window"
     with symm_rs.use_symmetric_memory(ctx.group, disabled=True):
-        skipped = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
-    assert not symm_rs.is_symmetric(skipped, ctx.group), "disabled=True still used the pool"
+        skipped = torch.empty(4096, dtype=torch.bfloat16, device=ctx.device)
+    assert not symm_rs.is_registered(skipped, ctx.group), "disabled=True still used the pool"
     ctx.details["stats"] = symm_rs.stats().as_dict()
 
 
@@ -95,7 +99,7 @@ def case_collectives_match_plain_buffers(ctx: Ctx) -> None:
                 sym = _alloc(ctx, n, dtype)
             plain = _alloc(ctx, n, dtype)
             for name, t in sym.items():
-                assert symm_rs.is_symmetric(t, ctx.group), f"{name} {dtype} n={n} not symmetric"
+                ctx.expect_window(t, ctx.group, f"{name} {dtype} n={n}")
 
             def integers(count: int, salt: int, dtype: torch.dtype = dtype) -> torch.Tensor:
                 return _integer_pattern(count + salt, ctx.rank, dtype)[salt:]
@@ -141,15 +145,21 @@ def case_collectives_match_plain_buffers(ctx: Ctx) -> None:
     torch.cuda.synchronize()
     ctx.details["combinations"] = checked
     ctx.details["nccl_symmetric_log_lines"] = _symmetric_lines() - sym_lines_before
+    if ctx.shared_gpu:
+        assert ctx.details["nccl_symmetric_log_lines"] == 0, "symmetric kernels on a shared GPU"
 
 
 def case_symmetric_kernels_only_on_registered_buffers(ctx: Ctx) -> None:
+    """NVLink: NCCL logs symmetric kernels for registered buffers only. Shared GPU: the
+    buffers are registered, and NCCL logs no symmetric kernel for any of them."""
     n = 1 << 16
     with symm_rs.use_symmetric_memory(ctx.group):
-        s_in = torch.ones(n, dtype=torch.bfloat16, device="cuda")
-        s_out = torch.empty(n * ctx.world_size, dtype=torch.bfloat16, device="cuda")
-    p_in = torch.ones(n, dtype=torch.bfloat16, device="cuda")
-    p_out = torch.empty(n * ctx.world_size, dtype=torch.bfloat16, device="cuda")
+        s_in = torch.ones(n, dtype=torch.bfloat16, device=ctx.device)
+        s_out = torch.empty(n * ctx.world_size, dtype=torch.bfloat16, device=ctx.device)
+    p_in = torch.ones(n, dtype=torch.bfloat16, device=ctx.device)
+    p_out = torch.empty(n * ctx.world_size, dtype=torch.bfloat16, device=ctx.device)
+    ctx.expect_window(s_in, ctx.group, "s_in")
+    ctx.expect_window(s_out, ctx.group, "s_out")
     torch.cuda.synchronize()
     before = _symmetric_lines()
     for _ in range(4):
@@ -163,8 +173,11 @@ def case_symmetric_kernels_only_on_registered_buffers(ctx: Ctx) -> None:
     ctx.details["symmetric_lines_plain"] = after_plain - before
     ctx.details["symmetric_lines_symmetric"] = after_symmetric - after_plain
     assert after_plain == before, "NCCL logged symmetric kernels for caching-allocator buffers"
+    assert bool((s_out == 1).all()) and bool((p_out == 1).all()), "all-gather of ones wrong"
+    if ctx.shared_gpu:
+        assert after_symmetric == after_plain, "NCCL logged symmetric kernels on a shared GPU"
     # NCCL prints its TUNING lines on rank 0 only.
-    if ctx.rank == 0:
+    elif ctx.rank == 0:
         assert after_symmetric > after_plain, (
             "NCCL logged no symmetric kernel for registered buffers (NCCL_DEBUG_SUBSYS=TUNING?)"
         )
@@ -174,17 +187,18 @@ def case_two_groups_share_one_pool(ctx: Ctx) -> None:
     second = ctx.new_group()
     n = 24 << 20
     with symm_rs.use_symmetric_memory(ctx.group):
-        a = torch.empty(n, dtype=torch.uint8, device="cuda")
+        a = torch.empty(n, dtype=torch.uint8, device=ctx.device)
     with symm_rs.use_symmetric_memory(second):
         # Larger than any block earlier cases freed, so it needs a new segment.
-        b = torch.empty(40 << 20, dtype=torch.uint8, device="cuda")
+        b = torch.empty(40 << 20, dtype=torch.uint8, device=ctx.device)
     # The second group's exit registered every segment, the first group's included.
-    assert symm_rs.is_symmetric(a, second) and symm_rs.is_symmetric(b, second)
-    assert symm_rs.is_symmetric(a, ctx.group)
-    assert not symm_rs.is_symmetric(b, ctx.group), "registered before the first group's exit"
+    ctx.expect_window(a, second, "a (second group)")
+    ctx.expect_window(b, second, "b (second group)")
+    ctx.expect_window(a, ctx.group, "a")
+    assert not symm_rs.is_registered(b, ctx.group), "registered before the first group's exit"
     with symm_rs.use_symmetric_memory(ctx.group):
         pass
-    assert symm_rs.is_symmetric(b, ctx.group)
+    ctx.expect_window(b, ctx.group, "b")
     stats = symm_rs.stats()
     comms = stats["communicators"]
     first_comm = symm_rs.resolve_comm(ctx.group)
@@ -195,9 +209,9 @@ def case_two_groups_share_one_pool(ctx: Ctx) -> None:
         assert comms[comm]["windows"] == stats["segments"], (comms[comm], stats["segments"])
     a.fill_(ctx.rank + 1)
     with symm_rs.use_symmetric_memory(second):
-        out = torch.empty(n * ctx.world_size, dtype=torch.uint8, device="cuda")
+        out = torch.empty(n * ctx.world_size, dtype=torch.uint8, device=ctx.device)
     dist.all_gather_into_tensor(out, a, group=second)
-    expected = torch.arange(1, ctx.world_size + 1, device="cuda", dtype=torch.uint8)
+    expected = torch.arange(1, ctx.world_size + 1, device=ctx.device, dtype=torch.uint8)
     assert torch.equal(out.view(ctx.world_size, n), expected[:, None].expand(-1, n))
     ctx.details["segments"] = stats["segments"]
     ctx.details["windows_per_comm"] = {
@@ -209,13 +223,13 @@ def case_block_freed_by_one_group_is_registered_by_the_next(ctx: Ctx) -> None:
     third = ctx.new_group()
     n = 5 << 20
     with symm_rs.use_symmetric_memory(ctx.group):
-        x = torch.empty(n, dtype=torch.uint8, device="cuda")
+        x = torch.empty(n, dtype=torch.uint8, device=ctx.device)
     address = x.data_ptr()
     del x
     with symm_rs.use_symmetric_memory(third):
-        y = torch.empty(n, dtype=torch.uint8, device="cuda")
+        y = torch.empty(n, dtype=torch.uint8, device=ctx.device)
     assert y.data_ptr() == address, "the pool did not reuse the freed block; scenario not reached"
-    assert symm_rs.is_symmetric(y, third)
+    ctx.expect_window(y, third, "the reused block")
     y.fill_(1)
     dist.all_reduce(y, group=third)
     assert bool((y == ctx.world_size).all())
@@ -238,18 +252,19 @@ def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx
         number, nbytes = counts[name]
         with symm_rs.use_symmetric_memory(group):
             bufs = [
-                torch.full((nbytes,), 1, dtype=torch.uint8, device="cuda") for _ in range(number)
+                torch.full((nbytes,), 1, dtype=torch.uint8, device=ctx.device)
+                for _ in range(number)
             ]
         for b in bufs:
-            assert symm_rs.is_symmetric(b, group), f"{name} buffer not symmetric for {name}"
+            ctx.expect_window(b, group, f"{name} buffer (for {name})")
             dist.all_reduce(b, group=group)
         kept += bufs
     world_comm = symm_rs.resolve_comm(ctx.group)
     with symm_rs.use_symmetric_memory(ctx.group):
-        world_buf = torch.full((3 << 20,), ctx.rank + 1, dtype=torch.int32, device="cuda")
+        world_buf = torch.full((3 << 20,), ctx.rank + 1, dtype=torch.int32, device=ctx.device)
         # A TP context nested inside the world's allocates from the TP pool, not the world's.
         with symm_rs.use_symmetric_memory(tp):
-            nested = torch.full((1 << 20,), 1, dtype=torch.uint8, device="cuda")
+            nested = torch.full((1 << 20,), 1, dtype=torch.uint8, device=ctx.device)
     dist.all_reduce(world_buf, group=ctx.group)
     dist.all_reduce(nested, group=tp)
     torch.cuda.synchronize()
@@ -263,15 +278,17 @@ def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx
     assert bool((world_buf == expected).all()), "world all-reduce wrong"
     assert bool((nested == 2).all()), "nested TP all-reduce wrong"
     assert all(bool((b == 2).all()) for b in kept), "sub-group all-reduce wrong"
-    assert symm_rs.is_symmetric(world_buf, ctx.group)
-    assert symm_rs.is_symmetric(nested, tp) and not symm_rs.is_registered(nested, ctx.group)
+    ctx.expect_window(world_buf, ctx.group, "the world's buffer")
+    ctx.expect_window(nested, tp, "the nested TP buffer")
+    assert not symm_rs.is_registered(nested, ctx.group)
     assert ctx.details["subgroup_buffers_in_world_windows"] == 0
     assert stats[world_comm]["pending_segments"] == 0
     # A symm_rs.Communicator over the world's ranks shares the world's pool: its registration
     # makes the world's buffer a window of it too, and never the sub-groups' buffers.
     with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
-        symm_rs.register(comm)
-        assert symm_rs.is_symmetric(world_buf, comm)
+        made = symm_rs.register(comm)
+        assert isinstance(made, int) and made > 0, made
+        ctx.expect_window(world_buf, comm, "the world's buffer (Communicator)")
         assert not any(symm_rs.is_registered(b, comm) for b in kept)
         out = comm.all_reduce(world_buf, out=torch.empty_like(world_buf))
         torch.cuda.synchronize()
@@ -294,11 +311,11 @@ def case_destroying_the_pool_deregisters_every_window(ctx: Ctx) -> None:
     assert after["deregistration_failures"] == 0 and after["free_failures"] == 0
     # A new pool starts on the next use, and works.
     with symm_rs.use_symmetric_memory(ctx.group):
-        z = torch.full((1024,), ctx.rank, dtype=torch.float32, device="cuda")
-        out = torch.empty(1024 * ctx.world_size, dtype=torch.float32, device="cuda")
-    assert symm_rs.is_symmetric(z, ctx.group)
+        z = torch.full((1024,), ctx.rank, dtype=torch.float32, device=ctx.device)
+        out = torch.empty(1024 * ctx.world_size, dtype=torch.float32, device=ctx.device)
+    ctx.expect_window(z, ctx.group, "a buffer of the new pool")
     dist.all_gather_into_tensor(out, z, group=ctx.group)
-    expected = torch.arange(ctx.world_size, device="cuda", dtype=torch.float32).repeat_interleave(
-        1024
-    )
+    expected = torch.arange(
+        ctx.world_size, device=ctx.device, dtype=torch.float32
+    ).repeat_interleave(1024)
     assert torch.equal(out, expected)

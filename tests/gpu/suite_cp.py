@@ -2,7 +2,8 @@
 symm_rs.Communicator), the Rust path against the torch path (eager, on a side stream and in
 CUDA graphs), the Rust path's copy kernel against its driver copies on odd rows and unaligned
 inputs, and a TP 2 x CP 2 layout on 4 GPUs where each rank uses two groups and the gathered
-buffers are symmetric for the CP group."""
+buffers are symmetric for the CP group (registered windows of it when the ranks share one GPU,
+``--shared-gpu``, where NCCL runs no symmetric kernel)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def _batch(seed: int, cp: int) -> list[int]:
 
 
 def _kv(total: int, trailing: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    # On the current device, which the harness sets to the rank's (ctx.device).
     gen = torch.Generator(device="cuda").manual_seed(seed)
     if not dtype.is_floating_point:
         return torch.randint(0, 100, (total, *trailing), generator=gen, device="cuda").to(dtype)
@@ -50,7 +52,7 @@ def _round_trips(ctx: Ctx, group: Any, cp: int, cp_rank: int, seed0: int) -> lis
     stream = torch.cuda.Stream()
     for case in range(6):
         lens = _batch(seed0 + case, cp)
-        layout = zigzag_layout(lens, cp, device="cuda")
+        layout = zigzag_layout(lens, cp, device=ctx.device)
         trailing = SHAPES[case % len(SHAPES)]
         dtype = DTYPES[case % len(DTYPES)]
         full = _kv(sum(lens), trailing, dtype, seed=seed0 + case)  # same on every rank
@@ -64,19 +66,21 @@ def _round_trips(ctx: Ctx, group: Any, cp: int, cp_rank: int, seed0: int) -> lis
     return problems
 
 
-def _gathered_is_symmetric(group: Any, cp: int, cp_rank: int) -> bool:
+def _gathered_in_window(ctx: Ctx, group: Any, cp: int, cp_rank: int) -> bool:
+    """Whether the gather buffer is a window of ``group`` (``Ctx.in_window``: symmetric over
+    NVLink, registered on a shared GPU)."""
     # Equal counts: the function returns the symmetric gather buffer itself.
     tokens = [16] * cp
-    local = torch.full((16, 4, 32), float(cp_rank), device="cuda", dtype=torch.bfloat16)
+    local = torch.full((16, 4, 32), float(cp_rank), device=ctx.device, dtype=torch.bfloat16)
     out = cp_all_gather_reorganized_into_tensor_kv_cache(local, group, tokens)
-    expected = torch.arange(cp, device="cuda", dtype=torch.bfloat16).repeat_interleave(16)
+    expected = torch.arange(cp, device=ctx.device, dtype=torch.bfloat16).repeat_interleave(16)
     assert torch.equal(out[:, 0, 0], expected), "equal-count gather wrong"
-    return symm_rs.is_symmetric(out, group)
+    return ctx.in_window(out, group)
 
 
 def case_cp_over_the_whole_world_torch_group(ctx: Ctx) -> None:
     problems = _round_trips(ctx, ctx.group, ctx.world_size, ctx.rank, seed0=100)
-    symmetric = _gathered_is_symmetric(ctx.group, ctx.world_size, ctx.rank)
+    symmetric = _gathered_in_window(ctx, ctx.group, ctx.world_size, ctx.rank)
     ctx.details.update(cp=ctx.world_size, problems=problems, gathered_symmetric=symmetric)
     assert not problems, problems
     assert symmetric, "the gathered buffer is not symmetric for the CP group"
@@ -85,7 +89,7 @@ def case_cp_over_the_whole_world_torch_group(ctx: Ctx) -> None:
 def case_cp_over_a_symm_rs_communicator(ctx: Ctx) -> None:
     with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
         problems = _round_trips(ctx, comm, comm.size, comm.rank, seed0=200)
-        symmetric = _gathered_is_symmetric(comm, comm.size, comm.rank)
+        symmetric = _gathered_in_window(ctx, comm, comm.size, comm.rank)
     ctx.details.update(problems=problems, gathered_symmetric=symmetric)
     assert not problems, problems
     assert symmetric
@@ -102,22 +106,22 @@ def case_tp2_by_cp2_two_groups_per_rank(ctx: Ctx) -> None:
     tp_rank, cp_rank = ctx.rank % 2, ctx.rank // 2
 
     with symm_rs.use_symmetric_memory(tp):
-        hidden = torch.full((4096,), float(ctx.rank + 1), device="cuda", dtype=torch.bfloat16)
+        hidden = torch.full((4096,), float(ctx.rank + 1), device=ctx.device, dtype=torch.bfloat16)
     dist.all_reduce(hidden, group=tp)
 
     problems = _round_trips(ctx, cp, 2, cp_rank, seed0=300 + ctx.rank % 2)
-    cp_symmetric = _gathered_is_symmetric(cp, 2, cp_rank)
+    cp_symmetric = _gathered_in_window(ctx, cp, 2, cp_rank)
     torch.cuda.synchronize()
     tp_sum = float(sum(r + 1 for r in range(4) if r // 2 == ctx.rank // 2))
     ctx.details.update(
         problems=problems,
         cp_gathered_symmetric=cp_symmetric,
-        tp_buffer_symmetric_for_tp=symm_rs.is_symmetric(hidden, tp),
+        tp_buffer_symmetric_for_tp=ctx.in_window(hidden, tp),
         tp_rank=tp_rank,
         cp_rank=cp_rank,
     )
     assert torch.equal(hidden, torch.full_like(hidden, tp_sum)), "TP all-reduce wrong"
-    assert symm_rs.is_symmetric(hidden, tp), "TP buffer not symmetric for the TP group"
+    ctx.expect_window(hidden, tp, "TP buffer (for the TP group)")
     assert not problems, problems
     assert cp_symmetric, "CP gathered buffer not symmetric for the CP group"
 

@@ -8,7 +8,9 @@ stream before each capture). Then 1,000+ steps mix eager prefill of varying size
 and long-lived eager allocations made between them. Every step's output is compared exactly with
 the same model run on plain buffers (integer-valued data: reduction order cannot matter), every
 long-lived tensor is checked for being overwritten by replays, and NCCL's own tuning log must
-show the captured all-reduces ran symmetric kernels.
+show the captured all-reduces ran symmetric kernels. With ranks sharing one GPU
+(``--shared-gpu``) all of it runs but that last check: there the communicator must hold
+registered windows and NCCL must log no symmetric kernel.
 """
 
 from __future__ import annotations
@@ -75,15 +77,16 @@ class Model:
 
     def __init__(self, coordinator: Any, comm: symm_rs.Communicator, rank: int, ws: int) -> None:
         self.coordinator, self.comm, self.rank, self.ws = coordinator, comm, rank, ws
-        gen = torch.Generator(device="cuda")
+        on = self.device = comm.device
+        gen = torch.Generator(device=on)
         gen.manual_seed(1234 + rank)  # each rank holds its own shard
         shard = INTERMEDIATE // ws
         self.w1 = [
-            torch.randint(-1, 2, (HIDDEN, shard), generator=gen, device="cuda").float()
+            torch.randint(-1, 2, (HIDDEN, shard), generator=gen, device=on).float()
             for _ in range(LAYERS)
         ]
         self.w2 = [
-            torch.randint(-1, 2, (shard, HIDDEN), generator=gen, device="cuda").float()
+            torch.randint(-1, 2, (shard, HIDDEN), generator=gen, device=on).float()
             for _ in range(LAYERS)
         ]
         self.side = torch.cuda.Stream()
@@ -98,14 +101,14 @@ class Model:
             self.side.wait_stream(cur)
             with torch.cuda.stream(self.side):
                 with sg.use_symmetric_memory(self.coordinator, disabled=disabled):
-                    piece = torch.empty(h.shape[0], 8, device="cuda")
-                    gathered = torch.empty(h.shape[0] * self.ws, 8, device="cuda")
+                    piece = torch.empty(h.shape[0], 8, device=self.device)
+                    gathered = torch.empty(h.shape[0] * self.ws, 8, device=self.device)
                 piece.copy_(h[:, :8])
                 self.comm.all_gather_into_tensor(gathered, piece, stream=self.side)
                 summary = gathered.view(self.ws, h.shape[0], 8).sum(0)
                 del piece  # a temporary freed inside the capture, on the side stream
             with sg.use_symmetric_memory(self.coordinator, disabled=disabled):
-                y = torch.empty(h.shape[0], HIDDEN, device="cuda")
+                y = torch.empty(h.shape[0], HIDDEN, device=self.device)
             torch.matmul(h, self.w2[layer], out=y)
             self.comm.all_reduce(y)
             cur.wait_stream(self.side)
@@ -131,11 +134,11 @@ def case_engine_decode_graphs_and_mixed_steps_are_exact(ctx: Ctx) -> None:
     )
     assert sg.is_symmetric_memory_enabled()
     model = Model(coordinator, comm, ctx.rank, ws)
-    gen = torch.Generator(device="cuda")
+    gen = torch.Generator(device=ctx.device)
     gen.manual_seed(99)  # the same inputs on every rank
 
     def new_input(bs: int) -> torch.Tensor:
-        return torch.randint(-2, 3, (bs, HIDDEN), generator=gen, device="cuda").float()
+        return torch.randint(-2, 3, (bs, HIDDEN), generator=gen, device=ctx.device).float()
 
     # -- capture, as SGLang does: one pool, set once, warm-ups on the capture stream ----------
     pool = torch.cuda.graph_pool_handle()
@@ -166,7 +169,8 @@ def case_engine_decode_graphs_and_mixed_steps_are_exact(ctx: Ctx) -> None:
     rng = random.Random(7)
     side = torch.cuda.Stream()
     long_lived: list[tuple[torch.Tensor, float]] = []
-    wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+    symmetric_long_lived: list[torch.Tensor] = []
+    wrong = torch.zeros((), dtype=torch.int64, device=ctx.device)
     kinds = {"replay": 0, "prefill": 0, "allocation": 0}
     for step in range(STEPS):
         roll = rng.random()
@@ -195,13 +199,16 @@ def case_engine_decode_graphs_and_mixed_steps_are_exact(ctx: Ctx) -> None:
                 value = float(step % 97)
                 if rng.random() < 0.5:
                     with sg.use_symmetric_memory(coordinator):
-                        t = torch.full((size,), value, device="cuda")
+                        t = torch.full((size,), value, device=ctx.device)
+                    symmetric_long_lived.append(t)
                 else:
-                    t = torch.full((size,), value, device="cuda")
+                    t = torch.full((size,), value, device=ctx.device)
             long_lived.append((t, value))
             kinds["allocation"] += 1
     torch.cuda.synchronize()
     overwritten = sum(int(not bool((t == value).all())) for t, value in long_lived)
+    outside = sum(int(not ctx.in_window(t, comm)) for t in symmetric_long_lived)
+    windows = {c.comm: c.windows for c in symm_rs.stats().communicators}.get(comm.comm, 0)
 
     _, tail = _symmetric_lines(0)
     ctx.details.update(
@@ -212,11 +219,17 @@ def case_engine_decode_graphs_and_mixed_steps_are_exact(ctx: Ctx) -> None:
         overwritten=overwritten,
         symmetric_all_reduce_lines_per_captured_bs=symmetric_lines_per_bs,
         tuning_log_lines=len(tail),
+        symmetric_long_lived=len(symmetric_long_lived),
+        symmetric_long_lived_outside_windows=outside,
+        communicator_windows=windows,
         capture_pools=len([k for k in symm_rs.pool._pools.capture]),
     )
     assert int(wrong.item()) == 0, f"{int(wrong.item())} steps differ from the plain-buffer model"
     assert overwritten == 0, f"{overwritten} long-lived tensors were overwritten by replays"
-    if ctx.rank == 0:  # NCCL >= 2.28 logs symmetric kernels on rank 0 only
+    assert windows > 0 and outside == 0, (windows, outside)
+    if ctx.shared_gpu:  # different NCCL hosts: no symmetric kernel can run
+        assert not any(symmetric_lines_per_bs.values()), symmetric_lines_per_bs
+    elif ctx.rank == 0:  # NCCL >= 2.28 logs symmetric kernels on rank 0 only
         assert tail, "NCCL wrote no tuning log"
         missing = [bs for bs, n in symmetric_lines_per_bs.items() if n < LAYERS]
         assert not missing, f"captured all-reduces without a symmetric kernel at bs {missing}"
