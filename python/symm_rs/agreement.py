@@ -99,6 +99,8 @@ _broken: dict[object, str] = {}
 _lock = threading.Lock()
 # Tensors of communicator-path rounds that were abandoned: the kernel may still write them.
 _abandoned: list[Any] = []
+# Groups on which this rank posted a failure notice it has not taken back yet.
+_noticed: set[object] = set()
 
 
 def _forget(comm: int) -> None:
@@ -202,6 +204,7 @@ def exchange(
     _raise_if_broken(group, topic)
     round_ = _next_round(group)
     if group.channel is not None:
+        _take_back_notice(group)
         return _store_round(group, topic, round_, "ok:" + ",".join(map(str, values)), seconds)
     return _comm_round(group, topic, values, seconds, width or len(values))
 
@@ -227,12 +230,29 @@ def report_failure(group: Group, topic: str, reason: str, timeout: Optional[floa
 
 
 def notice_failure(group: Group, reason: str) -> None:
-    """Posts, without taking a round, that this rank failed inside a context it will not
-    register for: a peer waiting for it in its next round raises at once instead of waiting
-    out the timeout. Only over a store."""
+    """Posts, without taking a round, that this rank failed inside a context in which it had
+    nothing to register: a peer that waits for it in a round names this failure when it gives
+    up. (Not a reason to give up sooner: the peers may have had nothing to register either, and
+    then this rank may still come to their next round.) Only over a store."""
     if group.channel is None:
         return
     _post_status(group, f"failed before round {peek_round(group)}: {reason}")
+    with _lock:
+        _noticed.add(round_key(group))
+
+
+def _take_back_notice(group: Group) -> None:
+    """This rank takes a round after all: a notice that said it would not must go first, or a
+    peer polling before this rank's record lands would read it and abort the round."""
+    key = round_key(group)
+    if key not in _noticed:
+        return
+    assert group.channel is not None
+    try:
+        group.channel.store.delete_key(status_key(group, group.rank))
+    finally:
+        with _lock:
+            _noticed.discard(key)
 
 
 def _post_status(group: Group, what: str) -> None:
@@ -296,8 +316,8 @@ def _store_round(
 def _early_abort(
     group: Group, store: Any, keys: list[str], decision: str, round_: int, topic: str
 ) -> Optional[str]:
-    """Between wait slices: the reason to stop waiting now, if there is one (the round was
-    aborted, the group broke, or a missing rank posted that it failed before this round)."""
+    """While waiting: the reason to stop waiting now, if there is one (another rank aborted
+    the round, or the group broke)."""
     decided = _get_if_set(store, decision)
     if decided is not None and decided.startswith("abort:"):
         return f"{group.name}: symm_rs's {topic} check (round {round_}) was aborted: {decided[6:]}"
@@ -308,17 +328,9 @@ def _early_abort(
             f"{group.name}: symm_rs's cross-rank checks on this group stopped after an earlier "
             f"failure ({broken}); destroy and recreate the group to use symmetric memory again"
         )
-    for rank, key in enumerate(keys):
-        if rank == group.rank or store.check([key]):
-            continue
-        status = _get_if_set(store, status_key(group, rank))
-        if status is None:
-            continue
-        next_round, _, what = status.partition("|")
-        if next_round.strip() == str(round_) and "failed" in what:
-            reason = f"rank {rank} will not reach round {round_} ({topic}): {what}"
-            _break(group, store, decision, round_, reason)
-            return f"{group.name}: {reason}"
+    # A missing rank's failure notice is not a reason to stop: it may come from a block in
+    # which no rank had anything to register, and that rank may still be on its way to this
+    # round. It is what the timeout's message reports that rank was last doing.
     return None
 
 
@@ -336,7 +348,7 @@ def _give_up(
     missing = [r for r, k in enumerate(keys) if not store.check([k])]
     if not missing:
         return  # every record arrived just now: decide as usual
-    doing = "; ".join(f"rank {r}: {_doing(store, group, r)}" for r in missing)
+    doing = "; ".join(f"rank {r}: {_doing(store, group, r, round_)}" for r in missing)
     reason = (
         f"rank(s) {missing} did not reach symm_rs's {topic} check (round {round_}) within "
         f"{seconds:g} s ({TIMEOUT_HINT}); last seen: {doing}. A rank that allocated nothing new "
@@ -361,24 +373,31 @@ def _break(group: Group, store: Any, decision: str, round_: int, reason: str) ->
     watchdog.broken_by_this_rank(group)
 
 
-def _doing(store: Any, group: Group, rank: int) -> str:
+def _doing(store: Any, group: Group, rank: int, round_: int) -> str:
+    """What a missing rank was last seen doing: a failure it posted, or the last round of this
+    group it took part in."""
     status = _get_if_set(store, status_key(group, rank))
-    if status is None:
-        return "no symm_rs check completed yet"
-    _, _, what = status.partition("|")
-    return what
+    if status is not None:
+        return status.partition("|")[2]
+    if round_ == 0:
+        return "it took no symm_rs round on this group yet"
+    if store.check([data_key(group, round_ - 1, rank)]):
+        return f"it took part in round {round_ - 1}, the previous one"
+    return f"it did not take part in round {round_ - 1} either"
 
 
 def _housekeeping(group: Group, store: Any, round_: int) -> None:
-    _post_status(group, f"round {round_} done")
+    """Deletes this rank's record of two rounds ago (every rank has read it); rank 0 deletes
+    old decisions in batches. One request per round: the round's cost is mostly requests."""
     if round_ < 2:
         return
     try:
         store.delete_key(data_key(group, round_ - 2, group.rank))
-        if group.rank == 0:
-            store.delete_key(decision_key(group, round_ - 2))
+        if group.rank == 0 and round_ % 16 == 0:
+            for old in range(max(round_ - 17, 0), round_ - 1):
+                store.delete_key(decision_key(group, old))
     except Exception:
-        pass  # only housekeeping: every rank has read that round already
+        pass  # only housekeeping: every rank has read those rounds already
 
 
 _side_streams: dict[int, Any] = {}

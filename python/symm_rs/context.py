@@ -258,6 +258,7 @@ def _exit_register(group: Group, lane: int, verify: bool, timeout: Optional[floa
         _native.defer_registration(group.comm)
         return
     if _native.in_group():
+        _native.defer_registration(group.comm)
         _in_nccl_group.postponed.append((group, lane, verify, timeout))
         return
     registration.register(group, lane, verify, timeout)

@@ -95,7 +95,7 @@ def read_flag(
         ValueError: it is set to something that is not a boolean (the message names it).
     """
     value = _environ(environ).get(name)
-    if value is None:
+    if value is None or not value.strip():  # set but empty reads as unset
         return default
     try:
         return parse_flag(value)

@@ -286,11 +286,15 @@ pub fn plan_registration(comm: CommPtr, scope: Scope) -> Result<Option<Planned>>
     TABLE.plan(comm, scope, &NcclWindows(nccl))
 }
 
-/// Registers exactly what was planned (collective), visible to the watchdog meanwhile.
+/// Registers exactly what was planned (collective), visible to the watchdog meanwhile. A
+/// registration a capture or an NCCL group postponed is done once this one succeeds.
 pub fn register_planned(plan: Planned, peers: PeerSet) -> Result<Registered> {
     let nccl = nccl::get()?;
-    let entry = InFlightEntry::start(plan.plan().comm(), peers, plan.plan().sizes());
-    plan.register(&NcclWindows(nccl), |i| entry.entered(i + 1))
+    let comm = plan.plan().comm();
+    let entry = InFlightEntry::start(comm, peers, plan.plan().sizes());
+    let done = plan.register(&NcclWindows(nccl), |i| entry.entered(i + 1))?;
+    lock(&DEFERRED).retain(|&c| c != comm);
+    Ok(done)
 }
 
 /// Registers every segment of `scope` that `comm` has not registered yet, without an
