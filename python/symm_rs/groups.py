@@ -368,9 +368,13 @@ def _raise_if_disabled(comm: object) -> None:
         loaded = "NCCL " + ".".join(map(str, library_info()["version"]))
     except Exception:  # the message must not fail for want of a library
         loaded = "no loadable NCCL"
-    why = "it spans one rank" if getattr(comm, "world_size", None) == 1 else (
-        f"it could not load libnccl, or VLLM_DISABLE_PYNCCL is set (vLLM >= 0.34 needs NCCL "
-        f">= 2.29.7, for ncclCommSuspend; this process has {loaded})"
+    why = (
+        "it spans one rank"
+        if getattr(comm, "world_size", None) == 1
+        else (
+            f"it could not load libnccl, or VLLM_DISABLE_PYNCCL is set (vLLM >= 0.34 needs NCCL "
+            f">= 2.29.7, for ncclCommSuspend; this process has {loaded})"
+        )
     )
     raise ValueError(f"{_describe(comm)} is disabled (available=False, no .comm): {why}")
 

@@ -182,10 +182,7 @@ def bind_problem(target: Any, site: CallSite) -> Optional[str]:
         else:
             signature.bind(*args, **kwargs)
     except TypeError as e:
-        return (
-            f"{site.where}: {site.text}: does not bind to the shim's "
-            f"{site.name}{signature}: {e}"
-        )
+        return f"{site.where}: {site.text}: does not bind to the shim's {site.name}{signature}: {e}"
     return None
 
 
@@ -231,7 +228,9 @@ def public_definitions(path: Path) -> list[Definition]:
         function: Optional[ast.FunctionDef] = node if isinstance(node, ast.FunctionDef) else None
         drop_self = isinstance(node, ast.ClassDef)
         if isinstance(node, ast.ClassDef):
-            inits = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+            inits = [
+                n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"
+            ]
             if not inits:
                 found.append(Definition(node.name, node.lineno, ((0, ()),)))
                 continue
