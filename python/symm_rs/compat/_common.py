@@ -11,6 +11,12 @@ import torch
 from symm_rs import _native, groups, pool
 
 
+def capturing() -> bool:
+    """Whether a CUDA-graph capture is under way on the current stream (``False`` without a
+    GPU, where torch's own question raises)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def extent_in_window(ptr: int, nbytes: int, comm: Optional[int] = None) -> bool:
     """Whether ``[ptr, ptr + nbytes)`` lies inside one registered window: of ``comm`` when
     given, else of the innermost active context's communicator on this thread, else of any

@@ -257,7 +257,7 @@ def allocate_symmetric_buffer(comm: Any, nbytes: int) -> tuple[torch.Tensor, boo
     Raises:
         SymmetricMemoryError: called during a CUDA-graph capture, where registration cannot run.
     """
-    if torch.cuda.is_current_stream_capturing():
+    if _common.capturing():
         raise _native.SymmetricMemoryError(
             "allocate_symmetric_buffer registers its buffer, which cannot happen during a "
             "CUDA-graph capture; allocate it before capturing"

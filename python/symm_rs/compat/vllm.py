@@ -86,7 +86,7 @@ def set_graph_pool_id(graph_pool_id: Any) -> None:
     just before each capture, on every rank in the same order: the registrations earlier
     captures postponed run here, so that this capture reuses registered blocks."""
     context.set_graph_pool(graph_pool_id)
-    if not torch.cuda.is_current_stream_capturing():
+    if not _common.capturing():
         context.flush_deferred()
 
 
@@ -133,7 +133,7 @@ class nccl_symm_mem_context:
         self._context: Any = None
         if not self.disabled:
             self._context = context.use_symmetric_memory(pynccl_comm)
-            self.is_graph_capture = torch.cuda.is_current_stream_capturing()
+            self.is_graph_capture = _common.capturing()
             self.device = torch.cuda.current_device()
 
     def __enter__(self) -> nccl_symm_mem_context:
