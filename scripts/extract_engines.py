@@ -60,7 +60,6 @@ CARRY_MODULES: dict[str, tuple[str, ...]] = {
         "sglang.srt.distributed.device_communicators.pynccl_wrapper",
         "sglang.srt.environ",
         "sglang.srt.runtime_context",
-        "sglang.srt.server_args",  # read, not imported: its retired accessor is compiled alone
     ),
     "vllm": (
         "vllm.compilation.cudagraph_pool",

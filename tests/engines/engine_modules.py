@@ -269,6 +269,8 @@ def sglang_standins(tp_group: Any = None) -> dict[str, dict[str, Any]]:
             "get_tp_group": lambda: tp_group,
             "GroupCoordinator": object,
         },
+        # SGLang's rule with DP attention off: every rank allocates the same sizes.
+        "sglang.srt.layers.dp_attention": {"is_allocation_symmetric": lambda: True},
     }
 
 

@@ -412,12 +412,13 @@ class Reserved:
         return reserve
 
 
-@pytest.mark.parametrize("seal", [True, False])
+@pytest.mark.parametrize(("can_seal", "sealed_mode"), [(True, True), (True, False), (False, True)])
 def test_sglang_prealloc_reserves_the_tp_groups_pool(
-    seal: bool, sglang_engine: Any, monkeypatch: pytest.MonkeyPatch
+    can_seal: bool, sealed_mode: bool, sglang_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reserved = Reserved(seal)
+    reserved = Reserved(can_seal)
     monkeypatch.setattr(symm_rs, "reserve", reserved.function())
+    monkeypatch.setenv("SYMM_RS_SEAL", "1" if sealed_mode else "0")
     em.publish_exec_comm(sglang_engine.rc, enable_symm_mem=True)
     stream = torch.cpu.Stream()
     kwargs = dict(is_draft_worker=False, enable_symm_mem=True, device="cpu", forward_stream=stream)
@@ -429,7 +430,9 @@ def test_sglang_prealloc_reserves_the_tp_groups_pool(
     sg.prealloc_symmetric_memory_pool(**kwargs)
     assert len(reserved.calls) == 1
     nbytes, group, sealed, current = reserved.calls[0]
-    assert (nbytes, group, sealed) == (3 << 30, sglang_engine.tp_group, True if seal else None)
+    # Sealed only in sealed mode, and only where reserve() can seal.
+    expect_seal = (True if sealed_mode else False) if can_seal else None
+    assert (nbytes, group, sealed) == (3 << 30, sglang_engine.tp_group, expect_seal)
     assert current == stream  # blocks are cached on the stream the forward passes use
     # SGLang's own use_symmetric_memory makes plain memory of a one-rank TP group, and with the
     # flag off: nothing to reserve then.
@@ -633,11 +636,17 @@ def test_mem_pool_is_the_pool_the_contexts_allocate_from(monkeypatch: Any) -> No
 
 
 def test_vllm_set_graph_pool_registers_what_captures_postponed(monkeypatch: Any) -> None:
-    flushed: list[bool] = []
-    monkeypatch.setattr(vl.context, "flush_deferred", lambda: flushed.append(True))
+    """Outside a capture, each communicator the contexts used is asked to register what is
+    pending, in first-use order (vLLM calls this on every rank before each capture)."""
+    registered: list[Any] = []
+    monkeypatch.setattr(vl.context, "register", registered.append)
     monkeypatch.setattr(vl.context, "set_graph_pool", lambda pool: None)
+    monkeypatch.setattr(vl, "_comms", vl.weakref.WeakKeyDictionary())
+    first, second = TpGroup(), TpGroup()
+    for comm in (first, second, first):
+        vl._comms.setdefault(comm)
     vl.set_graph_pool_id((0, 1))
-    assert flushed == [True]
+    assert registered == [first, second]
 
 
 # -- the GPU suite, dry-run ---------------------------------------------------------------------

@@ -251,6 +251,7 @@ def case_sglang_own_communicator_loads_with_the_shim(ctx: Ctx) -> None:
     assert allocator is sg, f"{em.ALLOCATOR['sglang']} is {allocator!r}, not the shim"
     assert loaded.pynccl.__file__.startswith(loaded.root), loaded.pynccl.__file__
     ctx.details.update(
+        shared_gpu=getattr(ctx, "shared_gpu", None),
         pynccl=loaded.pynccl.__file__,
         nccl_loaded=".".join(map(str, loaded_nccl())),
         engine_nccl_version=coord.pynccl_comm.nccl_version,

@@ -21,8 +21,8 @@ own source against this one. Differences from SGLang's module, all deliberate (d
   keeps one context per process);
 * ``allocate_symmetric_buffer`` takes its buffer from the pool of ``comm``'s ranks: when the last
   view dies the block returns to that pool (still registered), not to the device;
-* ``prealloc_symmetric_memory_pool`` is ``symm_rs.reserve`` on SGLang's TP group, sealed when
-  symm_rs can seal a pool (no registration, hence no hang, at run time);
+* ``prealloc_symmetric_memory_pool`` is ``symm_rs.reserve`` on SGLang's TP group, sealed in
+  symm_rs's sealed mode (``SYMM_RS_SEAL=1``);
 * ``debug_check_symmetric_mempool`` warns as SGLang does, and raises with ``SYMM_RS_STRICT=1``;
 * ``SymmetricMemoryContext.tag(tensor)`` (older SGLang) is kept as a no-op marker.
 
@@ -312,8 +312,12 @@ def debug_check_symmetric_mempool(
         log.warning("%s\nStack trace:\n%s", message, stack)
 
 
-def _seal_supported() -> bool:
-    return "seal" in inspect.signature(symm_rs.reserve).parameters
+def _seal() -> dict[str, bool]:
+    """``seal=True`` for ``symm_rs.reserve`` in sealed mode (``SYMM_RS_SEAL=1``) where this
+    symm_rs can seal a pool; else nothing: the pool grows at run time, as SGLang's does."""
+    if "seal" not in inspect.signature(symm_rs.reserve).parameters:
+        return {}
+    return {"seal": True} if env.read_flag(getattr(env, "SEAL", "SYMM_RS_SEAL")) else {}
 
 
 def prealloc_symmetric_memory_pool(
@@ -326,10 +330,11 @@ def prealloc_symmetric_memory_pool(
 ) -> None:
     """Grows the symmetric pool of SGLang's TP group (``get_tp_group()``, or ``group``) by
     ``SGLANG_SYMM_MEM_PREALLOC_GB_SIZE`` GiB on ``forward_stream``, registered at once, so that
-    serving never grows it (SGLang calls this after its CUDA-graph captures). Nothing for a
-    draft worker, with symmetric memory off, or a size <= 0 (SGLang's default, -1). The pool is
-    sealed where symm_rs can seal one (``symm_rs.reserve(..., seal=True)``): what does not fit
-    later stays ordinary memory instead of growing the pool. Collective over the group."""
+    serving need not grow it (SGLang calls this after its CUDA-graph captures). Nothing for a
+    draft worker, with symmetric memory off, or a size <= 0 (SGLang's default, -1). In sealed
+    mode (``SYMM_RS_SEAL=1``) the pool is sealed (``symm_rs.reserve(..., seal=True)``): growing
+    it later fails at once instead of registering at run time; otherwise it grows as SGLang's
+    does. Collective over the group."""
     gib = _env_value("SGLANG_SYMM_MEM_PREALLOC_GB_SIZE", -1, _parse_int)
     if is_draft_worker or not enable_symm_mem or gib <= 0:
         return
@@ -343,7 +348,7 @@ def prealloc_symmetric_memory_pool(
     # group turn into plain memory: nothing to reserve then.
     if not is_symmetric_memory_enabled() or getattr(group, "world_size", None) == 1:
         return
-    seal = {"seal": True} if _seal_supported() else {}
+    seal = _seal()
     log.info("reserving %d GiB of symmetric memory for SGLang's TP group", gib)
     # Blocks are cached per stream: reserve on the stream the forward passes allocate on.
     with torch.get_device_module(device).stream(forward_stream):

@@ -18,7 +18,7 @@ source against this one. Differences from vLLM's module, all deliberate (docs/en
   (``compilation/cudagraph_pool.py``): the buffers the *first* capture into a graph pool
   allocates inside ``nccl_symm_mem_context`` are new segments of that private pool, registered
   only once the capture is over, so that graph's collectives on them run NCCL's ordinary kernels
-  (results are the same). ``set_graph_pool_id`` registers what earlier captures postponed, so
+  (results are the same). ``set_graph_pool_id`` registers what earlier captures could not, so
   every later capture reuses registered blocks; ``symm_rs.reserve(n, pynccl_comm,
   graph_pool=pool)`` before the first capture makes its buffers symmetric too;
 * ``is_symmetric_memory_enabled`` is ``VLLM_USE_NCCL_SYMM_MEM`` (through ``vllm.envs`` when vLLM
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -81,13 +82,19 @@ def is_symmetric_memory_tensor(tensor: torch.Tensor) -> bool:
     return _common.storage_in_window(tensor)
 
 
+# The communicators this process's contexts used, in first-use order (weakly held).
+_comms: weakref.WeakKeyDictionary[Any, None] = weakref.WeakKeyDictionary()
+
+
 def set_graph_pool_id(graph_pool_id: Any) -> None:
     """The graph pool of the captures that follow (``symm_rs.set_graph_pool``). vLLM calls this
-    just before each capture, on every rank in the same order: the registrations earlier
-    captures postponed run here, so that this capture reuses registered blocks."""
+    just before each capture, on every rank in the same order: what earlier captures could not
+    register is registered here (``symm_rs.register`` on each communicator the contexts used;
+    nothing to do costs no exchange), so that this capture reuses registered blocks."""
     context.set_graph_pool(graph_pool_id)
     if not _common.capturing():
-        context.flush_deferred()
+        for comm in list(_comms):
+            context.register(comm)
 
 
 def compile_nccl_allocator() -> None:
@@ -141,6 +148,7 @@ class nccl_symm_mem_context:
             self._context.__enter__()
             _active.stack.append(self)
             _common.note_group(self.pynccl_comm)
+            _comms.setdefault(self.pynccl_comm)
         return self
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
