@@ -278,7 +278,7 @@ def test_sglang_shim_is_a_null_context_when_off_or_one_rank() -> None:
         )
     finally:
         sg.set_symmetric_memory_enabled(None)
-    assert sg.is_symmetric_memory_enabled()  # outside SGLang: on
+    assert not sg.is_symmetric_memory_enabled()  # outside SGLang: SGLang's default, off
     assert sg.is_allocation_symmetric()
     assert sg.disable_symmetric_memory_context() is None  # nothing active
     sg.restore_symmetric_memory_context(None)
@@ -298,6 +298,7 @@ def test_vllm_shim_follows_its_environment_variable(monkeypatch: pytest.MonkeyPa
     with vllm.nccl_symm_mem_context(types.SimpleNamespace(world_size=2)) as ctx:
         assert ctx.disabled  # off: a no-op that still returns itself, as vLLM's
     monkeypatch.setenv("VLLM_USE_NCCL_SYMM_MEM", "1")
+    monkeypatch.setattr(vllm, "_platform_is_cuda", lambda: True)  # vLLM's: CUDA only
     assert vllm.is_symmetric_memory_enabled()
     assert vllm.nccl_symm_mem_context(types.SimpleNamespace(world_size=1)).disabled
     assert vllm.compile_nccl_allocator() is None

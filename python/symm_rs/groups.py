@@ -361,6 +361,7 @@ def _address(group: object) -> tuple[int, str, Optional[Channel]]:
     pynccl = getattr(group, "pynccl_comm", None)
     if pynccl is not None:
         if not hasattr(pynccl, "comm"):
+            _raise_if_disabled(pynccl)
             raise TypeError(f"{_describe(group)}.pynccl_comm has no .comm attribute")
         comm = _as_address(pynccl.comm, f"{_describe(group)}.pynccl_comm.comm")
         tag = str(getattr(group, "unique_name", "") or "pynccl")
@@ -374,7 +375,27 @@ def _address(group: object) -> tuple[int, str, Optional[Channel]]:
     if hasattr(group, "comm"):
         comm = _as_address(group.comm, f"{_describe(group)}.comm")
         return comm, _describe(group), _channel_of(group, "pynccl")
+    _raise_if_disabled(group)
     raise TypeError(f"group must be {ACCEPTED}; got {_describe(group)}")
+
+
+def _raise_if_disabled(comm: object) -> None:
+    """An engine's PyNcclCommunicator that disabled itself (``available=False``, no ``.comm``)."""
+    if getattr(comm, "available", None) is not False:
+        return
+    try:
+        loaded = "NCCL " + ".".join(map(str, library_info()["version"]))
+    except Exception:  # the message must not fail for want of a library
+        loaded = "no loadable NCCL"
+    why = (
+        "it spans one rank"
+        if getattr(comm, "world_size", None) == 1
+        else (
+            f"it could not load libnccl, or VLLM_DISABLE_PYNCCL is set (vLLM >= 0.34 needs NCCL "
+            f">= 2.29.7, for ncclCommSuspend; this process has {loaded})"
+        )
+    )
+    raise ValueError(f"{_describe(comm)} is disabled (available=False, no .comm): {why}")
 
 
 def resolve(group: object) -> Optional[Group]:
