@@ -417,7 +417,7 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
     """``sections.bench_rank`` with CUDA, NCCL and the symmetric pool replaced by stand-ins."""
     stats = {"windows_registered": 0, "windows_deregistered": 0}
 
-    def context(owner: Any, disabled: bool = False) -> Any:
+    def context(owner: Any, disabled: bool = False, verify: bool = True) -> Any:
         stats["windows_registered"] += not disabled
         return contextlib.nullcontext()
 
