@@ -329,10 +329,11 @@ def _free(pools: list[Any]) -> int:
     _native.pools_changed()  # no thread may route natively into a pool id it cached
     # Work still queued on the segments must finish before their windows are unmapped.
     torch.cuda.synchronize()
-    for p in pools:
-        _pools.lanes.pop(pool_id(p), None)
-    del pools[:]
+    for key in [pool_id(p) for p in pools]:
+        _pools.lanes.pop(key, None)
+    del pools[:]  # the last references: torch hands the segments to the free plug
     gc.collect()
+    torch.cuda.synchronize()
     _pools.frees += 1
     return _native.stats().segments_freed - before
 

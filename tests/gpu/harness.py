@@ -146,6 +146,7 @@ def _worker(
             record({"name": name, "outcome": "skipped", "reason": reason})
             continue
         ctx = Ctx(rank, world_size, group, device, shared_gpu=shared)
+        print(f"[rank {rank}] {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             fn(ctx)
@@ -258,7 +259,8 @@ def run(suite: str, world_size: int, only: list[str], timeout: float) -> dict[st
                 ranks.append({"rank": rank, **found[0]})
             else:
                 ranks.append({"rank": rank, "outcome": "failed", "error": "not run: the rank died"})
-            problem = _exit_problem(processes[rank]) if name == TEARDOWN else None
+            answered = processes[rank].ok
+            problem = _exit_problem(processes[rank]) if name == TEARDOWN and answered else None
             if problem is not None:
                 ranks[-1] = {"rank": rank, "outcome": "failed", "error": problem}
         outcomes = {r["outcome"] for r in ranks}

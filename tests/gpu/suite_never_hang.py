@@ -282,13 +282,22 @@ def case_a_registration_stuck_inside_nccl_is_reported_by_the_watchdog(ctx: Ctx) 
 
 
 def _threads_with_own_communicators(ctx: Ctx, threads: int) -> dict[str, Any]:
-    comms = [
-        symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device)
-        for _ in range(threads)
-    ]
+    """``threads`` threads, each with its own Communicator over the same ranks, enter their
+    contexts at the same time (allocation, the first registration and its agreement all
+    overlap). Their collectives take turns in thread order, the same on every rank: NCCL
+    itself requires kernels of different communicators to be launched in one order on every
+    rank (one GPU per rank or not), which is not what this case is about."""
+    make = symm_rs.Communicator.from_process_group
+    comms = [make(ctx.group, device=ctx.device) for _ in range(threads)]
+    expected = ctx.world_size * (ctx.world_size + 1) / 2
     errors: list[str] = []
     wrong = [0] * threads
     start = threading.Barrier(threads)
+    turn = threading.Condition()
+    state = {"step": 0, "next": 0}
+
+    def my_turn(index: int, step: int) -> bool:
+        return state["step"] == step and state["next"] == index
 
     def work(index: int) -> None:
         try:
@@ -296,16 +305,23 @@ def _threads_with_own_communicators(ctx: Ctx, threads: int) -> dict[str, Any]:
             start.wait()
             for step in range(20):
                 with symm_rs.use_symmetric_memory(comms[index]):
-                    x = torch.full(
-                        ((index + 1) * 4096 + step,), float(ctx.rank + 1), device=ctx.device
-                    )
-                comms[index].all_reduce(x)
-                torch.cuda.current_stream().synchronize()
-                wrong[index] += int(
-                    not bool((x == ctx.world_size * (ctx.world_size + 1) / 2).all())
-                )
+                    size = (index + 1) * 4096 + step
+                    x = torch.full((size,), float(ctx.rank + 1), device=ctx.device)
+                with turn:
+                    if not turn.wait_for(lambda step=step: my_turn(index, step), timeout=60):
+                        raise TimeoutError(f"thread {index} never got its turn at step {step}")
+                    comms[index].all_reduce(x)
+                    torch.cuda.current_stream().synchronize()
+                    state["next"] += 1
+                    if state["next"] == threads:
+                        state["step"], state["next"] = step + 1, 0
+                    turn.notify_all()
+                wrong[index] += int(not bool((x == expected).all()))
         except Exception as e:
             errors.append(f"thread {index}: {type(e).__name__}: {e}")
+            with turn:
+                state["next"] = -1  # let the others fail instead of waiting
+                turn.notify_all()
 
     workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for w in workers:
