@@ -349,6 +349,8 @@ def destroy_pool() -> int:
     with _lock:
         pools = all_pools()
         if not pools:
+            # Counted all the same: ranks compare how often they called it, pools or not.
+            _pools.frees += 1
             return 0
         _require_no_live_tensors(pools)
         with _no_routes_open("destroy_pool()"):
@@ -369,6 +371,7 @@ def release_graph_pool(graph_pool: Any) -> int:
         keys = [k for k in _pools.capture if k[1] == wanted]
         pools = [_pools.capture[k].pool for k in keys]
         if not pools:
+            _pools.frees += 1  # counted all the same, as destroy_pool
             return 0
         _require_no_live_tensors(pools)
         with _no_routes_open("release_graph_pool()"):

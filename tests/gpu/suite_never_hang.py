@@ -116,17 +116,24 @@ def case_ranks_that_grow_differently_get_an_error_and_peers_are_told(ctx: Ctx) -
                 big = torch.empty(64 * MIB, dtype=torch.uint8, device=ctx.device)
 
     _, seconds, error = _timed(context)
+    plain = bool(symm_rs._native.is_plain(symm_rs.groups.resolve(group).comm))
     # The engine's own collective still runs on every rank (rank 0 after its error).
-    plain = torch.full((1024,), 1.0, device=ctx.device)
-    dist.all_reduce(plain, group=group)
+    result = torch.full((1024,), 1.0, device=ctx.device)
+    dist.all_reduce(result, group=group)
     torch.cuda.synchronize()
     told = _wait_for(
         lambda: any("is broken" in line for line in log.lines), 3 * watchdog.INTERVAL_S + 2
     )
     logging.getLogger("symm_rs").removeHandler(log)
-    ctx.details.update(seconds_to_error=round(seconds, 2), error=error[:300], told=told)
-    assert bool((plain == ctx.world_size).all())
-    if ctx.rank == 0:
+    ctx.details.update(
+        seconds_to_error=round(seconds, 2), error=error[:300], told=told, plain_comm=plain
+    )
+    assert bool((result == ctx.world_size).all())
+    if plain:
+        # NCCL answered with NULL windows (2.29+ here): nothing is ever registered on this
+        # group, so growth needs no agreement and cannot hang: no error, exact results.
+        assert error == "", error
+    elif ctx.rank == 0:
         assert "did not reach" in error and "allocated nothing new" in error, error
         assert seconds < TIMEOUT_S + 5, seconds
     else:
@@ -134,7 +141,7 @@ def case_ranks_that_grow_differently_get_an_error_and_peers_are_told(ctx: Ctx) -
         assert told, "the rank blocked in the engine's collective was not told (ERROR log)"
     # The group stays broken: rank 0's next registration on it raises at once.
     _, again, error = _timed(lambda: symm_rs.register(group))
-    if ctx.rank == 0:
+    if ctx.rank == 0 and not plain:
         assert "earlier failure" in error and again < 2, (error, again)
     del big
     dist.barrier(group=ctx.group)
@@ -230,8 +237,11 @@ def case_a_peer_that_stalls_past_the_timeout_is_named_on_every_rank(ctx: Ctx) ->
                 time.sleep(TIMEOUT_S + 3)
 
     _, seconds, error = _timed(context)
-    ctx.details.update(seconds_to_error=round(seconds, 2), error=error[:300])
-    if ctx.rank == staller:
+    plain = bool(symm_rs._native.is_plain(symm_rs.groups.resolve(group).comm))
+    ctx.details.update(seconds_to_error=round(seconds, 2), error=error[:300], plain_comm=plain)
+    if plain:
+        assert error == "", error  # nothing to register on a plain communicator: no round
+    elif ctx.rank == staller:
         assert "did not reach" in error, error
         assert seconds < 2 * TIMEOUT_S + 5, seconds
     else:
