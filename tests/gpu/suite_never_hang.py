@@ -441,6 +441,7 @@ def case_a_null_window_makes_every_rank_use_plain_memory(ctx: Ctx) -> None:
         with symm_rs.use_symmetric_memory(group):
             x = torch.empty(MIB, device=ctx.device)
         assert symm_rs.is_registered(x, group)
+        del x
     _fresh_pools()
 
 
