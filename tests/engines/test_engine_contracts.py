@@ -551,10 +551,17 @@ def test_a_disabled_one_rank_communicator_says_so() -> None:
 # -- without the engines ----------------------------------------------------------------------
 
 
-def test_sglang_without_the_engine_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sglang_not_installed_is_the_shim_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No SGLang at all: the shim is used on its own (symm_rs's engine suite, the decode-step
+    # bench), on unless set_symmetric_memory_enabled(False). SGLang installed with a broken
+    # import chain is SGLang's default instead (off: the test above).
     monkeypatch.setitem(sys.modules, "sglang", None)
-    assert not sg.is_symmetric_memory_enabled()
-    assert isinstance(sg.use_symmetric_memory(TpGroup()), contextlib.nullcontext)
+    assert sg.is_symmetric_memory_enabled()
+    sg.set_symmetric_memory_enabled(False)
+    try:
+        assert isinstance(sg.use_symmetric_memory(TpGroup()), contextlib.nullcontext)
+    finally:
+        sg.set_symmetric_memory_enabled(None)
     assert sg.is_allocation_symmetric()
     assert sg._env_value("SGLANG_SYMM_MEM_PREALLOC_GB_SIZE", -1, sg._parse_int) == -1
     monkeypatch.setenv("SGLANG_SYMM_MEM_PREALLOC_GB_SIZE", "2")

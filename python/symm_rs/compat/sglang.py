@@ -33,9 +33,11 @@ SGLang's default, off, unless ``set_symmetric_memory_enabled`` says otherwise.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
+import sys
 import threading
 import traceback
 import warnings
@@ -95,13 +97,26 @@ def _engine_get_exec() -> Optional[Callable[[], Any]]:
     return get_exec
 
 
+def _sglang_installed() -> bool:
+    if "sglang" in sys.modules:  # loaded (or, as None, marked unimportable)
+        return sys.modules["sglang"] is not None
+    try:
+        return importlib.util.find_spec("sglang") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def is_symmetric_memory_enabled() -> bool:
     """SGLang's ``--enable-symm-mem`` as its runtime context holds it (``get_exec().comm``):
-    off while the configuration is not published (SGLang's ``ValueError``), off when SGLang's
-    ``runtime_context`` cannot be imported, and whatever ``set_symmetric_memory_enabled`` set.
-    Any other error reading it propagates, as it does from SGLang's own function."""
+    off while the configuration is not published (SGLang's ``ValueError``), off when SGLang is
+    installed but its ``runtime_context`` cannot be imported (SGLang's default), and whatever
+    ``set_symmetric_memory_enabled`` set. Without SGLang at all (the shim used on its own, as
+    symm_rs's engine suite and decode-step bench do) it is on. Any other error reading the flag
+    propagates, as it does from SGLang's own function."""
     if _enabled is not None:
         return _enabled
+    if not _sglang_installed():
+        return True
     get_exec = _engine_get_exec()
     if get_exec is None:
         return False
