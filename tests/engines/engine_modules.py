@@ -352,4 +352,7 @@ def vllm_standins(platform: Optional[Platform] = None) -> dict[str, dict[str, An
         },
         "vllm.config": {"VllmConfig": object},
         "vllm.device_allocator": {"get_mem_allocator_instance": no_cumem_allocator},
+        # vLLM's logger asks it, lazily, when a message is logged once per node (seen on a GPU
+        # with NCCL 2.30.7, where vLLM's PyNcclCommunicator logs its NCCL version that way).
+        "vllm.distributed.parallel_state": {"is_local_first_rank": lambda: True},
     }

@@ -70,8 +70,20 @@ class Ctx:
         import symm_rs
 
         if self.shared_gpu:
-            return bool(symm_rs.is_registered(tensor, group))
+            return bool(symm_rs.is_registered(tensor, group)) or self.nccl_refused(group)
         return bool(symm_rs.is_symmetric(tensor, group))
+
+    def nccl_refused(self, group: Any) -> bool:
+        """Whether NCCL answered registration on ``group`` with NULL windows (NCCL >= 2.29
+        across what it sees as hosts): symm_rs then uses the pool as plain memory on every rank,
+        and a shared-GPU run has no window to look for. Recorded in the case's details."""
+        import symm_rs
+
+        resolved = symm_rs.groups.resolve(group)
+        refused = resolved is not None and bool(symm_rs._native.is_plain(resolved.comm))
+        if refused:
+            self.details["nccl_refused_windows"] = True
+        return refused
 
     def expect_window(self, tensor: Any, group: Any, what: str = "buffer") -> None:
         """Asserts ``in_window``; when ranks share a GPU, also that symm_rs does not call the
@@ -79,7 +91,8 @@ class Ctx:
         import symm_rs
 
         if self.shared_gpu:
-            assert symm_rs.is_registered(tensor, group), f"{what} is not registered"
+            registered = symm_rs.is_registered(tensor, group) or self.nccl_refused(group)
+            assert registered, f"{what} is not registered"
             assert not symm_rs.is_symmetric(tensor, group), (
                 f"{what} counts as symmetric although the ranks share a GPU"
             )
