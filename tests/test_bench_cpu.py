@@ -270,7 +270,8 @@ def test_cli_without_gpus_exits_2(tmp_path: Path) -> None:
         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
     )
     assert done.returncode == 2, done.stderr
-    assert "bench needs 2 or more GPUs: 0 asked for, 0 visible" in done.stderr
+    assert "bench: needs 2 or more GPUs, one process each; torch sees no GPU" in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -279,14 +280,17 @@ def test_main_checks_gpu_count_and_options(
 ) -> None:
     monkeypatch.setattr(bench, "visible_gpu_count", lambda: 2)
     for argv, message in (
-        (["--world-size", "4"], "4 asked for, 2 visible"),
-        (["--world-size", "1"], "1 asked for"),
+        (["--world-size", "4"], "bench: --world-size 4 needs 4 GPUs; torch sees 2 GPUs"),
+        (["--world-size", "1"], "bench: --world-size must be 2 or more (one process per GPU)"),
         (["--sizes", "6"], "multiples of 4"),
         (["--env", "NOVALUE"], "KEY=VALUE"),
         (["--tag", "a/b"], "--tag"),
     ):
         assert cli.main(["bench", *argv]) == 2
         assert message in capsys.readouterr().err
+    monkeypatch.setattr(bench, "visible_gpu_count", lambda: 1)
+    assert cli.main(["bench"]) == 2
+    assert "needs 2 or more GPUs, one process each; torch sees 1 GPU\n" in capsys.readouterr().err
 
 
 # -- keeping ranks in step, over gloo -----------------------------------------------------------
