@@ -8,14 +8,16 @@ import argparse
 import contextlib
 import datetime
 import functools
+import io
 import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ import torch.distributed as dist
 import symm_rs
 import symm_rs.bench as bench
 from symm_rs import cli, cp
-from symm_rs.bench import comm_calls, config, merge, report, sections, timing
+from symm_rs.bench import comm_calls, config, merge, progress, report, sections, timing
 from symm_rs.launch import run_ranks
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -554,3 +556,72 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     assert s["coldstart"]["max_over_ranks"] == cold
     assert "| bytes | AG plain | AG symm | AR plain | AR symm | RS plain | RS symm |" in out
     assert "| 2 KiB |" in out and "| 1 MiB |" in out
+    # Where the results went, last and with absolute paths.
+    assert out.rstrip().splitlines()[-2:] == [
+        f"results (JSON): {tmp_path / 'bench_2gpu_dry.json'}",
+        "plot: not drawn (--no-plot)",
+    ]
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _FakeTqdm:
+    """tqdm's interface as Progress uses it, recording the calls."""
+
+    calls: ClassVar[list[tuple[Any, ...]]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.calls.append(("bar", kwargs["desc"], kwargs["total"]))
+
+    def update(self, n: int) -> None:
+        self.calls.append(("update", n))
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+    @classmethod
+    def write(cls, line: str, file: Any = None) -> None:
+        cls.calls.append(("write", line))
+
+
+def test_progress_without_tqdm_prints_numbered_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # not installed: import fails
+    shown = progress.Progress(_Terminal())
+    assert not shown.bars
+    shown.start("collectives", 2)
+    shown.step("all_gather 1 KiB plain eager: 12.0 us")
+    shown.step("all_gather 1 KiB symm eager: 10.0 us")
+    shown.start("context")
+    shown.step("enter+exit: 1.9 us")
+    shown.note("[context] done in 1.0 s")
+    assert capsys.readouterr().out.splitlines() == [
+        "[collectives 1/2] all_gather 1 KiB plain eager: 12.0 us",
+        "[collectives 2/2] all_gather 1 KiB symm eager: 10.0 us",
+        "[context 1] enter+exit: 1.9 us",
+        "[context] done in 1.0 s",
+    ]
+
+
+def test_progress_with_tqdm_draws_a_bar_per_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=_FakeTqdm))
+    _FakeTqdm.calls.clear()
+    assert not progress.Progress(io.StringIO()).bars  # no terminal: plain lines
+    shown = progress.Progress(_Terminal())
+    assert shown.bars
+    shown.start("cp", 16)
+    shown.step("1024 x 8x128 symm_rs eager: 51.0 us")
+    shown.close()
+    assert _FakeTqdm.calls == [
+        ("bar", "cp", 16),
+        ("write", "[cp 1/16] 1024 x 8x128 symm_rs eager: 51.0 us"),
+        ("update", 1),
+        ("close",),
+    ]

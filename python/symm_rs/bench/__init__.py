@@ -144,13 +144,15 @@ def run(args: argparse.Namespace) -> int:
         method=__doc__,
         elapsed_s=round(time.perf_counter() - started, 3),
     )
-    stem = os.path.join(args.out, output_stem(world, args.tag))
+    stem = os.path.abspath(os.path.join(args.out, output_stem(world, args.tag)))
     with open(stem + ".json", "w") as f:
         f.write(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {stem}.json", flush=True)
+    plot = "not drawn (--no-plot)"
     if not args.no_plot:
-        print(plot_results(result, stem + ".png") or f"wrote {stem}.png", flush=True)
+        plot = plot_results(result, stem + ".png") or f"{stem}.png"
     print("\n" + render_markdown(result), flush=True)
     for error in result["errors"]:
         print(f"error: {error.strip()[:2000]}", file=sys.stderr)
+    # Last, below the long table, where a reader looks once the run is over.
+    print(f"results (JSON): {stem}.json\nplot: {plot}", flush=True)
     return 1 if result["errors"] else 0
