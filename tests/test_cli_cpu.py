@@ -213,8 +213,9 @@ def test_readme_gives_exactly_two_setup_commands_and_ci_runs_them() -> None:
     ]
     ci = (ROOT / ".ci" / "run").read_text()
     steps = re.findall(r'^step "(.*)"$', ci, re.MULTILINE)
-    assert steps == commands
-    assert "python3 -m venv" in ci
+    # README's two commands first, as written; then the release artifacts, checked.
+    assert steps == [*commands, "make dist dist-check"]
+    assert '"$python" -m venv "$venv"' in ci and "scripts/python_for.sh oldest" in ci
     readme = (ROOT / "README.md").read_text()
     assert "--index-url https://download.pytorch.org/whl/cu126" in readme
 
