@@ -32,7 +32,7 @@ from symm_rs.launch import run_ranks
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 RESULTS = Path(__file__).resolve().parents[1] / "benches" / "results"
 COMMITTED = sorted(RESULTS.glob("bench_*.json"))
-# README's table for bench_4gpu.json, first and last rows (CUDA-graph replay).
+# docs/results.md's table for bench_4gpu.json, first and last rows (CUDA-graph replay).
 README_4GPU_ROWS = (
     "| 1 KiB | 11.7 | 11.0 | 12.6 | 9.6 | 11.7 | 10.5 |",
     "| 256 MiB | 2520 | 2380 | 1195 | 1532 | 2518 | 3801 |",
@@ -246,6 +246,8 @@ def test_committed_results_render(path: Path, tmp_path: Path) -> None:
     assert "n/a" not in "\n".join(lines)
     if path.name == "bench_4gpu.json":
         assert lines[4] == README_4GPU_ROWS[0] and lines[-1] == README_4GPU_ROWS[1]
+        results = (RESULTS.parents[1] / "docs" / "results.md").read_text()
+        assert "\n".join(lines[4:]) in results
     why = report.plot_results(result, str(tmp_path / "plot.png"))
     try:
         import matplotlib  # noqa: F401
