@@ -12,7 +12,7 @@ import re
 import shutil
 import sys
 import textwrap
-from typing import Optional
+from typing import Any, Optional
 
 DESCRIPTION = "NCCL symmetric memory for PyTorch, with a prebuilt Rust core."
 EXAMPLES = (
@@ -80,8 +80,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     Paragraphs are kept, ``- `` bullets keep a hanging indent, and an indented paragraph (an
     example) is printed as written."""
 
-    def __init__(self, prog: str, width: Optional[int] = None) -> None:
-        super().__init__(prog, max_help_position=30, width=width or help_width())
+    def __init__(self, prog: str, width: Optional[int] = None, **kwargs: Any) -> None:
+        # kwargs: what newer argparse passes along (3.14: color).
+        kwargs.setdefault("max_help_position", 30)
+        super().__init__(prog, width=width or help_width(), **kwargs)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         return "\n\n".join(
