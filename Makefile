@@ -5,7 +5,7 @@ PYTHON ?= python3
 WHEEL_DIR ?= target/wheels
 PY_DIRS = python tests benches examples scripts
 
-.PHONY: fmt lint wheel install test test-rust test-python bench gpu-tests ptx
+.PHONY: fmt lint wheel install test test-rust test-python bench gpu-tests ptx dist dist-check msrv
 
 fmt:
 	cargo fmt --all
@@ -35,6 +35,19 @@ test: lint test-rust test-python
 
 bench:
 	cargo bench --bench registration
+
+# What a release publishes, into dist/: manylinux_2_28 abi3 wheels (zig from PyPI links them;
+# aarch64 too when rustup has that target) and the sdist. dist-check checks them (tag, symbol
+# versions, a clean install without Rust or torch, a wheel built from the sdist); CI runs both.
+dist:
+	PYTHON=$(PYTHON) scripts/dist.sh
+
+dist-check:
+	$(PYTHON) scripts/check_dist.py dist
+
+# The crate with the minimum Rust that Cargo.toml's rust-version promises (when installed).
+msrv:
+	scripts/check_msrv.sh
 
 # On a host with 2 or 4 GPUs: every GPU suite, JSON summaries into tests/gpu/results.
 gpu-tests:

@@ -11,13 +11,14 @@ Here a ``symm_rs.Communicator`` plays the part of SGLang's PyNcclCommunicator.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 import symm_rs
+
+from _requirements import require_gpu, torchrun_ranks
 
 
 @dataclass
@@ -36,8 +37,8 @@ class GroupCoordinatorLike:
 
 
 def main() -> None:
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    rank, local_rank = torchrun_ranks("examples/sglang_style_group.py")
+    require_gpu("examples/sglang_style_group.py", rank, local_rank)
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
     inner = symm_rs.Communicator.from_process_group(dist.group.WORLD)

@@ -8,17 +8,17 @@ of that group's communicator when the block exits, so NCCL runs its symmetric ke
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
 import symm_rs
 
+from _requirements import require_gpu, torchrun_ranks
+
 
 def main() -> None:
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    rank, local_rank = torchrun_ranks("examples/torchrun_all_gather.py")
+    require_gpu("examples/torchrun_all_gather.py", rank, local_rank)
     torch.cuda.set_device(local_rank)
     # device_id creates the NCCL communicator now rather than at the first collective.
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))

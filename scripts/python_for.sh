@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Prints the interpreter for one end of the Python range pyproject.toml admits (`oldest` or
 # `newest`), or nothing and exit status 1 when this machine has none: `pythonX.Y` on PATH, else
-# pyenv's newest X.Y.* build (the shims only run the versions pyenv has selected).
+# pyenv's newest X.Y.* build (pyenv's shims only run the versions it has selected).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-spec="$(sed -n 's/^requires-python = ">=3\.\([0-9]*\),<3\.\([0-9]*\)"/\1 \2/p' pyproject.toml)"
+spec="$(sed -n 's/^requires-python = ">=3\.\([0-9]*\),<3\.\([0-9]*\)"$/\1 \2/p' pyproject.toml)"
 read -r low high <<<"$spec"
 case "${1:-}" in
     oldest) minor="$low" ;;

@@ -8,14 +8,16 @@ import argparse
 import contextlib
 import datetime
 import functools
+import io
 import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -24,13 +26,13 @@ import torch.distributed as dist
 import symm_rs
 import symm_rs.bench as bench
 from symm_rs import cli, cp
-from symm_rs.bench import comm_calls, config, merge, report, sections, timing
+from symm_rs.bench import comm_calls, config, merge, progress, report, sections, timing
 from symm_rs.launch import run_ranks
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 RESULTS = Path(__file__).resolve().parents[1] / "benches" / "results"
 COMMITTED = sorted(RESULTS.glob("bench_*.json"))
-# README's table for bench_4gpu.json, first and last rows (CUDA-graph replay).
+# docs/results.md's table for bench_4gpu.json, first and last rows (CUDA-graph replay).
 README_4GPU_ROWS = (
     "| 1 KiB | 11.7 | 11.0 | 12.6 | 9.6 | 11.7 | 10.5 |",
     "| 256 MiB | 2520 | 2380 | 1195 | 1532 | 2518 | 3801 |",
@@ -244,6 +246,8 @@ def test_committed_results_render(path: Path, tmp_path: Path) -> None:
     assert "n/a" not in "\n".join(lines)
     if path.name == "bench_4gpu.json":
         assert lines[4] == README_4GPU_ROWS[0] and lines[-1] == README_4GPU_ROWS[1]
+        results = (RESULTS.parents[1] / "docs" / "results.md").read_text()
+        assert "\n".join(lines[4:]) in results
     why = report.plot_results(result, str(tmp_path / "plot.png"))
     try:
         import matplotlib  # noqa: F401
@@ -270,7 +274,8 @@ def test_cli_without_gpus_exits_2(tmp_path: Path) -> None:
         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
     )
     assert done.returncode == 2, done.stderr
-    assert "bench needs 2 or more GPUs: 0 asked for, 0 visible" in done.stderr
+    assert "bench: needs 2 or more GPUs, one process each; torch sees no GPU" in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -279,14 +284,17 @@ def test_main_checks_gpu_count_and_options(
 ) -> None:
     monkeypatch.setattr(bench, "visible_gpu_count", lambda: 2)
     for argv, message in (
-        (["--world-size", "4"], "4 asked for, 2 visible"),
-        (["--world-size", "1"], "1 asked for"),
+        (["--world-size", "4"], "bench: --world-size 4 needs 4 GPUs; torch sees 2 GPUs"),
+        (["--world-size", "1"], "bench: --world-size must be 2 or more (one process per GPU)"),
         (["--sizes", "6"], "multiples of 4"),
         (["--env", "NOVALUE"], "KEY=VALUE"),
         (["--tag", "a/b"], "--tag"),
     ):
         assert cli.main(["bench", *argv]) == 2
         assert message in capsys.readouterr().err
+    monkeypatch.setattr(bench, "visible_gpu_count", lambda: 1)
+    assert cli.main(["bench"]) == 2
+    assert "needs 2 or more GPUs, one process each; torch sees 1 GPU\n" in capsys.readouterr().err
 
 
 # -- keeping ranks in step, over gloo -----------------------------------------------------------
@@ -550,3 +558,72 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     assert s["coldstart"]["max_over_ranks"] == cold
     assert "| bytes | AG plain | AG symm | AR plain | AR symm | RS plain | RS symm |" in out
     assert "| 2 KiB |" in out and "| 1 MiB |" in out
+    # Where the results went, last and with absolute paths.
+    assert out.rstrip().splitlines()[-2:] == [
+        f"results (JSON): {tmp_path / 'bench_2gpu_dry.json'}",
+        "plot: not drawn (--no-plot)",
+    ]
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _FakeTqdm:
+    """tqdm's interface as Progress uses it, recording the calls."""
+
+    calls: ClassVar[list[tuple[Any, ...]]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.calls.append(("bar", kwargs["desc"], kwargs["total"]))
+
+    def update(self, n: int) -> None:
+        self.calls.append(("update", n))
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+    @classmethod
+    def write(cls, line: str, file: Any = None) -> None:
+        cls.calls.append(("write", line))
+
+
+def test_progress_without_tqdm_prints_numbered_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # not installed: import fails
+    shown = progress.Progress(_Terminal())
+    assert not shown.bars
+    shown.start("collectives", 2)
+    shown.step("all_gather 1 KiB plain eager: 12.0 us")
+    shown.step("all_gather 1 KiB symm eager: 10.0 us")
+    shown.start("context")
+    shown.step("enter+exit: 1.9 us")
+    shown.note("[context] done in 1.0 s")
+    assert capsys.readouterr().out.splitlines() == [
+        "[collectives 1/2] all_gather 1 KiB plain eager: 12.0 us",
+        "[collectives 2/2] all_gather 1 KiB symm eager: 10.0 us",
+        "[context 1] enter+exit: 1.9 us",
+        "[context] done in 1.0 s",
+    ]
+
+
+def test_progress_with_tqdm_draws_a_bar_per_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=_FakeTqdm))
+    _FakeTqdm.calls.clear()
+    assert not progress.Progress(io.StringIO()).bars  # no terminal: plain lines
+    shown = progress.Progress(_Terminal())
+    assert shown.bars
+    shown.start("cp", 16)
+    shown.step("1024 x 8x128 symm_rs eager: 51.0 us")
+    shown.close()
+    assert _FakeTqdm.calls == [
+        ("bar", "cp", 16),
+        ("write", "[cp 1/16] 1024 x 8x128 symm_rs eager: 51.0 us"),
+        ("update", 1),
+        ("close",),
+    ]

@@ -3,6 +3,9 @@ was invoked by; and the set-up README.md gives is the one CI runs."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import re
 import subprocess
 import sys
@@ -44,11 +47,74 @@ def test_help_imports_neither_torch_nor_the_benchmark() -> None:
     assert not {"symm_rs.memory", "symm_rs.comm", "symm_rs.doctor"} & imported
 
 
-def test_doctor_help_does_not_import_torch_either() -> None:
-    done = _run("-X", "importtime", "-m", "symm_rs", "doctor", "--help")
+def _commands() -> list[str]:
+    """Every sub-command the parser has (so that a new one is covered without a test change)."""
+    parser = cli.build_parser("symm-rs", with_bench_options=True)
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(commands.choices)
+
+
+# Runs the command line as `python -m symm_rs ARGS` does, then prints which heavy modules it
+# loaded: sys.modules is the record, whatever the machine's speed.
+_LOADED = """\
+import json, runpy, sys
+sys.argv = ["symm-rs", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("symm_rs", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code
+heavy = sorted(
+    m for m in sys.modules if m.split(".")[0] in ("torch", "numpy") or m == "symm_rs._native"
+)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["--version"], *([c, "--help"] for c in ("doctor", "bench"))],
+    ids=lambda a: " ".join(a),
+)
+def test_help_and_version_load_neither_torch_nor_the_native_module(args: list[str]) -> None:
+    done = _run("-c", _LOADED, json.dumps(args))
+    outcome = json.loads(done.stderr.strip().splitlines()[-1])
+    assert outcome == {"code": 0, "heavy": []}, done.stderr
+    assert done.stdout.strip()
+
+
+def test_every_command_is_covered_by_the_help_test() -> None:
+    assert _commands() == ["bench", "doctor"]
+
+
+def test_doctor_help_explains_the_exit_status() -> None:
+    done = _run("-m", "symm_rs", "doctor", "--help")
     assert done.returncode == 0, done.stderr
-    assert not any(n.split(".")[0] == "torch" for n in _imported(done.stderr))
-    assert "--require-gpu" in done.stdout and "Exit status" in done.stdout
+    text = " ".join(done.stdout.split())
+    assert "--require-gpu" in text
+    assert "Exit status: 0 when no problem was found, warnings or not" in text
+    assert "steers around" in text and "library loaded in this process" in text
+
+
+def test_version_names_the_installed_release() -> None:
+    import symm_rs
+
+    done = _run("-m", "symm_rs", "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"symm_rs {symm_rs.__version__} (Python ")
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+@pytest.mark.parametrize("command", [[], ["doctor"], ["bench"]], ids=lambda c: " ".join(c))
+def test_help_wraps_description_and_options_at_one_width(columns: int, command: list[str]) -> None:
+    width = cli.help_width(columns)
+    done = _run("-m", "symm_rs", *command, "--help", env=dict(os.environ, COLUMNS=str(columns)))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    too_long = [line for line in lines if len(line) > width]
+    assert not too_long, (width, too_long)
+    if command:  # a description long enough to need wrapping: it fills the width, not less
+        description = done.stdout.split("\n\n", 1)[1].split("\noptions:", 1)[0].splitlines()
+        assert max(map(len, description)) > width - 15, (width, description)
 
 
 def test_import_symm_rs_is_lazy() -> None:
@@ -147,8 +213,9 @@ def test_readme_gives_exactly_two_setup_commands_and_ci_runs_them() -> None:
     ]
     ci = (ROOT / ".ci" / "run").read_text()
     steps = re.findall(r'^step "(.*)"$', ci, re.MULTILINE)
-    assert steps == commands
-    assert "python3 -m venv" in ci
+    # README's two commands first, as written; then the release artifacts, checked.
+    assert steps == [*commands, "make dist dist-check"]
+    assert '"$python" -m venv "$venv"' in ci and "scripts/python_for.sh oldest" in ci
     readme = (ROOT / "README.md").read_text()
     assert "--index-url https://download.pytorch.org/whl/cu126" in readme
 

@@ -196,6 +196,103 @@ def test_doctor_reports_a_known_bad_nccl_with_advice(
     assert report["known_issues"] == []
 
 
+def _fake_running_nccl(
+    monkeypatch: pytest.MonkeyPatch, running: tuple[int, int, int], built: tuple[int, int, int]
+) -> None:
+    """The process runs NCCL ``running`` (preloaded in place of torch's) while torch reports
+    the version it was built with, ``built``."""
+    info = dict(library.library_info())
+    info["version"] = running
+    monkeypatch.setattr(library, "library_info", lambda: info)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: built)
+
+
+@no_gpu
+def test_the_running_nccl_is_judged_not_the_one_torch_was_built_with(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The GPU host's case: 2.30.7 preloaded over torch's 2.28.9. Nothing to report.
+    _fake_running_nccl(monkeypatch, running=(2, 30, 7), built=(2, 28, 9))
+    report = doctor.diagnose(run_check=False)
+    assert report["known_issues"] == [] and report["problems"] == []
+    assert report["nccl"]["same_as_torch"] and report["torch_nccl"] == "2.28.9"
+    assert any(
+        "torch was built with NCCL 2.28.9; this process runs NCCL 2.30.7" in n
+        for n in report["notes"]
+    )
+    assert cli.main(["doctor", "--no-check"]) == 0
+    assert "torch was built with NCCL 2.28.9" in capsys.readouterr().out
+    # The other way round, the defect of the library that runs is found.
+    _fake_running_nccl(monkeypatch, running=(2, 28, 9), built=(2, 30, 7))
+    report = doctor.diagnose(run_check=False)
+    assert any("issues/1924" in p for p in report["problems"])
+
+
+@no_gpu
+def test_a_defect_symm_rs_steers_around_is_a_warning_not_a_failure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_running_nccl(monkeypatch, running=(2, 27, 7), built=(2, 27, 7))
+    report = doctor.diagnose(run_check=False)
+    [issue] = report["known_issues"]
+    assert issue["steered_around"] and "Communicator" in issue["how_steered"]
+    assert report["problems"] == []
+    assert any("16-bit" in w and "keep per-rank counts" in w for w in report["warnings"])
+    assert cli.main(["doctor", "--no-check"]) == 0
+    # The launch race has no way around it in symm_rs: a problem, exit status 1.
+    _fake_running_nccl(monkeypatch, running=(2, 29, 7), built=(2, 29, 7))
+    report = doctor.diagnose(run_check=False)
+    assert [i["steered_around"] for i in report["known_issues"]] == [False, True]
+    assert len(report["problems"]) == 1 and "issues/1924" in report["problems"][0]
+    assert cli.main(["doctor", "--no-check"]) == 1
+    capsys.readouterr()
+
+
+def test_torch_calling_another_libnccl_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = os.path.realpath(str(library.library_info()["path"]))
+    other = "/opt/x/libnccl.so.2"
+    monkeypatch.setattr(library, "loaded_nccl_libraries", lambda: [ours, other])
+    monkeypatch.setattr(library, "global_nccl_library", lambda: other)
+    report = doctor.diagnose(run_check=False)
+    assert not report["nccl"]["same_as_torch"]
+    [text] = [p for p in report["problems"] if "torch's NCCL calls go to" in p]
+    assert f"torch's NCCL calls go to {other}" in text and ours in text
+    assert doctor.ADVICE["nccl_mismatch"] in report["advice"]
+    # A copy that is mapped but shadowed by the library in use is only a note.
+    monkeypatch.setattr(library, "global_nccl_library", lambda: ours)
+    report = doctor.diagnose(run_check=False)
+    assert report["nccl"]["same_as_torch"]
+    assert not any("torch's NCCL calls" in p for p in report["problems"])
+    assert any(n.startswith("also mapped but never called") and other in n for n in report["notes"])
+
+
+def test_torch_calls_the_libnccl_symm_rs_uses() -> None:
+    ours = os.path.realpath(str(library.library_info()["path"]))
+    # torch's own libnccl is a local dependency of libtorch_cuda (not in the global scope)
+    # unless something preloaded one; either way it is the file symm_rs uses.
+    assert library.global_nccl_library() in (None, ours)
+    assert library.loaded_nccl_libraries() == [ours]
+    assert doctor.diagnose(run_check=False)["nccl"]["same_as_torch"]
+
+
+def test_loaded_libraries_come_from_the_process_map(tmp_path: Path) -> None:
+    lib = tmp_path / "libnccl.so.2.30.7"
+    lib.write_bytes(b"")
+    (tmp_path / "libnccl.so.2").symlink_to(lib.name)
+    maps = tmp_path / "maps"
+    maps.write_text(
+        f"7f00-7f01 r--p 00000000 fd:01 1 {tmp_path / 'libnccl.so.2'}\n"
+        f"7f01-7f02 r-xp 00001000 fd:01 1 {lib}\n"
+        "7f02-7f03 r--p 00000000 fd:01 2 /usr/lib/libc.so.6\n"
+        "7f03-7f04 rw-p 00000000 00:00 0 \n"
+    )
+    assert library.loaded_nccl_libraries(str(maps)) == [str(lib)]
+    assert library.loaded_nccl_libraries(str(tmp_path / "missing")) == []
+    # In this process: torch's libnccl, the one symm_rs uses.
+    running = library.loaded_nccl_libraries()
+    assert running == [os.path.realpath(str(library.library_info()["path"]))]
+
+
 # --- two wheels that install the same libnccl ------------------------------------------------
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -142,3 +147,97 @@ def test_cp_copy_values() -> None:
     [issue] = env.environment_issues({env.CP_COPY: "memcpy"})
     assert issue.fatal
     assert issue.message == "SYMM_RS_CP_COPY: must be one of kernel, driver; got 'memcpy'"
+
+
+# --- checked once, at import ------------------------------------------------------------------
+
+# One value each variable cannot take, and a word of what it does take that its message names.
+BAD_VALUES = {
+    env.NCCL_LIBRARY: ("/nowhere/libnccl.so.2", "no such file"),
+    env.RESERVE: ("banana", "4GiB"),
+    env.VERIFY: ("maybe", "true or false"),
+    env.DEBUG: ("2", "on or off"),
+    env.STRICT: ("very", "yes or no"),
+    env.TIMEOUT: ("soon", "30"),
+    env.REGISTER: ("never", "auto, always"),
+    env.POLICY_TABLE: ("all_reduce", "none"),
+    env.CP_COPY: ("memcpy", "kernel, driver"),
+}
+
+
+def test_every_variable_has_a_bad_value_case() -> None:
+    assert set(BAD_VALUES) == set(env.VARIABLES)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_import_check_warns_naming_the_variable_and_what_it_takes(name: str) -> None:
+    value, allowed = BAD_VALUES[name]
+    with pytest.warns(env.SettingWarning) as caught:
+        issues = env.check_on_import({name: value})
+    [issue] = issues
+    assert issue.fatal
+    [warning] = caught
+    message = str(warning.message)
+    assert message.startswith(name) and allowed in message, message
+
+
+def test_import_check_is_quiet_when_everything_is_valid() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert env.check_on_import({env.RESERVE: "1g", env.POLICY_TABLE: "none", "PATH": "/"}) == []
+
+
+def test_strict_mode_raises_naming_every_bad_value() -> None:
+    environ = {env.STRICT: "1", env.RESERVE: "banana", env.TIMEOUT: "0", "SYMM_RS_VERIFFY": "1"}
+    with pytest.raises(env.SettingError) as raised:
+        env.check_on_import(environ)
+    text = str(raised.value)
+    assert "SYMM_RS_RESERVE" in text and "SYMM_RS_TIMEOUT" in text
+    assert "SYMM_RS_STRICT=1 makes this an error" in text
+    # An unknown name alone is a warning even in strict mode: it may belong to another release.
+    with pytest.warns(env.SettingWarning, match="SYMM_RS_VERIFFY is not a symm_rs variable"):
+        env.check_on_import({env.STRICT: "1", "SYMM_RS_VERIFFY": "1"})
+
+
+def _import_symm_rs(**environ: str) -> subprocess.CompletedProcess[str]:
+    script = (
+        "import sys, symm_rs\n"
+        "print(sorted(m for m in ('torch', 'symm_rs._native') if m in sys.modules))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(env.PREFIX)}
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **environ},
+    )
+
+
+def test_import_symm_rs_warns_once_without_loading_torch() -> None:
+    done = _import_symm_rs(SYMM_RS_RESERVE="banana")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"  # neither torch nor the native module
+    assert done.stderr.count("SettingWarning") == 1
+    assert "SYMM_RS_RESERVE: not a byte size: 'banana'" in done.stderr
+    assert done.stderr.startswith("<string>:1:")  # points at the importing line
+
+
+def test_import_symm_rs_raises_in_strict_mode() -> None:
+    done = _import_symm_rs(SYMM_RS_RESERVE="banana", SYMM_RS_STRICT="1")
+    assert done.returncode == 1
+    assert "symm_rs.env.SettingError: SYMM_RS_RESERVE: not a byte size" in done.stderr
+
+
+def test_the_command_line_still_reports_in_strict_mode() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(env.PREFIX)}
+    done = subprocess.run(
+        [sys.executable, "-m", "symm_rs", "doctor", "--json", "--no-check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**clean, "SYMM_RS_RESERVE": "banana", "SYMM_RS_STRICT": "1"},
+    )
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert any("SYMM_RS_RESERVE" in p for p in report["problems"])

@@ -5,8 +5,9 @@ with symm_rs.use_symmetric_memory(group):
     buf = torch.empty(n, dtype=torch.bfloat16, device="cuda")
 # buf lies in a symmetric window of group's communicator: NCCL runs its symmetric kernels.
 
-``import symm_rs`` is cheap: it does not import torch. Each public name is loaded from its
-submodule on first use (PEP 562), and the submodules that need torch import it then.
+``import symm_rs`` is cheap: it imports neither torch nor the native module, and checks the
+``SYMM_RS_*`` variables (``symm_rs.env``). Each public name is loaded from its submodule on first
+use (PEP 562), and the submodules that need torch import it then.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-# The native module is Rust and imports nothing heavy: its exception classes and version are
-# available at once.
-from symm_rs._native import (
-    NcclError,
-    NcclLibraryError,
-    RegistrationError,
-    SymmetricMemoryError,
-    __version__,
-)
+from symm_rs import env as _env
 
 if TYPE_CHECKING:
+    from symm_rs._native import (
+        NcclError,
+        NcclLibraryError,
+        RegistrationError,
+        SymmetricMemoryError,
+        __version__,
+    )
     from symm_rs.agreement import AgreementError, check_layout, verify_pending
     from symm_rs.capability import (
         NoSymmetricKernelsWarning,
@@ -59,8 +59,18 @@ if TYPE_CHECKING:
 # Quiet by default: applications opt in with logging.getLogger("symm_rs").
 logging.getLogger("symm_rs").addHandler(logging.NullHandler())
 
-# Public name -> the submodule that defines it.
+# Once per process, before anything reads a value: a bad one warns (raises under SYMM_RS_STRICT=1)
+# here, naming the variable, rather than on first use deep inside a collective call.
+_env.check_on_import()
+
+# Public name -> the submodule that defines it. The native module's names are lazy too, so that
+# ``python -m symm_rs --help`` loads no extension (and works where it cannot load).
 _LAZY: dict[str, str] = {
+    "NcclError": "_native",
+    "NcclLibraryError": "_native",
+    "RegistrationError": "_native",
+    "SymmetricMemoryError": "_native",
+    "__version__": "_native",
     "AgreementError": "agreement",
     "check_layout": "agreement",
     "verify_pending": "agreement",
@@ -101,8 +111,8 @@ _LAZY: dict[str, str] = {
 # Submodules reachable as attributes (``symm_rs.cp.zigzag_layout``) without importing them first.
 _SUBMODULES = frozenset(
     (
-        "agreement bench capability cli comm compat context cp doctor env groups launch memory "
-        "library nccl_log ops policy pool registration watchdog"
+        "_native agreement bench capability cli comm compat context cp doctor env groups launch "
+        "memory library nccl_log ops policy pool registration watchdog"
     ).split()
 )
 

@@ -1,6 +1,6 @@
 """The ``symm-rs`` / ``python -m symm_rs`` command line: ``doctor`` and ``bench``.
 
-Answering ``--help`` imports nothing heavy: torch, the native module and the benchmark module are
+Answering ``--help`` or ``--version`` imports neither torch nor the native module: they are
 imported only by the command that runs.
 """
 
@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
-from typing import Optional
+import textwrap
+from typing import Any, Optional
 
 DESCRIPTION = "NCCL symmetric memory for PyTorch, with a prebuilt Rust core."
 EXAMPLES = (
@@ -25,8 +27,16 @@ the SYMM_RS_* and NCCL_* variables, and the GPUs with their peer access. With 2 
 runs a symmetric all-gather across them and confirms, from NCCL's own tuning log, that NCCL ran
 a symmetric kernel.
 
-Exit status: 0 when no problem was found (also on a machine without GPUs, unless --require-gpu),
-1 when one was."""
+Findings are problems or warnings. A problem stops symm_rs from working or gives wrong results
+that symm_rs cannot steer around: a value it cannot use, NCCL too old for windows, a known NCCL
+defect it has no way around (NCCL 2.28.0 to 2.30.6: the launch race of its symmetric kernels),
+two libnccl in one process, a failed or non-symmetric all-gather. A warning is something to know
+that symm_rs copes with: a known NCCL defect it steers around in its own calls (NCCL 2.27.0 to
+2.30.2: odd 16-bit counts), an unknown SYMM_RS_* name, no GPU. NCCL is judged by the library
+loaded in this process, not by the version torch was built with.
+
+Exit status: 0 when no problem was found, warnings or not (also on a machine without GPUs,
+unless --require-gpu); 1 when one was."""
 
 _LITERAL = re.compile(r"``([^`]+)``")
 _ROLE = re.compile(r":[a-z]+:`([^`]+)`")
@@ -53,9 +63,97 @@ def plain_text(doc: Optional[str]) -> str:
     return "\n".join(lines)
 
 
+HELP_WIDTH = 100  # the widest help, for terminals wider than that
+
+
+def help_width(columns: Optional[int] = None) -> int:
+    """The one width every help text is wrapped to: the terminal's (``$COLUMNS``), less 2, at
+    most ``HELP_WIDTH``."""
+    if columns is None:
+        columns = shutil.get_terminal_size().columns
+    return max(40, min(columns - 2, HELP_WIDTH))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter with descriptions re-wrapped to the width its option help uses (the
+    raw formatter prints them as written, the plain one joins their lists into one paragraph).
+    Paragraphs are kept, ``- `` bullets keep a hanging indent, and an indented paragraph (an
+    example) is printed as written."""
+
+    def __init__(self, prog: str, width: Optional[int] = None, **kwargs: Any) -> None:
+        # kwargs: what newer argparse passes along (3.14: color).
+        kwargs.setdefault("max_help_position", 30)
+        super().__init__(prog, width=width or help_width(), **kwargs)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(
+            _fill_paragraph(paragraph, width, indent) for paragraph in text.split("\n\n")
+        )
+
+
+def _fill_paragraph(paragraph: str, width: int, indent: str) -> str:
+    # Items: ("bullet" | "text" | "verbatim", lines). An indented line continues a bullet, or
+    # else is verbatim (an example command); an unindented one continues plain text.
+    items: list[tuple[str, list[str]]] = []
+    for line in paragraph.strip("\n").splitlines():
+        kind = items[-1][0] if items else ""
+        if line.startswith("- "):
+            items.append(("bullet", [line[2:].strip()]))
+        elif line.startswith(" ") and kind == "bullet":
+            items[-1][1].append(line.strip())
+        elif line.startswith(" "):
+            items.append(("verbatim", [line]))
+        elif kind == "text":
+            items[-1][1].append(line.strip())
+        else:
+            items.append(("text", [line.strip()]))
+    out = []
+    for kind, lines in items:
+        if kind == "verbatim":
+            out.append(indent + lines[0])
+            continue
+        first, rest = ("- ", "  ") if kind == "bullet" else ("", "")
+        out.append(
+            textwrap.fill(
+                " ".join(lines),
+                width,
+                initial_indent=indent + first,
+                subsequent_indent=indent + rest,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(out)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"symm_rs {_version()} (Python {sys.version.split()[0]})")
+        parser.exit()
+
+
+def _version() -> str:
+    """The installed distribution's version, read without loading the native module; a source
+    tree run in place has no distribution: then the module's own."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("symm-rs")
+    except metadata.PackageNotFoundError:
+        from symm_rs._native import __version__
+
+        return __version__
+
+
 def _examples(prog: str) -> str:
     width = max(len(command) for command, _ in EXAMPLES) + len(prog) + 1
     lines = [f"  {prog + ' ' + command:<{width}}  {what}" for command, what in EXAMPLES]
+    if max(map(len, lines)) > help_width():  # each command on a line of its own, then what
+        lines = [f"  {prog} {command}\n      {what}" for command, what in EXAMPLES]
     return "examples:\n" + "\n".join(lines)
 
 
@@ -78,15 +176,16 @@ def build_parser(prog: str, with_bench_options: bool = False) -> argparse.Argume
         prog=prog,
         description=DESCRIPTION,
         epilog=_examples(prog),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     doctor = commands.add_parser(
         "doctor",
         help="check torch, NCCL, the environment and the GPUs; with 2+ GPUs run a symmetric "
         "all-gather",
         description=DOCTOR_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--no-check", action="store_true", help="skip the multi-GPU all-gather")
@@ -103,7 +202,7 @@ def build_parser(prog: str, with_bench_options: bool = False) -> argparse.Argume
             "bench",
             help=bench_help,
             description=plain_text(bench_module.__doc__),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         bench_module.add_arguments(bench)
     else:

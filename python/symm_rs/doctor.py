@@ -1,8 +1,10 @@
 """``doctor``: what a user needs to know before relying on symm_rs.
 
-Every finding that stops symm_rs from working correctly is a *problem* (the command then exits
-with status 1) and comes with advice; findings that do not (an unknown ``SYMM_RS_*`` name, say)
-are *warnings*.
+Every finding that stops symm_rs from working, or that gives wrong results symm_rs cannot steer
+around, is a *problem* (the command then exits with status 1) and comes with advice. Findings
+that do not are *warnings*: an unknown ``SYMM_RS_*`` name, or a known NCCL defect that symm_rs
+steers around in its own calls. NCCL is judged by the library loaded in this process (torch's,
+or one preloaded in its place), never by the version torch was built with.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ ADVICE = {
     "given to torch.cuda.graph(g, pool=pool) (torch >= 2.12 reports it itself)",
     "win_disabled": "unset NCCL_WIN_ENABLE (windows are off, registration returns NULL windows)",
     "cumem_disabled": "unset NCCL_CUMEM_ENABLE=0: symmetric windows need cuMem allocations",
-    "nccl_mismatch": "torch and symm_rs use different NCCL builds; communicators of torch groups "
-    "are only valid in torch's: import torch before symm_rs and unset SYMM_RS_NCCL_LIBRARY",
+    "nccl_mismatch": "load one libnccl per process: communicators of torch groups are only "
+    "valid in the library that made them; import torch before symm_rs, unset "
+    "SYMM_RS_NCCL_LIBRARY, and preload (LD_PRELOAD) a newer libnccl rather than adding one",
     "override_ignored": "unset SYMM_RS_NCCL_LIBRARY: torch's libnccl is already loaded and "
     "symm_rs uses it (a communicator is only valid in the library that made it)",
     "environment": "fix or unset the SYMM_RS_* variables named above (README.md, 'Environment "
@@ -133,8 +136,10 @@ def check_environment(environ: Optional[dict[str, str]] = None) -> dict[str, Any
     }
 
 
-def known_issues_report(version: tuple[int, int, int]) -> list[dict[str, str]]:
-    """The known NCCL defects of ``version`` (``symm_rs.library.NCCL_ISSUES``), as JSON."""
+def known_issues_report(version: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """The known NCCL defects of ``version`` (``symm_rs.library.NCCL_ISSUES``), as JSON:
+    ``steered_around`` with how symm_rs avoids the defect, or ``False`` and ``""`` when it
+    cannot."""
     from symm_rs.library import nccl_issues
 
     dotted = ".".join(map(str, version))
@@ -147,6 +152,8 @@ def known_issues_report(version: tuple[int, int, int]) -> list[dict[str, str]]:
             "reference": issue.reference,
             "problem": issue.describe(version),
             "advice": issue.advice,
+            "steered_around": bool(issue.steered),
+            "how_steered": issue.steered,
         }
         for issue in nccl_issues(version)
     ]
@@ -245,7 +252,7 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
     import torch
 
     from symm_rs import __version__
-    from symm_rs.library import library_info
+    from symm_rs.library import global_nccl_library, library_info, loaded_nccl_libraries
 
     report: dict[str, Any] = {
         "symm_rs": __version__,
@@ -285,6 +292,8 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
         report["advice"].append(ADVICE["graph_capture"])
 
     try:
+        # The version torch was *built* with: a newer libnccl preloaded in place of torch's
+        # (LD_PRELOAD) is the one that runs, and the one judged below.
         torch_nccl = _version_text(torch.cuda.nccl.version())
     except Exception:
         torch_nccl = None
@@ -300,20 +309,44 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
     try:
         info = library_info()
         ours = _version_text(info["version"])
+        loaded = loaded_nccl_libraries()
+        ours_real = os.path.realpath(str(info["path"]))
+        # The libnccl torch's calls bind to. torch may map its own copy by path beside one
+        # preloaded in its place; the preloaded one still comes first in the global scope, and
+        # the copy is mapped but never called.
+        torch_library = global_nccl_library()
+        if torch_library is None:  # not in the global scope: then one file must be all there is
+            torch_library = loaded[0] if len(loaded) == 1 else None
+        shadowed = [path for path in loaded if path not in (ours_real, torch_library)]
         report["nccl"] = {
             "path": info["path"],
             "origin": info["origin"],
             "version": ours,
             "windows_supported": info["windows_supported"],
-            "same_as_torch": info["origin"] == "already loaded in this process"
-            and (torch_nccl is None or torch_nccl == ours),
+            "loaded_libraries": loaded,
+            "torch_library": torch_library,
+            "same_as_torch": torch_library == ours_real,
         }
         if not info["windows_supported"]:
             problem(info["windows_problem"])
-        if torch_nccl is not None and not report["nccl"]["same_as_torch"]:
+        if shadowed and torch_library == ours_real:
+            report["notes"].append(
+                "also mapped but never called (the libnccl in use comes first): "
+                + ", ".join(shadowed)
+            )
+        if torch_library != ours_real and (torch_nccl is not None or len(loaded) > 1):
             problem(
-                f"symm_rs uses NCCL {ours} ({info['origin']}) but torch reports {torch_nccl}",
+                f"symm_rs uses NCCL {ours} from {info['path']} ({info['origin']}) but torch's "
+                f"NCCL calls go to {torch_library or 'a libnccl symm_rs cannot name'} (loaded: "
+                f"{', '.join(loaded) or 'none found'}): a communicator made by one library is "
+                "invalid in the other",
                 ADVICE["nccl_mismatch"],
+            )
+        elif torch_nccl is not None and torch_nccl != ours:
+            report["notes"].append(
+                f"torch was built with NCCL {torch_nccl}; this process runs NCCL {ours} "
+                f"({info['path']}), the one torch's NCCL calls go to: torch and symm_rs share "
+                "it, and it is the one judged here"
             )
         note_problems, harmless = split_notes(list(info["notes"]), str(info["path"]))
         for note in note_problems:
@@ -323,14 +356,12 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
                 f"SYMM_RS_NCCL_LIBRARY={os.environ.get('SYMM_RS_NCCL_LIBRARY')} names the libnccl "
                 "already loaded (the same file): it has no effect"
             )
-        versions = [_version_tuple(ours)]
-        if torch_nccl is not None and torch_nccl != ours:
-            versions.append(_version_tuple(torch_nccl))
-        for checked in versions:
-            if checked is None:
-                continue
-            for issue in known_issues_report(checked):
-                report["known_issues"].append(issue)
+        running = _version_tuple(ours)
+        for issue in known_issues_report(running) if running is not None else []:
+            report["known_issues"].append(issue)
+            if issue["steered_around"]:
+                report["warnings"].append(f"{issue['problem']}; {issue['how_steered']}")
+            else:
                 problem(issue["problem"], issue["advice"])
     except Exception as e:
         report["nccl"] = None
@@ -463,7 +494,7 @@ def render(report: dict[str, Any]) -> str:
     else:
         lines.append("NCCL: not found")
     if report.get("torch_nccl"):
-        lines.append(f"torch's NCCL: {report['torch_nccl']}")
+        lines.append(f"torch was built with NCCL {report['torch_nccl']}")
     variables = report.get("environment", {}).get("variables", {})
     if variables:
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in variables.items()))

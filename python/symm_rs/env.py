@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -38,7 +40,8 @@ VARIABLES: dict[str, str] = {
     STRICT: "boolean: 1/0, true/false, yes/no, on/off",
     TIMEOUT: "seconds (> 0), e.g. 30 or 2.5",
     REGISTER: "auto (skip registration where NCCL cannot run symmetric kernels) or always",
-    POLICY_TABLE: "size-policy table, e.g. all_reduce:32K-2M,128M-;reduce_scatter:32K-",
+    POLICY_TABLE: "size-policy table, e.g. all_reduce:32K-2M,128M-;reduce_scatter:32K-, or none "
+    "(an empty table)",
     CP_COPY: "kernel (the CP all-gather's copies in one copy kernel launch per step) or driver",
     SEAL: "boolean: 1/0, true/false, yes/no, on/off (seal the pool SYMM_RS_RESERVE grew)",
     ON_FAILURE: "log (default) or abort (abort a group a peer failed in, through its owner)",
@@ -179,7 +182,7 @@ def read_policy_table(environ: Optional[Mapping[str, str]] = None) -> Optional[s
     try:
         PolicyTable.parse(value)
     except ValueError as e:
-        raise ValueError(f"{POLICY_TABLE}: {e}") from None
+        raise ValueError(f"{POLICY_TABLE}: {e}; or none for an empty table") from None
     return value
 
 
@@ -248,3 +251,51 @@ def validate_environment(environ: Optional[Mapping[str, str]] = None) -> list[st
     """One message per ``SYMM_RS_*`` variable that is wrong: a value symm_rs cannot use, or a
     name it does not know. Empty when everything set is valid."""
     return [issue.message for issue in environment_issues(environ)]
+
+
+class SettingWarning(UserWarning):
+    """A ``SYMM_RS_*`` variable whose value symm_rs cannot use, or whose name it does not know:
+    issued once, at ``import symm_rs``."""
+
+
+class SettingError(ValueError):
+    """A ``SYMM_RS_*`` value symm_rs cannot use, under ``SYMM_RS_STRICT=1``: raised by
+    ``import symm_rs``."""
+
+
+def _strict(env: Mapping[str, str]) -> bool:
+    try:
+        return read_flag(STRICT, environ=env)
+    except ValueError:
+        return False  # reported as a bad value of its own
+
+
+def _running_command_line() -> bool:
+    """Whether this process is ``python -m symm_rs`` or the ``symm-rs`` script, whose ``doctor``
+    reports bad values itself and so must not be stopped by them at import."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1] in ("symm_rs", "symm_rs.cli"):
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "symm-rs"
+
+
+def check_on_import(environ: Optional[Mapping[str, str]] = None) -> list[EnvIssue]:
+    """What ``import symm_rs`` does with the environment: one ``SettingWarning`` per variable
+    that is wrong (a value it cannot use, or an unknown name), each naming the variable and what
+    it takes. Returns the issues found.
+
+    Raises:
+        SettingError: ``SYMM_RS_STRICT=1`` and some value cannot be used (every one is named),
+            except in symm_rs's own command line, which reports them (``doctor``).
+    """
+    env = _environ(environ)
+    issues = environment_issues(env)
+    fatal = [issue for issue in issues if issue.fatal]
+    if fatal and _strict(env) and not _running_command_line():
+        raise SettingError(
+            "; ".join(issue.message for issue in fatal)
+            + f" ({STRICT}=1 makes this an error; unset it to get a warning instead)"
+        )
+    for issue in issues:
+        warnings.warn(issue.message, SettingWarning, stacklevel=3)
+    return issues

@@ -7,6 +7,7 @@ then the system's. This module only finds the wheel candidates and caches the de
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -93,12 +94,15 @@ def _dotted(version: tuple[int, int, int]) -> str:
 @dataclass(frozen=True)
 class NcclIssue:
     """A known NCCL defect that affects symmetric memory: releases ``first`` up to (not
-    including) ``fixed`` have it."""
+    including) ``fixed`` have it. ``steered`` says how symm_rs avoids it in its own calls, and
+    is empty when it cannot: ``doctor`` counts the first kind as a warning, the second as a
+    problem."""
 
     first: tuple[int, int, int]
     fixed: tuple[int, int, int]
     summary: str
     reference: str
+    steered: str = ""
 
     def affects(self, version: tuple[int, int, int]) -> bool:
         return self.first <= tuple(version)[:3] < self.fixed
@@ -143,8 +147,61 @@ NCCL_ISSUES: tuple[NcclIssue, ...] = (
         "steer around it); NCCL 2.30.3 fixes 'data corruption in symmetric LL kernels with "
         "unaligned buffer'",
         reference="https://github.com/NVIDIA/nccl/releases/tag/v2.30.3-1",
+        steered="symm_rs's Communicator stages such calls outside the windows and its CP helper "
+        "pads every slot to 16 bytes; code that calls torch.distributed on symmetric buffers "
+        "itself should keep per-rank counts of 16-bit data even",
     ),
 )
+
+
+def loaded_nccl_libraries(maps: str = "/proc/self/maps") -> list[str]:
+    """The libnccl files mapped into this process (real paths, in the order first mapped): the
+    one to judge, whatever torch reports as the version it was built with. Empty where
+    ``maps`` cannot be read (not Linux)."""
+    try:
+        with open(maps) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        path = fields[5].strip() if len(fields) == 6 else ""
+        name = os.path.basename(path)
+        if name.startswith("libnccl") and ".so" in name:
+            real = os.path.realpath(path)
+            if real not in found:
+                found.append(real)
+    return found
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = (
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    )
+
+
+def global_nccl_library() -> Optional[str]:
+    """The file whose ``ncclGetVersion`` a library that links NCCL by name (torch's) calls:
+    the first definition in the process's global symbol scope, found as the dynamic linker
+    finds it (``dlsym`` on the global handle, then ``dladdr``). A libnccl preloaded with
+    ``LD_PRELOAD`` comes first there, even when torch also maps its own copy by path. ``None``
+    when no libnccl is in the global scope."""
+    process = ctypes.CDLL(None)
+    try:
+        symbol = process.ncclGetVersion
+        dladdr = process.dladdr
+    except AttributeError:
+        return None
+    info = _DlInfo()
+    dladdr.argtypes = (ctypes.c_void_p, ctypes.POINTER(_DlInfo))
+    address = ctypes.cast(symbol, ctypes.c_void_p).value
+    if not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(os.fsdecode(info.dli_fname))
 
 
 def nccl_issues(version: tuple[int, int, int]) -> list[NcclIssue]:

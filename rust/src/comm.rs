@@ -270,7 +270,7 @@ fn unaligned_symmetric(call: &Collective, out: &TensorView, inp: &TensorView) ->
         CollectiveKind::AllGather | CollectiveKind::ReduceScatter(_)
     );
     if !per_rank
-        || call.count % 2 == 0
+        || call.count.is_multiple_of(2)
         || !matches!(call.dtype, DataType::Float16 | DataType::Bfloat16)
     {
         return false;

@@ -53,7 +53,7 @@ impl RouteTable {
     pub fn to_twin(&self, kind: CollectiveKind, bytes: usize) -> bool {
         self.ranges[slot(kind)]
             .iter()
-            .any(|&(low, high)| bytes >= low && high.map_or(true, |h| bytes < h))
+            .any(|&(low, high)| bytes >= low && high.is_none_or(|h| bytes < h))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -37,8 +37,6 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import torch
-
 import symm_rs
 from symm_rs.bench.coldstart import run_coldstart
 from symm_rs.bench.config import (
@@ -50,19 +48,25 @@ from symm_rs.bench.config import (
 )
 from symm_rs.bench.merge import merge_results
 from symm_rs.bench.report import plot_results, render_markdown
-from symm_rs.bench.sections import bench_rank
 from symm_rs.launch import run_ranks
+
+# torch (and the rank code, which needs it) is imported by the functions that run: `bench --help`
+# builds its options from this module.
 
 __all__ = ["add_arguments", "run"]
 OTHER_ENV = ("TORCH_NCCL_", "SYMM_RS_", "TORCH_SYMM_MEM_", "NVSHMEM_", "CUDA_VISIBLE_DEVICES")
 
 
 def visible_gpu_count() -> int:
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def run_info(world: int) -> dict[str, Any]:
     """Machine, versions and environment (the ranks inherit this process's environment)."""
+    import torch
+
     gpu, nccl = torch.cuda.get_device_name(0), symm_rs.library_info()
     environ = sorted(os.environ.items())
     return {
@@ -80,6 +84,22 @@ def run_info(world: int) -> dict[str, Any]:
     }
 
 
+def _gpu_count_problem(world_size: int | None, visible: int) -> str:
+    """Why ``--world-size`` cannot run on ``visible`` GPUs, or ``""``."""
+    seen = (
+        f"torch sees {visible} GPU{'' if visible == 1 else 's'}"
+        if visible
+        else ("torch sees no GPU (check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)")
+    )
+    if world_size is None and visible < 2:
+        return f"needs 2 or more GPUs, one process each; {seen}"
+    if world_size is not None and world_size < 2:
+        return f"--world-size must be 2 or more (one process per GPU); got {world_size}"
+    if world_size is not None and world_size > visible:
+        return f"--world-size {world_size} needs {world_size} GPUs; {seen}"
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     """``python -m symm_rs bench``: returns 0, 1 (errors, recorded in the JSON) or 2 (usage)."""
     try:
@@ -91,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ.update(env_set)  # before anything starts CUDA or NCCL: the ranks inherit it
     visible = visible_gpu_count()
     world = visible if args.world_size is None else args.world_size
-    if not 2 <= world <= visible:
-        print(f"bench needs 2 or more GPUs: {world} asked for, {visible} visible", file=sys.stderr)
+    problem = _gpu_count_problem(args.world_size, visible)
+    if problem:
+        print(f"bench: {problem}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     started, now = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
@@ -101,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     sections: dict[str, dict[int, Any]] = {}
     errors: dict[int, str] = {}
     if set(cfg.sections) - {"coldstart"}:
+        from symm_rs.bench.sections import bench_rank
+
         outcomes = run_ranks(bench_rank, world, args=(cfg,), timeout=args.timeout, grace=15.0)
         for rank, (ok, value) in enumerate(outcomes):
             if not ok or "error" in value:
@@ -121,13 +144,15 @@ def run(args: argparse.Namespace) -> int:
         method=__doc__,
         elapsed_s=round(time.perf_counter() - started, 3),
     )
-    stem = os.path.join(args.out, output_stem(world, args.tag))
+    stem = os.path.abspath(os.path.join(args.out, output_stem(world, args.tag)))
     with open(stem + ".json", "w") as f:
         f.write(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {stem}.json", flush=True)
+    plot = "not drawn (--no-plot)"
     if not args.no_plot:
-        print(plot_results(result, stem + ".png") or f"wrote {stem}.png", flush=True)
+        plot = plot_results(result, stem + ".png") or f"{stem}.png"
     print("\n" + render_markdown(result), flush=True)
     for error in result["errors"]:
         print(f"error: {error.strip()[:2000]}", file=sys.stderr)
+    # Last, below the long table, where a reader looks once the run is over.
+    print(f"results (JSON): {stem}.json\nplot: {plot}", flush=True)
     return 1 if result["errors"] else 0

@@ -75,6 +75,7 @@ def communicator(r: Rank) -> dict[str, Any]:
     sizes = sorted({s for s in r.cfg.sizes if s <= MiB} | {MiB})
     comm = symm_rs.Communicator.from_process_group(r.group, device=r.rank)
     rows, checks = [], []
+    r.expect(len(sizes) * len(OPS) * len(PATHS))
     for nbytes in sizes:
         small, big = allocate(r, nbytes, comm, r.group)
         for op in OPS:
@@ -89,7 +90,7 @@ def communicator(r: Rank) -> dict[str, Any]:
                 rows.append({"op": op, "bytes": nbytes, "path": path, **row})
                 agreed[path] = r.all_reduce(row["wall_us"])
                 label = f"{op} {format_bytes(nbytes)} {path}"
-                r.log(f"[communicator] {label}: wall {row['wall_us']:.1f} us (rank 0)")
+                r.step(f"{label}: wall {row['wall_us']:.1f} us (rank 0)")
             checks.append(
                 {
                     "op": op,

@@ -93,7 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sizes", help="bytes per rank, e.g. 1K,512K,4M (default 1K,8K,...,256M)")
     add("--reps", type=int, help="repetitions; the median is reported (default 5)")
     add("--quick", action="store_true", help="fewer calls, repetitions and segments")
-    add("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="default: all")
+    add(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=SECTIONS,
+        metavar="SECTION",
+        help=f"one or more of {', '.join(SECTIONS)} (default: all)",
+    )
     add("--no-plot", action="store_true", help="write no PNG")
     add("--env", action="append", metavar="KEY=VALUE", help="set for the ranks (repeatable)")
     add("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")

@@ -107,6 +107,7 @@ def _time_graph(r: Rank, fn: Callable[[], Any], estimate_s: float) -> dict[str, 
 def cp_gather(r: Rank) -> dict[str, Any]:
     """Rows of ``(tokens, shape, mode, path)`` with each rank's median µs per call."""
     rows, mismatches = [], []
+    r.expect(len(r.cfg.cp_tokens) * len(SHAPES) * len(PATHS) * 2)  # eager and graph
     for tokens in r.cfg.cp_tokens:
         counts = counts_for(tokens, r.world)
         for trailing in SHAPES:
@@ -124,7 +125,7 @@ def cp_gather(r: Rank) -> dict[str, Any]:
                 for mode, row in (("eager", eager), ("graph", graph)):
                     rows.append({**key, "mode": mode, "path": path, **row})
                     label = f"{tokens} x {key['shape']} {path} {mode}"
-                    r.log(f"[cp] {label}: {row['median_us']:.1f} us (rank 0)")
+                    r.step(f"{label}: {row['median_us']:.1f} us (rank 0)")
             del calls
     return {
         "rows": rows,

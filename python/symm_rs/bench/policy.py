@@ -96,6 +96,7 @@ def policy(r: Rank) -> dict[str, Any]:
     table = pcomm.policy.table
     tables = {"plain": NO_TABLE, "symm": NO_TABLE, "policy": table}
     rows, checks = [], []
+    r.expect(len(r.cfg.sizes) * len(OPS))
     for nbytes in r.cfg.sizes:
         plain = allocate(r, nbytes)
         symm = allocate(r, nbytes, pcomm)
@@ -126,8 +127,8 @@ def policy(r: Rank) -> dict[str, Any]:
                 }
             )
             verdict = "ok" if checks[-1]["ok"] else "SLOWER"
-            r.log(
-                f"[policy] {op} {format_bytes(nbytes)}: plain {agreed['plain']:.1f} symm "
+            r.step(
+                f"{op} {format_bytes(nbytes)}: plain {agreed['plain']:.1f} symm "
                 f"{agreed['symm']:.1f} policy {agreed['policy']:.1f} us "
                 f"({checks[-1]['route']}, {verdict})"
             )

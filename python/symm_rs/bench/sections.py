@@ -60,6 +60,7 @@ def collective(op: str, small: Any, big: Any, group: Any, comm: Any = None) -> C
 def collectives(r: Rank) -> dict[str, Any]:
     """torch.distributed on caching-allocator (``plain``) and symmetric (``symm``) buffers."""
     rows = []
+    r.expect(len(r.cfg.sizes) * len(OPS) * len(MODES) * len(BUFFERS))
     for nbytes in r.cfg.sizes:
         pairs = {"plain": allocate(r, nbytes), "symm": allocate(r, nbytes, r.group)}
         estimate_s: dict[str, float] = {}  # the eager median plans the graph measurement
@@ -74,7 +75,7 @@ def collectives(r: Rank) -> dict[str, Any]:
                         row = time_graph(r, fn, estimate_s[kind])
                     rows.append({"op": op, "bytes": nbytes, "mode": mode, "buffers": kind, **row})
                     label = f"{op} {format_bytes(nbytes)} {kind} {mode}"
-                    r.log(f"[collectives] {label}: {row['median_us']:.1f} us (rank 0)")
+                    r.step(f"{label}: {row['median_us']:.1f} us (rank 0)")
         del pairs, fn
     return {"rows": rows}
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from symm_rs.bench.config import BenchConfig
+from symm_rs.bench.progress import Progress
 
 MAX_GRAPH_CALLS = 10
 GRAPH_BUDGET_S = 5e-3  # GPU work per graph at most
@@ -51,10 +52,21 @@ class Rank:
         self.control: Any = dist.new_group(backend="gloo")
         # This rank's finished sections, for sections that build on an earlier one.
         self.done: dict[str, Any] = {}
+        self.progress = Progress() if rank == 0 else None
 
     def log(self, message: str) -> None:
-        if self.rank == 0:
-            print(message, flush=True)
+        if self.progress is not None:
+            self.progress.note(message)
+
+    def expect(self, points: int) -> None:
+        """The number of points (``step`` calls) the running section will measure."""
+        if self.progress is not None:
+            self.progress.start(self.progress.section, points)
+
+    def step(self, message: str) -> None:
+        """One point of the running section measured (rank 0 shows it)."""
+        if self.progress is not None:
+            self.progress.step(message)
 
     def all_reduce(self, value: float, op: Any = dist.ReduceOp.MAX) -> float:
         """``value`` reduced over the ranks (maximum by default), on the gloo group."""
@@ -71,6 +83,8 @@ class Rank:
         """Runs ``fn(self)`` on every rank, then counts failures: with none, or on every rank
         (recorded as ``error``), the run goes on; on some ranks only, ``BenchAbort``."""
         self.log(f"[{name}] start")
+        if self.progress is not None:
+            self.progress.start(name)
         started = time.perf_counter()
         try:
             data, error = fn(self), None
@@ -84,6 +98,8 @@ class Rank:
         if error is not None:
             data["error"] = error
         data["elapsed_s"] = round(time.perf_counter() - started, 3)
+        if self.progress is not None:
+            self.progress.close()
         self.log(f"[{name}] done in {data['elapsed_s']} s")
         return data
 

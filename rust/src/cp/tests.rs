@@ -126,7 +126,9 @@ fn every_rank_of_many_shapes_gathers_exactly() {
             simulate(counts, row_bytes);
             let p = plan(0, counts, row_bytes).unwrap();
             let max = counts.iter().copied().max().unwrap();
-            assert!(p.slot_rows >= max && (p.slot_rows * row_bytes) % SLOT_ALIGN_BYTES == 0);
+            assert!(
+                p.slot_rows >= max && (p.slot_rows * row_bytes).is_multiple_of(SLOT_ALIGN_BYTES)
+            );
             assert!(
                 p.slot_rows - max < SLOT_ALIGN_BYTES,
                 "{counts:?} {row_bytes}"
