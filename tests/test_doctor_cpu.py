@@ -443,3 +443,13 @@ def test_render_shows_problems_warnings_and_the_verdict() -> None:
     assert "NCCL tuning log: gpu-host:4242:4300 [0] NCCL INFO AllGather [Symmetric]" in text
     assert "environment: SYMM_RS_VERIFY=1" in text
     assert "warning: w\nproblem: p\nadvice: a\nresult: 1 problem(s) found" in text
+
+
+def test_expandable_segments_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Finding 11 of the never-hang issue: the setting was neither tested nor reported.
+    from symm_rs import doctor
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    report = doctor.diagnose(run_check=False)
+    assert report["pytorch_cuda_alloc_conf"] == "expandable_segments:True"
+    assert any("expandable_segments" in note for note in report["notes"])

@@ -162,6 +162,8 @@ BAD_VALUES = {
     env.REGISTER: ("never", "auto, always"),
     env.POLICY_TABLE: ("all_reduce", "none"),
     env.CP_COPY: ("memcpy", "kernel, driver"),
+    env.SEAL: ("sealed", "on or off"),
+    env.ON_FAILURE: ("panic", "log, abort"),
 }
 
 

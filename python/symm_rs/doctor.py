@@ -277,6 +277,15 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
     report["warnings"].extend(environment["warnings"])
     for found in _nccl_environment_problems():
         problem(found["problem"], found["advice"])
+    alloc_conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    report["pytorch_cuda_alloc_conf"] = alloc_conf or None
+    if "expandable_segments:true" in alloc_conf.replace(" ", "").lower():
+        # Reported, not judged: symm_rs's pools allocate through its own plugs, and a two-rank
+        # run with it set was exact (the never-hang issue); torch's own buffers expand.
+        report["notes"].append(
+            "PYTORCH_CUDA_ALLOC_CONF sets expandable_segments:True: torch's own allocations use "
+            "expandable segments; symm_rs's pools allocate through its ncclMemAlloc plugs"
+        )
 
     cuda_ok = torch.cuda.is_available()
     if cuda_ok:

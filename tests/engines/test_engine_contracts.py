@@ -525,19 +525,64 @@ def test_vllm_context_is_a_no_op_when_off_or_one_rank(vllm_engine: Any, monkeypa
     assert not vl.is_symmetric_memory_tensor(torch.zeros(2))
 
 
-def test_vllm_own_disabled_communicator_gets_a_reason(vllm_engine: Any, stand_in_lib: Path) -> None:
-    """vLLM's own PyNcclCommunicator on an NCCL without ncclCommSuspend (the stand-in, 2.28.9)
-    disables itself; symm_rs then says it is disabled and why, not that it is the wrong kind."""
+_DISABLED_VLLM_COMMUNICATOR = """
+import sys, types
+from pathlib import Path
+sys.path[:0] = sys.argv[3:]
+import engine_modules as em
+import pytest
+import symm_rs
+from symm_rs.compat import vllm as vl
+
+root, stand_in = Path(sys.argv[1]), sys.argv[2]
+with em.Engine("vllm", root) as engine:
+    engine.standins(em.vllm_standins(em.Platform(cuda=True)))
+    engine.load(
+        "vllm.envs", "vllm.logging_utils", "vllm.logger", "vllm.utils.nccl",
+        "vllm.distributed.device_communicators.pynccl_wrapper",
+        "vllm.distributed.device_communicators.pynccl",
+    )
+    engine.install_shim(vl)
     pynccl = sys.modules["vllm.distributed.device_communicators.pynccl"]
     group = em.StatelessProcessGroup()
     group.rank, group.world_size = 0, 2
-    comm = pynccl.PyNcclCommunicator(group, device=0, library_path=str(stand_in_lib))
+    comm = pynccl.PyNcclCommunicator(group, device=0, library_path=stand_in)
     assert comm.available is False and not hasattr(comm, "comm")
-    with pytest.raises(ValueError, match=r"is disabled .*2\.29\.7"):
+    with pytest.raises(ValueError, match=r"is disabled .*2\\.29\\.7"):
         symm_rs.resolve_comm(comm)
-    coordinator = types.SimpleNamespace(pynccl_comm=comm)
     with pytest.raises(ValueError, match="PyNcclCommunicator is disabled"):
-        symm_rs.resolve_comm(coordinator)
+        symm_rs.resolve_comm(types.SimpleNamespace(pynccl_comm=comm))
+print("DISABLED OK")
+"""
+
+
+def test_vllm_own_disabled_communicator_gets_a_reason(
+    engine_roots: dict, stand_in_lib: Path
+) -> None:
+    """vLLM's own PyNcclCommunicator on an NCCL without ncclCommSuspend (the stand-in, 2.28.9)
+    disables itself; symm_rs then says it is disabled and why, not that it is the wrong kind.
+    In a process of its own: the stand-in libnccl it loads must not stay in this one (doctor's
+    tests read the libraries this process has mapped)."""
+    import subprocess
+
+    pytest.importorskip("packaging")
+    here = str(Path(__file__).resolve().parent)
+    scripts = str(Path(__file__).resolve().parents[2] / "scripts")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DISABLED_VLLM_COMMUNICATOR,
+            str(engine_roots["vllm"]),
+            str(stand_in_lib),
+            here,
+            scripts,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "DISABLED OK" in done.stdout, done.stdout + done.stderr
 
 
 def test_a_disabled_one_rank_communicator_says_so() -> None:
