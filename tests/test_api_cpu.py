@@ -149,3 +149,29 @@ def test_the_old_memory_module_still_resolves_with_a_warning() -> None:
     assert use_symmetric_memory is symm_rs.use_symmetric_memory
     with pytest.warns(DeprecationWarning, match="symm_rs.env.parse_bytes"):
         assert symm_rs.memory.parse_bytes("4GiB") == 4 << 30
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_window_check_says_why_no_buffer_can_be_a_window(
+    plain: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a communicator NCCL answered with NULL windows (plain), advice to allocate inside the
+    # context would be futile: the error names NCCL's refusal instead (seen on a GPU, 2.30.7).
+    from symm_rs import comm as comm_module
+
+    monkeypatch.setattr(symm_rs.Communicator, "comm", property(lambda self: 0x10))
+    monkeypatch.setattr(comm_module._native, "is_registered", lambda *args: False)
+    monkeypatch.setattr(comm_module._native, "is_plain", lambda comm: plain)
+    communicator = object.__new__(symm_rs.Communicator)
+    previous = symm_rs.set_window_check("raise")
+    try:
+        with pytest.raises(symm_rs.RegistrationError) as caught:
+            communicator._check_windows(torch.ones(4), torch.ones(4))
+    finally:
+        symm_rs.set_window_check(previous)
+    message = str(caught.value)
+    assert message.startswith("2 buffer(s)")
+    if plain:
+        assert "NCCL refused symmetric windows" in message and "use_symmetric_memory" not in message
+    else:
+        assert "allocate them inside symm_rs.use_symmetric_memory" in message

@@ -381,11 +381,20 @@ class Communicator:
         ]
         if not outside:
             return
-        message = (
-            f"{len(outside)} buffer(s) of this collective lie outside every symmetric window of "
-            "this communicator, so NCCL cannot use its symmetric kernels; allocate them inside "
-            "symm_rs.use_symmetric_memory(<this communicator>)"
-        )
+        if _native.is_plain(self.comm):
+            # Advice to allocate inside the context would be futile: no buffer can be a window.
+            message = (
+                f"{len(outside)} buffer(s) of this collective lie outside symmetric windows: "
+                "NCCL refused symmetric windows on this communicator (it answered NULL windows, "
+                "as NCCL >= 2.29 does for ranks it sees on different hosts), so symm_rs uses "
+                "plain memory for it and NCCL runs no symmetric kernel on it"
+            )
+        else:
+            message = (
+                f"{len(outside)} buffer(s) of this collective lie outside every symmetric window "
+                "of this communicator, so NCCL cannot use its symmetric kernels; allocate them "
+                "inside symm_rs.use_symmetric_memory(<this communicator>)"
+            )
         if _window_check == "raise":
             raise _native.RegistrationError(message)
         frame = sys._getframe(3)

@@ -78,6 +78,17 @@ class Ctx:
         fails): for what this run cannot show, found only once the case runs."""
         raise CaseSkipped(reason)
 
+    def skip_where_nccl_refuses_windows(self, shows: str) -> None:
+        """Skips a case about registration itself where NCCL answered this run's world group
+        with NULL windows (a shared GPU under NCCL >= 2.29): symm_rs then uses plain memory on
+        every rank and registers nothing, so there is no ``shows`` to show."""
+        if self.shared_gpu and self.nccl_refused(self.group):
+            self.skip(
+                f"NCCL answered NULL windows on this run's communicators (NCCL >= 2.29 between "
+                f"the NCCL hosts of a shared GPU): symm_rs uses plain memory, so there is no "
+                f"{shows} to show"
+            )
+
     def nccl_refused(self, group: Any) -> bool:
         """Whether NCCL answered registration on ``group`` with NULL windows (NCCL >= 2.29
         across what it sees as hosts): symm_rs then uses the pool as plain memory on every rank,

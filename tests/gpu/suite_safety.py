@@ -86,6 +86,7 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
 
 
 def case_capture_that_needs_a_new_segment_defers_registration(ctx: Ctx) -> None:
+    ctx.skip_where_nccl_refuses_windows("deferred registration")
     g = torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream()
@@ -138,6 +139,7 @@ def case_out_of_memory_raises_torch_error_and_recovers(ctx: Ctx) -> None:
 
 
 def case_verification_runs_on_every_exit_that_registers(ctx: Ctx) -> None:
+    ctx.skip_where_nccl_refuses_windows("registration round")
     # Its cost is measured by the bench. Here: an exit with something to register holds one
     # cross-rank round when verification is on (verify=True, or the default with
     # SYMM_RS_VERIFY unset), none with verify=False once the communicator's first round (the
@@ -214,12 +216,20 @@ def case_silent_fallback_is_reported(ctx: Ctx) -> None:
             symm_rs.set_window_check("raise")
             try:
                 comm.all_reduce(plain)
-                raised = False
-            except symm_rs.RegistrationError:
-                raised = True
+                raised = ""
+            except symm_rs.RegistrationError as e:
+                raised = str(e)
             with symm_rs.use_symmetric_memory(comm):
                 inside = torch.ones(1024, device=ctx.device)
-            comm.all_reduce(inside)  # registered: no error even in raise mode
+            refused = ctx.shared_gpu and ctx.nccl_refused(comm)
+            refused_error = ""
+            if refused:  # NCCL answered NULL windows: no buffer can be a window, and it says so
+                try:
+                    comm.all_reduce(inside)
+                except symm_rs.RegistrationError as e:
+                    refused_error = str(e)
+            else:
+                comm.all_reduce(inside)  # registered: no error even in raise mode
         finally:
             symm_rs.set_window_check(previous)
         torch.cuda.synchronize()
@@ -227,6 +237,9 @@ def case_silent_fallback_is_reported(ctx: Ctx) -> None:
     ctx.details.update(warnings=len(kinds), raised=raised)
     assert kinds == [symm_rs.NotSymmetricWarning], kinds
     assert raised
+    if refused:
+        ctx.details["refused_error"] = refused_error
+        assert "NCCL refused symmetric windows" in refused_error, refused_error
 
 
 def case_rank_mismatch_fails_fast_on_every_rank(ctx: Ctx) -> None:
@@ -234,6 +247,7 @@ def case_rank_mismatch_fails_fast_on_every_rank(ctx: Ctx) -> None:
     registration round sees it and every rank raises at once, naming rank 0's segment,
     instead of hanging inside ncclCommWindowRegister. (A rank that grows while its peers grow
     nothing is the next case: the peers have nothing to register and take no round.)"""
+    ctx.skip_where_nccl_refuses_windows("registration round to compare sizes in")
     size = _new_segment_bytes(ctx)  # larger than anything cached: a new segment
     mine = size if ctx.rank == 0 else size + (2 << 20)
     common = odd = None
@@ -346,6 +360,7 @@ def case_thread_without_set_device_uses_the_communicators_device(ctx: Ctx) -> No
 
 
 def case_rank_that_raises_inside_the_context_fails_every_rank_fast(ctx: Ctx) -> None:
+    ctx.skip_where_nccl_refuses_windows("registration round to tell the peers in")
     # A new segment on every rank: every exit has something to register, so the peers take
     # the round in which rank 1 reports its failure (an exit with nothing new takes none).
     size = _new_segment_bytes(ctx)
@@ -399,6 +414,7 @@ def case_rank_that_never_arrives_times_out_on_the_others(ctx: Ctx) -> None:
 
 
 def case_destroyed_groups_are_never_passed_to_nccl_again(ctx: Ctx) -> None:
+    ctx.skip_where_nccl_refuses_windows("window to deregister")
     cycles = []
     kept = []
     for cycle in range(3):
@@ -478,6 +494,7 @@ def case_concurrent_contexts_from_threads(ctx: Ctx) -> None:
 
 
 def case_registration_inside_an_nccl_group_waits_for_its_end(ctx: Ctx) -> None:
+    ctx.skip_where_nccl_refuses_windows("registration to postpone")
     with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
         a = torch.ones(1024, device=ctx.device)
         with symm_rs.nccl_group():
