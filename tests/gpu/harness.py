@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+# The suites and, beside the package, the repository's rank launcher (benches/symm_rs_bench).
+for _folder in (HERE, os.path.join(os.path.dirname(os.path.dirname(HERE)), "benches")):
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
 
 @dataclass
@@ -128,7 +130,7 @@ def _worker(
     import torch.distributed as dist
 
     import symm_rs
-    from symm_rs.launch import device_of, init_nccl, shared_gpu
+    from symm_rs_bench.launch import device_of, init_nccl, shared_gpu
 
     module = importlib.import_module(suite)
     setup = getattr(module, "setup_rank", None)
@@ -251,7 +253,7 @@ def _exit_problem(outcome: Any) -> Optional[str]:
 def run(suite: str, world_size: int, only: list[str], timeout: float) -> dict[str, Any]:
     import tempfile
 
-    from symm_rs.launch import run_ranks_to_exit, shared_gpu
+    from symm_rs_bench.launch import run_ranks_to_exit, shared_gpu
 
     module = importlib.import_module(suite)
     started = time.time()
@@ -321,7 +323,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.shared_gpu:
-        from symm_rs.launch import SHARED_GPU_ENV
+        from symm_rs_bench.launch import SHARED_GPU_ENV
 
         os.environ[SHARED_GPU_ENV] = "1"  # inherited by the rank processes
         # NCCL 2.28 hands back windows between "hosts" though it runs no symmetric kernel

@@ -201,8 +201,8 @@ def case_two_groups_share_one_pool(ctx: Ctx) -> None:
     ctx.expect_window(b, ctx.group, "b")
     stats = symm_rs.stats()
     comms = stats["communicators"]
-    first_comm = symm_rs.resolve_comm(ctx.group)
-    second_comm = symm_rs.resolve_comm(second)
+    first_comm = symm_rs.groups.resolve_comm(ctx.group)
+    second_comm = symm_rs.groups.resolve_comm(second)
     for comm in (first_comm, second_comm):
         assert comm in comms, f"communicator {comm:#x} missing from stats"
         assert comms[comm]["pending_segments"] == 0
@@ -259,7 +259,7 @@ def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx
             ctx.expect_window(b, group, f"{name} buffer (for {name})")
             dist.all_reduce(b, group=group)
         kept += bufs
-    world_comm = symm_rs.resolve_comm(ctx.group)
+    world_comm = symm_rs.groups.resolve_comm(ctx.group)
     with symm_rs.use_symmetric_memory(ctx.group):
         world_buf = torch.full((3 << 20,), ctx.rank + 1, dtype=torch.int32, device=ctx.device)
         # A TP context nested inside the world's allocates from the TP pool, not the world's.
@@ -268,7 +268,7 @@ def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx
     dist.all_reduce(world_buf, group=ctx.group)
     dist.all_reduce(nested, group=tp)
     torch.cuda.synchronize()
-    stats = symm_rs.stats()["communicators"]
+    stats = symm_rs.stats().as_dict()["communicators"]
     ctx.details.update(
         world_windows=stats[world_comm]["windows"],
         world_pending=stats[world_comm]["pending_segments"],

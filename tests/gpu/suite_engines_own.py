@@ -391,7 +391,7 @@ def _vllm_setup(ctx: Ctx) -> Optional[tuple[types.SimpleNamespace, Any]]:
     ctx.details["nccl_loaded"] = ".".join(map(str, loaded_nccl()))
     if not getattr(comm, "available", False):
         try:
-            symm_rs.resolve_comm(comm)
+            symm_rs.groups.resolve_comm(comm)
         except ValueError as e:
             ctx.details["symm_rs_says"] = str(e)
         ctx.details["skipped"] = (

@@ -32,7 +32,7 @@ def _new_segment_bytes(ctx: Ctx) -> int:
     makes a new segment, alike on every rank: the pool's free bytes plus 2 MiB, at least
     10 MiB (torch's smallest request with a segment of its own size), in whole 2 MiB."""
     group = symm_rs.groups.resolve(ctx.group)
-    pool = symm_rs.shared_pool(group.device, group.peer_set)
+    pool = symm_rs.pool.shared_pool(group.device, group.peer_set)
     free = sum(int(s["total_size"]) - int(s["allocated_size"]) for s in pool.snapshot())
     size = max(free + (2 << 20), 10 << 20)
     return -(-size // (2 << 20)) * (2 << 20)
@@ -53,7 +53,7 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
             warm = [torch.empty(N, dtype=torch.bfloat16, device=on) for _ in range(2)]
             warm.append(torch.empty(N * ws, dtype=torch.bfloat16, device=on))
         del warm
-        segments_before = symm_rs.stats()["segments_tracked"]
+        segments_before = symm_rs.stats().segments_tracked
         g = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool, stream=side):
             with symm_rs.use_symmetric_memory(ctx.group):
@@ -65,7 +65,7 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
             dist.all_gather_into_tensor(ag_out, ag_in, group=ctx.group)
             dist.all_reduce(ar, group=ctx.group)
     torch.cuda.current_stream().wait_stream(side)
-    assert symm_rs.stats()["segments_tracked"] == segments_before, "capture grew the pool"
+    assert symm_rs.stats().segments_tracked == segments_before, "capture grew the pool"
     for name, t in (("ag_in", ag_in), ("ag_out", ag_out), ("ar", ar)):
         ctx.expect_window(t, ctx.group, f"captured {name}")
     base = torch.arange(N, device=on, dtype=torch.float32) % 13
@@ -96,7 +96,7 @@ def case_capture_that_needs_a_new_segment_defers_registration(ctx: Ctx) -> None:
         fresh.fill_(ctx.rank + 1)
         dist.all_reduce(fresh, group=ctx.group)
     torch.cuda.current_stream().wait_stream(side)
-    deferred = symm_rs.stats()["deferred_registrations"]
+    deferred = symm_rs.stats().deferred_registrations
     registered_during_capture = symm_rs.is_registered(fresh, ctx.group)
     with symm_rs.use_symmetric_memory(ctx.group):
         pass  # the first exit outside a capture registers what the capture postponed
@@ -104,7 +104,7 @@ def case_capture_that_needs_a_new_segment_defers_registration(ctx: Ctx) -> None:
         deferred_after_capture=deferred,
         # Evidence only: the native list of postponed communicators is never emptied now
         # (take_deferred has no caller), so this stays at 1 after the registration.
-        deferred_after_exit=symm_rs.stats()["deferred_registrations"],
+        deferred_after_exit=symm_rs.stats().deferred_registrations,
         symmetric_during=registered_during_capture,
         symmetric_after=ctx.in_window(fresh, ctx.group),
     )
@@ -134,7 +134,7 @@ def case_out_of_memory_raises_torch_error_and_recovers(ctx: Ctx) -> None:
     dist.all_reduce(after, group=ctx.group)
     torch.cuda.synchronize()
     assert bool((after == ctx.world_size).all())
-    assert symm_rs.stats()["alloc_failures"] >= 1
+    assert symm_rs.stats().alloc_failures >= 1
 
 
 def case_verification_runs_on_every_exit_that_registers(ctx: Ctx) -> None:
@@ -193,7 +193,7 @@ def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
         if len(live) > 12:
             live = live[4:]
     after = symm_rs.stats()
-    usage = symm_rs.pool_usage()
+    usage = symm_rs.pool.pool_usage()
     ctx.details.update(new_segments=made, **usage)
     assert made >= 1
     assert after["segments_tracked"] == tracked, "steady state called ncclMemAlloc"
@@ -205,13 +205,13 @@ def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
 def case_silent_fallback_is_reported(ctx: Ctx) -> None:
     with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
         plain = torch.ones(1024, device=ctx.device)
-        previous = symm_rs.set_window_check("warn")
+        previous = symm_rs.comm.set_window_check("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 for _ in range(3):
                     comm.all_reduce(plain)  # one call site: one warning
-            symm_rs.set_window_check("raise")
+            symm_rs.comm.set_window_check("raise")
             try:
                 comm.all_reduce(plain)
                 raised = False
@@ -221,11 +221,11 @@ def case_silent_fallback_is_reported(ctx: Ctx) -> None:
                 inside = torch.ones(1024, device=ctx.device)
             comm.all_reduce(inside)  # registered: no error even in raise mode
         finally:
-            symm_rs.set_window_check(previous)
+            symm_rs.comm.set_window_check(previous)
         torch.cuda.synchronize()
     kinds = [w.category for w in caught]
     ctx.details.update(warnings=len(kinds), raised=raised)
-    assert kinds == [symm_rs.NotSymmetricWarning], kinds
+    assert kinds == [symm_rs.errors.NotSymmetricWarning], kinds
     assert raised
 
 
@@ -409,7 +409,7 @@ def case_destroyed_groups_are_never_passed_to_nccl_again(ctx: Ctx) -> None:
         dist.all_reduce(t, group=group)
         torch.cuda.synchronize()
         assert bool((t == (cycle + 1) * ctx.world_size).all())
-        comm = symm_rs.resolve_comm(group)
+        comm = symm_rs.groups.resolve_comm(group)
         before = symm_rs.stats()
         dist.destroy_process_group(group)  # symm_rs releases first (local deregistration)
         after = symm_rs.stats()
@@ -473,7 +473,7 @@ def case_concurrent_contexts_from_threads(ctx: Ctx) -> None:
     for i in range(2):
         assert bool((out[i] == (i + 1) * ctx.world_size).all())
     ctx.details["registered_per_comm"] = {
-        hex(c): v["windows"] for c, v in symm_rs.stats()["communicators"].items()
+        hex(c): v["windows"] for c, v in symm_rs.stats().as_dict()["communicators"].items()
     }
 
 
@@ -565,5 +565,5 @@ def case_producers_racing_symmetric_collectives_give_exact_results(ctx: Ctx) -> 
         torch.cuda.synchronize()
         wrong[name] = int(count.item())
         del graph
-    ctx.details.update(wrong_of_400=wrong, nccl=".".join(map(str, symm_rs.nccl_version())))
+    ctx.details.update(wrong_of_400=wrong, nccl=".".join(map(str, symm_rs.library_info().version)))
     assert not any(wrong.values()), wrong

@@ -1,4 +1,4 @@
-"""Running a function once per GPU, one process each, for ``doctor``, ``bench`` and the GPU
+"""Running a function once per GPU, one process each, for the benchmarks and the GPU
 tests. Every rank's return value (or the exception text) comes back to the caller, and a rank
 that hangs is killed after ``timeout`` seconds instead of hanging the caller."""
 
