@@ -3,7 +3,7 @@ are the building blocks it is made of. The exceptions it raises are ``symm_rs.er
 no environment variable (``symm_rs.env`` does, and passes what the core needs)."""
 
 from os import PathLike
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 __version__: str
 
@@ -474,3 +474,12 @@ class Entered:
         shared_pool: Optional[Any] = None,
         lane: int = 0,
     ) -> Entered: ...
+
+def set_context_rules(
+    enter: Callable[..., Entered],
+    exit: Callable[..., None],
+    verify_default: Callable[[], bool],
+) -> None:
+    """Hands the native context the functions of ``symm_rs.context`` it calls (once, at that
+    module's import): ``_enter`` and ``_exit`` on a group's first use, ``_verify_default`` for
+    the ``verify`` attribute."""

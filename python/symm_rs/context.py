@@ -144,7 +144,7 @@ def _route_for(group: Group, explicit: Optional[Any]) -> Route:
 
 # The context manager is native (``symm_rs._native.use_symmetric_memory``): the common enter
 # and exit run in Rust, and everything else comes here, through ``_enter`` and ``_exit`` (the
-# only two functions the native side calls; it imports them once).
+# only two functions the native side calls on a group's first use; handed over below, once).
 use_symmetric_memory = _native.use_symmetric_memory
 
 
@@ -432,3 +432,7 @@ def is_symmetric(tensor: torch.Tensor, group: object) -> bool:
     them (``symm_rs.symmetric_kernels``). A one-rank group has no windows: ``False``."""
     resolved = _in_window(tensor, group)
     return resolved is not None and known_verdict(resolved) is not False
+
+
+# Once, at import: the functions the native context calls (it looks none up by name).
+_native.set_context_rules(_enter, _exit, _verify_default)

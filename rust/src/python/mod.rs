@@ -42,5 +42,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     groups::add_to(m)?;
     routing::add_to(m)?;
     context::add_to(m)?;
+    rules::add_to(m)?;
     Ok(())
 }
