@@ -95,11 +95,24 @@ def tuning_log_evidence(records: list[Any], expected_bytes: int = CHECK_BYTES) -
     }
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for torch.distributed's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _answer(
-    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out: Any
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple,
+    out: Any,
+    setup: Optional[Callable[[int], None]],
 ) -> None:
-    """One spawned rank: torch.distributed's env:// variables, then ``fn``'s answer (or why it
-    failed) into ``out``."""
+    """One spawned rank: torch.distributed's env:// variables, ``setup(rank)`` when given, then
+    ``fn``'s answer (or why it failed) into ``out``."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -108,9 +121,35 @@ def _answer(
         LOCAL_RANK=str(rank),
     )
     try:
+        if setup is not None:
+            setup(rank)
         out.put((rank, True, fn(rank, world_size, *args)))
     except BaseException as e:  # the parent reports it
         out.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def spawn_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    setup: Optional[Callable[[int], None]] = None,
+) -> tuple[list[Any], Any]:
+    """``fn(rank, world_size, *args)`` started in one spawned process per rank (after
+    ``setup(rank)``, a picklable function, when given): the processes, and the queue each
+    answers into as ``(rank, ok, answer or why)``. The one place symm_rs spawns ranks (the
+    repository's benchmark launcher builds on it)."""
+    context = mp.get_context("spawn")
+    answers = context.Queue()
+    port = free_port()
+    ranks = [
+        context.Process(
+            target=_answer, args=(r, world_size, port, fn, args, answers, setup), daemon=True
+        )
+        for r in range(world_size)
+    ]
+    for process in ranks:
+        process.start()
+    return ranks, answers
 
 
 def run_ranks(
@@ -119,17 +158,7 @@ def run_ranks(
     """``fn(rank, world_size, *args)`` in one spawned process per rank: per rank ``(True,
     answer)`` or ``(False, why)``. A rank without an answer after ``timeout`` seconds is
     killed."""
-    context = mp.get_context("spawn")
-    answers = context.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ranks = [
-        context.Process(target=_answer, args=(r, world_size, port, fn, args, answers), daemon=True)
-        for r in range(world_size)
-    ]
-    for process in ranks:
-        process.start()
+    ranks, answers = spawn_ranks(fn, world_size, args)
     got: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout
     while len(got) < world_size and time.monotonic() < deadline:
