@@ -9,11 +9,11 @@ import os
 import queue
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Optional
 
 # The package's one way to spawn ranks (``doctor`` uses it too); this launcher adds shared-GPU
 # runs, a grace after a failure, and how each process ended.
+from symm_rs import gpu_check
 from symm_rs.gpu_check import free_port, spawn_ranks
 
 __all__ = [
@@ -63,19 +63,7 @@ def _shared_gpu_setup(rank: int) -> None:
 def init_nccl(rank: int, world_size: int, timeout_s: float = 120.0) -> Any:
     """``init_process_group("nccl")`` bound to the rank's GPU (``device_of``), with the
     communicator made eagerly."""
-    import torch
-    import torch.distributed as dist
-
-    device = device_of(rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl",
-        rank=rank,
-        world_size=world_size,
-        device_id=torch.device("cuda", device),
-        timeout=timedelta(seconds=timeout_s),
-    )
-    return dist.group.WORLD
+    return gpu_check.init_nccl(rank, world_size, device_of(rank), timeout_s)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,23 @@ NO_SYMMETRIC_KERNEL_ADVICE = (
 )
 
 
+def init_nccl(
+    rank: int, world_size: int, device: Optional[int] = None, timeout_s: float = 120.0
+) -> Any:
+    """``init_process_group("nccl")`` in a spawned rank, bound to GPU ``device`` (default: the
+    rank's own), with the communicator made eagerly. Returns the world group."""
+    device = rank if device is None else device
+    torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl",
+        rank=rank,
+        world_size=world_size,
+        device_id=torch.device("cuda", device),
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.group.WORLD
+
+
 def symmetric_all_gather_check(
     rank: int, world_size: int, log_dir: Optional[str] = None
 ) -> dict[str, Any]:
@@ -45,15 +62,7 @@ def symmetric_all_gather_check(
     if log_dir is not None:
         # Before the process group: NCCL reads these when it initialises.
         os.environ.update(tuning_log_env(log_dir))
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl",
-        rank=rank,
-        world_size=world_size,
-        device_id=torch.device("cuda", rank),
-        timeout=timedelta(seconds=120),
-    )
-    group = dist.group.WORLD
+    group = init_nccl(rank, world_size)
     try:
         verdict = symm_rs.symmetric_kernels(group)
         with warnings.catch_warnings():

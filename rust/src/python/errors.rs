@@ -5,7 +5,7 @@
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyType;
+use pyo3::types::{PyDict, PyType};
 
 use crate::error::Error;
 
@@ -74,13 +74,25 @@ impl From<Error> for PyErr {
     }
 }
 
-/// Warns that a dict-style key of a typed result is deprecated (one release: use `.key`).
-pub(super) fn warn_item_access(py: Python<'_>, type_name: &str, key: &str) -> PyResult<()> {
+/// `result[key]` on a typed result (`type_name`, shown as its `as_dict`): the value, with a
+/// warning that dict-style access is deprecated (one release: use the attribute `.key`).
+///
+/// Raises:
+///     KeyError: `key` names no field.
+pub(super) fn deprecated_item<'py>(
+    as_dict: Bound<'py, PyDict>,
+    type_name: &str,
+    key: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = as_dict.py();
     let message = format!(
         "{type_name}[{key:?}] is deprecated and goes in the next release; use the attribute \
          .{key}"
     );
     let message = std::ffi::CString::new(message).unwrap_or_default();
     let category = py.get_type::<pyo3::exceptions::PyDeprecationWarning>();
-    PyErr::warn(py, &category, &message, 2)
+    PyErr::warn(py, &category, &message, 2)?;
+    as_dict
+        .get_item(key)?
+        .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(key.to_owned()))
 }

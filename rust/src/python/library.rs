@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::errors::warn_item_access;
+use super::errors::deprecated_item;
 use crate::nccl::{self, Candidates};
 
 /// The libnccl symm_rs uses (or one opened by path) and what it can do.
@@ -61,10 +61,7 @@ impl PyLibraryInfo {
 
     /// `info["version"]`: the dict of earlier releases, deprecated for one release.
     fn __getitem__<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyAny>> {
-        warn_item_access(py, "library_info()", key)?;
-        self.as_dict(py)?
-            .get_item(key)?
-            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(key.to_owned()))
+        deprecated_item(self.as_dict(py)?, "library_info()", key)
     }
 
     fn __repr__(&self) -> String {

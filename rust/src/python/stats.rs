@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::errors::warn_item_access;
+use super::errors::deprecated_item;
 use crate::allocator;
 use crate::handles::CommPtr;
 
@@ -106,10 +106,7 @@ impl PyStats {
 
     /// `stats["windows_registered"]`: the dict of earlier releases, deprecated for one release.
     fn __getitem__<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyAny>> {
-        warn_item_access(py, "stats()", key)?;
-        self.as_dict(py)?
-            .get_item(key)?
-            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(key.to_owned()))
+        deprecated_item(self.as_dict(py)?, "stats()", key)
     }
 
     fn __repr__(&self) -> String {
