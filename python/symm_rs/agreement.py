@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from symm_rs import _native, env
+from symm_rs import _moved, _native, env
 from symm_rs.errors import AgreementError
 from symm_rs.groups import Group, on_forget
 
@@ -481,3 +481,15 @@ __all__ = [
     "report_failure",
     "round_key",
 ]
+
+
+# Names that moved out in this release (CHANGELOG.md), reachable here for one more release.
+_MOVED = {
+    "check_layout": "checks",
+    "verify_pending": "checks",
+    "extent": "checks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    return _moved.moved("symm_rs.agreement", name, _MOVED, public=True)

@@ -22,6 +22,7 @@ import torch
 
 from symm_rs import _native, agreement, env, registration
 from symm_rs.capability import known_verdict
+from symm_rs.checks import extent
 from symm_rs.errors import SymmetricMemoryError
 from symm_rs.groups import Group, kind_of, resolve
 from symm_rs.pool import (
@@ -417,7 +418,7 @@ def _in_window(tensor: torch.Tensor, group: object) -> Optional[Group]:
     resolved = resolve(group)
     if resolved is None or not tensor.is_cuda or tensor.numel() == 0:
         return None
-    ptr, nbytes = agreement.extent(tensor)
+    ptr, nbytes = extent(tensor)
     return resolved if _native.is_registered(ptr, nbytes, resolved.comm) else None
 
 
