@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from symm_rs import __version__, gpu_check, library
-from symm_rs.env import NCCL_LIBRARY, PREFIX, environment_issues
+from symm_rs.env import NCCL_LIBRARY, PREFIX, environment_issues, read_nccl_library
 
 
 def _torch_features() -> dict[str, bool]:
@@ -281,7 +281,7 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
             problem(note, ADVICE["override_ignored"])
         if harmless:
             report["notes"].append(
-                f"SYMM_RS_NCCL_LIBRARY={os.environ.get('SYMM_RS_NCCL_LIBRARY')} names the libnccl "
+                f"{NCCL_LIBRARY}={read_nccl_library()} names the libnccl "
                 "already loaded (the same file): it has no effect"
             )
         running = _version_tuple(ours)

@@ -96,7 +96,7 @@ def _symmetric_lines() -> int:
 def loaded_nccl() -> tuple[int, ...]:
     """The version of the libnccl in this process (a preloaded one included), not the one
     torch was built with."""
-    return tuple(symm_rs.library_info()["version"])
+    return tuple(symm_rs.library_info().version)
 
 
 # -- loading the engines --------------------------------------------------------------------

@@ -183,8 +183,8 @@ def case_verification_runs_on_every_exit_that_registers(ctx: Ctx) -> None:
 def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
     made = symm_rs.reserve(512 << 20, ctx.group)
     stats = symm_rs.stats()
-    tracked = stats["segments_tracked"]
-    registered = stats["windows_registered"]
+    tracked = stats.segments_tracked
+    registered = stats.windows_registered
     live = []
     for step in range(50):
         with symm_rs.use_symmetric_memory(ctx.group):
@@ -196,8 +196,8 @@ def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
     usage = symm_rs.pool.pool_usage()
     ctx.details.update(new_segments=made, **usage)
     assert made >= 1
-    assert after["segments_tracked"] == tracked, "steady state called ncclMemAlloc"
-    assert after["windows_registered"] == registered, "steady state registered again"
+    assert after.segments_tracked == tracked, "steady state called ncclMemAlloc"
+    assert after.windows_registered == registered, "steady state registered again"
     assert 0 < usage["in_use_bytes"] <= usage["pool_bytes"]
     assert all(ctx.in_window(t, ctx.group) for t in live)
 
@@ -413,16 +413,16 @@ def case_destroyed_groups_are_never_passed_to_nccl_again(ctx: Ctx) -> None:
         before = symm_rs.stats()
         dist.destroy_process_group(group)  # symm_rs releases first (local deregistration)
         after = symm_rs.stats()
-        listed = comm in after["communicators"]
+        listed = comm in {c.comm for c in after.communicators}
         cycles.append(
             {
                 "comm": hex(comm),
-                "released_windows": after["windows_deregistered"] - before["windows_deregistered"],
+                "released_windows": after.windows_deregistered - before.windows_deregistered,
                 "still_listed": listed,
             }
         )
         assert not listed, "a destroyed communicator is still in the table"
-        assert after["windows_deregistered"] > before["windows_deregistered"]
+        assert after.windows_deregistered > before.windows_deregistered
         # Its windows are gone: no later free may deregister on the destroyed communicator,
         # and a new communicator at the same address starts with none. (Asked of the table
         # directly: asking NCCL about a destroyed communicator would read freed memory.)
@@ -434,7 +434,7 @@ def case_destroyed_groups_are_never_passed_to_nccl_again(ctx: Ctx) -> None:
     freed = symm_rs.destroy_pool()
     stats = symm_rs.stats()
     ctx.details["freed"] = freed
-    assert stats["deregistration_failures"] == 0 and stats["free_failures"] == 0
+    assert stats.deregistration_failures == 0 and stats.free_failures == 0
 
 
 def case_concurrent_contexts_from_threads(ctx: Ctx) -> None:
