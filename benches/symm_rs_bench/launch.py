@@ -11,11 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-# The package's one way to spawn ranks (``doctor`` uses it too); this launcher adds shared-GPU
-# runs, a grace after a failure, and how each process ended.
-from symm_rs import gpu_check
-from symm_rs.gpu_check import free_port, spawn_ranks
-
 __all__ = [
     "SHARED_GPU_ENV",
     "RankOutcome",
@@ -32,6 +27,18 @@ __all__ = [
 # detected"), but compares host hashes, which NCCL_HOSTID sets; with a host id of its own per
 # rank NCCL accepts them and connects them through its network transport (loopback).
 SHARED_GPU_ENV = "SYMM_RS_SHARED_GPU"
+
+# The ranks are spawned by the package's one way to spawn them, ``symm_rs.gpu_check`` (``doctor``
+# uses it too); this launcher adds shared-GPU runs, a grace after a failure, and how each process
+# ended. That module imports torch, so it is imported when ranks run, not with the harness
+# (``symm-rs bench --help`` loads no torch).
+
+
+def free_port() -> int:
+    """A free loopback port (``symm_rs.gpu_check.free_port``)."""
+    from symm_rs import gpu_check
+
+    return gpu_check.free_port()
 
 
 def shared_gpu() -> bool:
@@ -63,6 +70,8 @@ def _shared_gpu_setup(rank: int) -> None:
 def init_nccl(rank: int, world_size: int, timeout_s: float = 120.0) -> Any:
     """``init_process_group("nccl")`` bound to the rank's GPU (``device_of``), with the
     communicator made eagerly."""
+    from symm_rs import gpu_check
+
     return gpu_check.init_nccl(rank, world_size, device_of(rank), timeout_s)
 
 
@@ -107,7 +116,9 @@ def run_ranks_to_exit(
     """``run_ranks``, and how each process ended after it answered: a rank that crashes or
     hangs at interpreter exit (after its answer was sent) shows in ``exitcode``/``ending``.
     Each process gets ``exit_wait`` seconds to exit on its own after the answers are in."""
-    procs, results = spawn_ranks(fn, world_size, args, _shared_gpu_setup)
+    from symm_rs import gpu_check
+
+    procs, results = gpu_check.spawn_ranks(fn, world_size, args, _shared_gpu_setup)
     answers: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout
     cut_short = False
