@@ -332,3 +332,13 @@ def test_no_dict_access_to_typed_results() -> None:
     for root in roots:
         for path in sorted(root.rglob("*.py")):
             assert not pattern.search(path.read_text()), f"{path.relative_to(ROOT)}"
+
+
+def test_the_guides_api_summary_is_the_public_face() -> None:
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    table = guide.split("## API summary", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    named: set[str] = set()
+    for row in table.splitlines()[2:]:
+        first = row.split(" | ", 1)[0]
+        named |= {re.split(r"[(.]", n)[0] for n in re.findall(r"`([^`]+)`", first)}
+    assert named == set(symm_rs.__all__)
