@@ -299,10 +299,19 @@ class Platform:
     def is_cuda_alike(self) -> bool:
         return self.cuda
 
+    def is_xpu(self) -> bool:
+        return False
+
     def graph_pool_handle(self) -> Any:
         import torch
 
         return torch.cuda.graph_pool_handle()
+
+    def fp8_dtype(self) -> Any:
+        """vLLM's CUDA answer (``Platform.fp8_dtype``); its NCCL dtype table asks it."""
+        import torch
+
+        return torch.float8_e4m3fn
 
     def log_warnings(self) -> None:
         pass
@@ -336,6 +345,14 @@ def _direct_register_custom_op(
         library._register_fake(op_name, fake_impl)
 
 
+def _is_torch_equal_or_newer(target: str) -> bool:
+    """vLLM's answer: the running torch's version against ``target``, pre-releases included."""
+    import torch
+    from packaging import version
+
+    return version.parse(str(torch.__version__)) >= version.parse(target)
+
+
 def vllm_standins(platform: Optional[Platform] = None) -> dict[str, dict[str, Any]]:
     """What vLLM's ``pynccl``, ``pynccl_wrapper``, ``cudagraph_pool`` and ``envs`` import from
     the rest of vLLM."""
@@ -348,11 +365,15 @@ def vllm_standins(platform: Optional[Platform] = None) -> dict[str, dict[str, An
         "vllm.distributed.utils": {"StatelessProcessGroup": StatelessProcessGroup},
         "vllm.utils.torch_utils": {
             "current_stream": _current_stream,
+            "is_torch_equal_or_newer": _is_torch_equal_or_newer,
             "direct_register_custom_op": _direct_register_custom_op,
         },
         "vllm.config": {"VllmConfig": object},
         "vllm.device_allocator": {"get_mem_allocator_instance": no_cumem_allocator},
         # vLLM's logger asks it, lazily, when a message is logged once per node (seen on a GPU
         # with NCCL 2.30.7, where vLLM's PyNcclCommunicator logs its NCCL version that way).
-        "vllm.distributed.parallel_state": {"is_local_first_rank": lambda: True},
+        "vllm.distributed.parallel_state": {
+            "is_global_first_rank": lambda: True,
+            "is_local_first_rank": lambda: True,
+        },
     }

@@ -16,6 +16,7 @@ except under CI (``CI`` set), where they fail. Three kinds of check:
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import inspect
@@ -759,3 +760,69 @@ def test_gpu_suite_loads_the_engines_own_communicator_with_the_shim(
     finally:
         loaded.engine.close()
         vl.set_graph_pool_id(None)
+
+
+def _asked_of_stand_ins(path: Path, standins: dict[str, dict[str, Any]]) -> list[str]:
+    """``file:line module.name`` for each name ``path`` imports from a stand-in module, or asks
+    of ``current_platform``, that the stand-in lacks (imports inside functions included)."""
+    missing = []
+    tree = ast.parse(path.read_text(), filename=str(path))
+    platform = standins.get("vllm.platforms", {}).get("current_platform")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in standins:
+            for alias in node.names:
+                if alias.name != "*" and alias.name not in standins[node.module]:
+                    missing.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
+        elif (
+            platform is not None
+            and isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "current_platform"
+            and not hasattr(platform, node.attr)
+        ):
+            missing.append(f"{path.name}:{node.lineno} current_platform.{node.attr}")
+    return missing
+
+
+# Names the carried files ask only on paths the suite never takes: SGLang's runtime_context
+# projects ServerArgs into its configuration there, and the suite publishes its own ExecContext.
+NEVER_ASKED_ON_THE_SUITES_PATH = {
+    "sglang.srt.arg_groups.arg_utils.namespace_of",
+    "sglang.srt.arg_groups.arg_utils._NO_DEFAULT",
+}
+
+
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_stand_ins_answer_every_name_the_carried_code_asks(engine: str, engine_roots: dict) -> None:
+    """The GPU suite runs the engines' own files on stand-ins for the rest of each engine, so a
+    name a stand-in lacks fails only there, at run time (vLLM's NCCL dtype table asked
+    ``current_platform.fp8_dtype()`` on a GPU with NCCL 2.30.7). Found here by parsing."""
+    if engine == "sglang":
+        standins = {**em.sglang_standins(), **em.sglang_config_standins(force=True)}
+    else:
+        standins = em.vllm_standins()
+    missing = []
+    for module in extract_engines.CARRY_MODULES[engine]:
+        missing += _asked_of_stand_ins(
+            extract_engines.module_file(engine_roots[engine], module), standins
+        )
+    missing = [m for m in missing if m.split()[1] not in NEVER_ASKED_ON_THE_SUITES_PATH]
+    assert not missing, f"stand-ins lack what {engine}'s own files ask: {missing}"
+
+
+def test_a_name_a_stand_in_lacks_is_found(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from vllm.x import a, b\n    return current_platform.nope()\n")
+    standins = {"vllm.x": {"a": 1}, "vllm.platforms": {"current_platform": em.Platform()}}
+    assert _asked_of_stand_ins(source, standins) == [
+        "m.py:2 vllm.x.b",
+        "m.py:3 current_platform.nope",
+    ]
+
+
+def test_vllm_dtype_table_answers_every_dtype_it_lists(vllm_engine: Any) -> None:
+    """vLLM's own ``ncclDataTypeEnum.from_torch`` on the stand-in platform (its first
+    all-reduce asks it)."""
+    wrapper = sys.modules["vllm.distributed.device_communicators.pynccl_wrapper"]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.float8_e4m3fn):
+        assert isinstance(wrapper.ncclDataTypeEnum.from_torch(dtype), int)

@@ -75,6 +75,11 @@ class Ctx:
             return bool(symm_rs.is_registered(tensor, group)) or self.nccl_refused(group)
         return bool(symm_rs.is_symmetric(tensor, group))
 
+    def skip(self, reason: str) -> None:
+        """Ends the case as skipped with ``reason`` (every rank must skip alike, or the case
+        fails): for what this run cannot show, found only once the case runs."""
+        raise CaseSkipped(reason)
+
     def nccl_refused(self, group: Any) -> bool:
         """Whether NCCL answered registration on ``group`` with NULL windows (NCCL >= 2.29
         across what it sees as hosts): symm_rs then uses the pool as plain memory on every rank,
@@ -100,6 +105,10 @@ class Ctx:
             )
         else:
             assert symm_rs.is_symmetric(tensor, group), f"{what} is not symmetric"
+
+
+class CaseSkipped(Exception):
+    """Raised by ``Ctx.skip``."""
 
 
 def needs_nvlink(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -167,6 +176,9 @@ def _worker(
             fn(ctx)
             torch.cuda.synchronize()
             outcome, error = "passed", None
+        except CaseSkipped as e:
+            outcome, error = "skipped", None
+            ctx.details["skip_reason"] = str(e)
         except Exception as e:
             outcome, error = "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         made.extend(ctx._made)
@@ -177,6 +189,8 @@ def _worker(
             "seconds": round(time.perf_counter() - start, 3),
             "details": ctx.details,
         }
+        if outcome == "skipped":
+            result["reason"] = ctx.details["skip_reason"]
         record(result)
         if error:
             print(f"[rank {rank}] {name} FAILED: {error}", file=sys.stderr, flush=True)

@@ -206,7 +206,9 @@ def case_two_groups_share_one_pool(ctx: Ctx) -> None:
     for comm in (first_comm, second_comm):
         assert comm in comms, f"communicator {comm:#x} missing from stats"
         assert comms[comm].pending_segments == 0
-        assert comms[comm].windows == stats.segments, (comms[comm], stats.segments)
+        # A communicator NCCL answered with NULL windows is plain: no window to count.
+        windows = 0 if comms[comm].plain else stats.segments
+        assert comms[comm].windows == windows, (comms[comm], stats.segments)
     a.fill_(ctx.rank + 1)
     with symm_rs.use_symmetric_memory(second):
         out = torch.empty(n * ctx.world_size, dtype=torch.uint8, device=ctx.device)
@@ -297,7 +299,8 @@ def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx
 def case_destroying_the_pool_deregisters_every_window(ctx: Ctx) -> None:
     torch.cuda.synchronize()
     before = symm_rs.stats()
-    assert before.windows_registered > 0
+    refused = ctx.shared_gpu and ctx.nccl_refused(ctx.group)
+    assert before.windows_registered > 0 or refused
     freed = symm_rs.destroy_pool()
     after = symm_rs.stats()
     ctx.details["freed_segments"] = freed

@@ -226,7 +226,8 @@ def case_engine_decode_graphs_and_mixed_steps_are_exact(ctx: Ctx) -> None:
     )
     assert int(wrong.item()) == 0, f"{int(wrong.item())} steps differ from the plain-buffer model"
     assert overwritten == 0, f"{overwritten} long-lived tensors were overwritten by replays"
-    assert windows > 0 and outside == 0, (windows, outside)
+    # NCCL >= 2.29 answers NULL windows between the NCCL hosts of a shared GPU: plain memory.
+    assert (windows > 0 or ctx.nccl_refused(comm)) and outside == 0, (windows, outside)
     if ctx.shared_gpu:  # different NCCL hosts: no symmetric kernel can run
         assert not any(symmetric_lines_per_bs.values()), symmetric_lines_per_bs
     elif ctx.rank == 0:  # NCCL >= 2.28 logs symmetric kernels on rank 0 only

@@ -460,7 +460,7 @@ def case_vllm_own_communicator_loads_with_the_shim(ctx: Ctx) -> None:
 def case_vllm_eager_collectives_exact(ctx: Ctx) -> None:
     setup = _vllm_setup(ctx)
     if setup is None:
-        return
+        ctx.skip(ctx.details["skipped"])
     _, comm = setup
     before = _symmetric_lines()
     for seed, rows in enumerate([1, 3, 8, 64]):
@@ -479,7 +479,7 @@ def case_vllm_eager_collectives_exact(ctx: Ctx) -> None:
 def case_vllm_graphs_in_vllms_order_exact(ctx: Ctx) -> None:
     setup = _vllm_setup(ctx)
     if setup is None:
-        return
+        ctx.skip(ctx.details["skipped"])
     loaded, comm = setup
     global_pool = torch.cuda.graph_pool_handle()  # vLLM's one graph pool for all captures
     config = types.SimpleNamespace(use_cumem_cudagraph_pool=False)
