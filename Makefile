@@ -5,7 +5,7 @@ PYTHON ?= python3
 WHEEL_DIR ?= target/wheels
 PY_DIRS = python tests benches examples scripts
 
-.PHONY: fmt lint wheel install test test-rust test-python bench gpu-tests ptx dist dist-check msrv
+.PHONY: fmt lint wheel install test test-rust test-python bench bench-harness gpu-tests ptx dist dist-check msrv
 
 fmt:
 	cargo fmt --all
@@ -28,6 +28,7 @@ install: wheel
 test-rust:
 	cargo test
 
+# The CPU tests, tests/test_house.py among them (file sizes, the one crossing, the one tables).
 test-python: install
 	$(PYTHON) -m pytest tests
 
@@ -35,6 +36,11 @@ test: lint test-rust test-python
 
 bench:
 	cargo bench --bench registration
+
+# The benchmark harness on 2+ GPUs (benches/symm_rs_bench: beside the package, not in it); the
+# same as `symm-rs bench` run in this checkout. Options through ARGS, e.g. ARGS=--quick.
+bench-harness:
+	PYTHONPATH=benches $(PYTHON) -m symm_rs_bench $(ARGS)
 
 # What a release publishes, into dist/: manylinux_2_28 abi3 wheels (zig from PyPI links them;
 # aarch64 too when rustup has that target) and the sdist. dist-check checks them (tag, symbol

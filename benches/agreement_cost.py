@@ -62,7 +62,7 @@ def _rank(rank: int, world: int, port: int, rounds: int, results: Any) -> None:
 
 
 def measure(world: int, rounds: int) -> dict[str, Any]:
-    from symm_rs.launch import free_port
+    from symm_rs_bench.launch import free_port
 
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()

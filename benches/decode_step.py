@@ -50,7 +50,7 @@ def rank_main(rank: int, world: int) -> dict[str, Any]:
 
     import symm_rs
     from symm_rs.compat import sglang as sg
-    from symm_rs.launch import init_nccl
+    from symm_rs_bench.launch import init_nccl
 
     group = init_nccl(rank, world)
     comm = symm_rs.Communicator.from_process_group(group, device=torch.device("cuda", rank))
@@ -120,7 +120,7 @@ def _merge(per_rank: list[dict[str, Any]], world: int) -> dict[str, Any]:
         "world_size": world,
         "device": per_rank[0]["device"],
         "torch": torch.__version__,
-        "nccl": ".".join(map(str, symm_rs.nccl_version())),
+        "nccl": ".".join(map(str, symm_rs.library_info().version)),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
@@ -157,7 +157,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from symm_rs.launch import run_ranks
+    from symm_rs_bench.launch import run_ranks
 
     results = []
     status = 0

@@ -25,7 +25,7 @@ def rank_main(rank: int, world: int, out: str, seconds: float) -> dict[str, Any]
     import torch
 
     import symm_rs
-    from symm_rs.launch import init_nccl
+    from symm_rs_bench.launch import init_nccl
 
     group = init_nccl(rank, world)
     with symm_rs.use_symmetric_memory(group):
@@ -93,7 +93,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
-    from symm_rs.launch import run_ranks
+    from symm_rs_bench.launch import run_ranks
 
     os.makedirs(args.out, exist_ok=True)
     outcomes = run_ranks(rank_main, 2, (args.out, args.seconds), timeout=120)

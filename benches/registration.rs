@@ -29,7 +29,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 
 use _native::allocator::{failure_counts, symm_rs_alloc, symm_rs_free, take_last_error};
 use _native::handles::{CommPtr, DevicePtr, WindowHandle};
-use _native::nccl::{self, Origin, LIBRARY_ENV};
+use _native::nccl::{self, Candidates, Origin};
 use _native::segments::{SharedTable, WindowRegistrar, ANY_PEERS};
 
 const TABLE_SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
@@ -340,14 +340,16 @@ fn build_stand_in_nccl() -> PathBuf {
 }
 
 /// Points the plugs at the stand-in. Must run before the first plug call: the process-wide NCCL
-/// is chosen once. Setting the variable is sound here because criterion has not started any
-/// thread that reads the environment.
+/// is chosen once.
 fn load_stand_in_for_plugs(library: &Path) {
-    std::env::set_var(LIBRARY_ENV, library);
-    let nccl = nccl::get().expect("the plugs' NCCL loads");
+    let candidates = Candidates {
+        preferred: Some(library.to_path_buf()),
+        ..Candidates::default()
+    };
+    let nccl = nccl::load(&candidates).expect("the plugs' NCCL loads");
     // If a real libnccl were already mapped, the plugs would use it, not the stand-in, and the
     // comparison below would be between two different libraries.
-    assert_eq!(nccl.origin(), Origin::Environment, "{:?}", nccl.path());
+    assert_eq!(nccl.origin(), Origin::Preferred, "{:?}", nccl.path());
 }
 
 /// Plug pair: NCCL lookup, device guard, `ncclMemAlloc`, table insert under the lock; then

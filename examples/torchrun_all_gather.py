@@ -35,7 +35,7 @@ def main() -> None:
     ok = torch.equal(recv, expected)
     print(
         f"rank {rank}: exact={ok} symmetric={symm_rs.is_symmetric(recv, group)} "
-        f"windows={symm_rs.stats()['windows_registered']}",
+        f"windows={symm_rs.stats().windows_registered}",
         flush=True,
     )
     symm_rs.release(group)  # windows go before the communicator does

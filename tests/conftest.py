@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+# The repository's tooling beside the package (benches/symm_rs_bench: the benchmark harness and
+# the rank launcher): importable by the tests, as it is from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 
 STAND_IN_DIR = Path(__file__).parent / "stand_in"
 STAND_IN_SOURCE = STAND_IN_DIR / "stand_in_nccl.c"

@@ -115,21 +115,34 @@ def test_reserve_rejects_negative_sizes() -> None:
 
 def test_library_is_torchs_when_torch_is_loaded() -> None:
     info = symm_rs.library_info()
-    assert info["origin"] == "already loaded in this process"
-    assert symm_rs.nccl_library() == info["path"]
-    assert symm_rs.nccl_version() == tuple(info["version"])
+    assert isinstance(info, symm_rs.LibraryInfo)
+    assert info.origin == "already loaded in this process"
     if hasattr(torch.cuda, "nccl"):
         version = torch.cuda.nccl.version()
-        assert symm_rs.nccl_version()[:2] == tuple(version[:2])
+        assert info.version[:2] == tuple(version[:2])
 
 
 def test_window_check_modes() -> None:
-    previous = symm_rs.set_window_check("warn")
+    previous = symm_rs.comm.set_window_check("warn")
     try:
         with pytest.raises(ValueError, match="mode must be one of"):
-            symm_rs.set_window_check("loud")
+            symm_rs.comm.set_window_check("loud")
     finally:
-        symm_rs.set_window_check(previous)
+        symm_rs.comm.set_window_check(previous)
+
+
+def test_names_that_left_the_face_still_resolve_with_a_warning() -> None:
+    with pytest.warns(DeprecationWarning, match=r"symm_rs.nccl_version is deprecated.*library"):
+        assert symm_rs.nccl_version() == symm_rs.library_info().version
+    with pytest.warns(DeprecationWarning, match="use symm_rs.errors.NotSymmetricWarning"):
+        assert symm_rs.NotSymmetricWarning is symm_rs.errors.NotSymmetricWarning
+    with pytest.warns(DeprecationWarning, match=r"library_info\(\)\["):
+        assert symm_rs.library_info()["path"] == symm_rs.library_info().path
+    with pytest.warns(DeprecationWarning, match=r"stats\(\)\["):
+        assert symm_rs.stats()["segments"] == symm_rs.stats().segments
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        symm_rs.no_such_name  # noqa: B018
+    assert len(symm_rs.__all__) <= 26 and not set(symm_rs.__all__) & set(symm_rs._MOVED)
 
 
 def test_communicator_argument_errors_before_nccl() -> None:
@@ -144,7 +157,7 @@ def test_communicator_argument_errors_before_nccl() -> None:
 
 
 def test_the_old_memory_module_still_resolves_with_a_warning() -> None:
-    with pytest.warns(DeprecationWarning, match="moved to symm_rs.context"):
+    with pytest.warns(DeprecationWarning, match="use symm_rs.context.use_symmetric_memory"):
         from symm_rs.memory import use_symmetric_memory
     assert use_symmetric_memory is symm_rs.use_symmetric_memory
     with pytest.warns(DeprecationWarning, match="symm_rs.env.parse_bytes"):

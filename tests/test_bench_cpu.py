@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import io
 import itertools
 import json
@@ -24,10 +23,12 @@ import torch
 import torch.distributed as dist
 
 import symm_rs
-import symm_rs.bench as bench
+import symm_rs_bench as bench
 from symm_rs import cli, cp
-from symm_rs.bench import comm_calls, config, merge, progress, report, sections, timing
-from symm_rs.launch import run_ranks
+from symm_rs.comm import resolve_policy
+from symm_rs.policy import Policy
+from symm_rs_bench import comm_calls, config, merge, progress, report, sections, timing
+from symm_rs_bench.launch import run_ranks
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 RESULTS = Path(__file__).resolve().parents[1] / "benches" / "results"
@@ -401,9 +402,7 @@ class _Communicator:
         )  # gloo has no reduce_scatter_tensor; the cost is beside the point
 
     def enable_policy(self, table: Any = True) -> Any:
-        from symm_rs.policy import Policy, resolve
-
-        self.policy = Policy(resolve(table, 2), "twin", 0x2000, False, "stand-in")  # type: ignore[arg-type]
+        self.policy = Policy(resolve_policy(table, 2), "twin", 0x2000, False, "stand-in")  # type: ignore[arg-type]
         return self.policy
 
     set_policy_table = enable_policy
@@ -455,23 +454,19 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
     fakes = {
         "use_symmetric_memory": context,
         "is_symmetric": lambda t, o: True,
-        "stats": lambda: dict(stats),
+        "stats": lambda: types.SimpleNamespace(**stats),
     }
     fakes.update(
         register=lambda g: 0, release=lambda g: 0, reserve=lambda n, g: 5, destroy_pool=destroy_pool
     )
-    fakes.update(pool_usage=lambda: {"in_use_bytes": 0}, Communicator=_Communicator)
-    fakes.update(PolicyTable=symm_rs.PolicyTable)  # resolved before the fakes replace anything
+    fakes.update(Communicator=_Communicator)
     fakes.update(graph_capture=lambda pool: contextlib.nullcontext(), release_graph_pool=len)
     for name, value in fakes.items():
         setattr(symm_rs, name, value)
+    symm_rs.pool.pool_usage = lambda: {"in_use_bytes": 0}
     # The CP helpers without symmetric memory (gloo has no NCCL communicator), at small sizes.
-    for name in (
-        "cp_all_gather_reorganized_into_tensor_kv_cache",
-        "_gather_with_driver_copies",
-        "_gather_in_python",
-    ):
-        setattr(cp, name, functools.partial(getattr(cp, name), disabled=True))
+    gather = cp._gather
+    cp._gather = lambda *args, **kw: gather(*args, **{**kw, "disabled": True})
     cfg.cp_tokens = [16, 64]
     sections.init_nccl, sections.Rank = _init_gloo, _CpuRank
     # The ctypes path needs a real libnccl; on gloo it is torch.distributed under another name.
@@ -527,7 +522,7 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     # The table is the crossover this run's collectives section measured, and every call
     # went where that table says.
     assert policy["table_source"].startswith("measured")
-    table = symm_rs.PolicyTable.parse(policy["table"])
+    table = symm_rs.policy.PolicyTable.parse(policy["table"])
     for c in policy["checks"]:
         assert c["route"] == ("twin" if table.use_twin(c["op"], c["bytes"]) else "main"), c
     assert policy["twin_memory"]["at_creation_bytes"] == 0 and policy["mechanism"] == "twin"

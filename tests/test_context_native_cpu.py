@@ -1,7 +1,8 @@
 """The native ``use_symmetric_memory``: its bookkeeping without a GPU.
 
-The rules it calls (``symm_rs.context._enter_slow`` and friends) are replaced by recorders, so
-these tests see exactly when the native side resolves a group, routes, and registers.
+The rules it calls (``symm_rs.context._enter`` and ``_exit``, and what they call:
+``_enter_slow`` and friends) are replaced by recorders, so these tests see exactly when the
+native side resolves a group, routes, and registers.
 """
 
 from __future__ import annotations
@@ -275,9 +276,13 @@ def test_verify_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert symm_rs.use_symmetric_memory(COMM).verify is True
     monkeypatch.setenv("SYMM_RS_VERIFY", "off")
     assert symm_rs.use_symmetric_memory(COMM).verify is False
+    # Read when asked for (and at each exit that registers), not when the object is made.
+    context = symm_rs.use_symmetric_memory(COMM)
     monkeypatch.setenv("SYMM_RS_VERIFY", "maybe")
     with pytest.raises(ValueError, match="SYMM_RS_VERIFY"):
-        symm_rs.use_symmetric_memory(COMM)
+        context.verify  # noqa: B018
+    context.verify = False
+    assert context.verify is False
 
 
 def test_the_graph_pool_setting_lives_in_the_native_module() -> None:

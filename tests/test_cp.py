@@ -11,10 +11,7 @@ import dataclasses
 import datetime
 import importlib
 import os
-import queue
 import random
-import socket
-import time
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +21,7 @@ import pytest
 import torch
 
 import symm_rs
+from symm_rs_bench.launch import run_ranks_to_exit
 
 
 def _import_cp() -> ModuleType:
@@ -277,12 +275,6 @@ def test_enabled_symmetric_memory_rejects_a_group_without_a_communicator():
 # --- real gloo groups ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _gloo_cases(rank: int, world: int, group: Any, failures: list[str]) -> int:
     """Runs every case on this rank; returns how many ran. Same collectives on every rank."""
     ran = 0
@@ -340,7 +332,9 @@ def _gloo_cases(rank: int, world: int, group: Any, failures: list[str]) -> int:
     return ran
 
 
-def _gloo_worker(rank: int, world: int, port: int, results: Any) -> None:
+def _gloo_rank(rank: int, world: int) -> tuple[int, list[str]]:
+    """One rank (spawned by ``run_ranks_to_exit``, which set the env:// variables): every case,
+    and what failed."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -348,13 +342,9 @@ def _gloo_worker(rank: int, world: int, port: int, results: Any) -> None:
     failures: list[str] = []
     ran = 0
     try:
+        # A rank that died mid-case turns the others' wait into an error, not a hang.
         dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            # A rank that died mid-case turns the others' wait into an error, not a hang.
-            timeout=datetime.timedelta(seconds=60),
+            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
         )
         try:
             ran = _gloo_cases(rank, world, dist.group.WORLD, failures)
@@ -363,46 +353,17 @@ def _gloo_worker(rank: int, world: int, port: int, results: Any) -> None:
             dist.destroy_process_group()
     except BaseException:
         failures.append(f"rank {rank}: {traceback.format_exc()}")
-    results.put((rank, ran, failures))
+    return ran, failures
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_all_gather(world):
-    ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_gloo_worker, args=(rank, world, port, results), daemon=True)
-        for rank in range(world)
-    ]
-    for p in procs:
-        p.start()
-    reports: dict[int, tuple[int, list[str]]] = {}
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while len(reports) < world:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                rank, ran, failures = results.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
-                    break
-                continue
-            reports[rank] = (ran, failures)
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()) + 5)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-
-    missing = sorted(set(range(world)) - set(reports))
-    assert not missing, f"ranks {missing} never reported (hung or crashed)"
+    outcomes = run_ranks_to_exit(_gloo_rank, world, timeout=JOIN_TIMEOUT_S, exit_wait=5.0)
+    missing = [r for r, o in enumerate(outcomes) if not o.ok]
+    assert not missing, f"ranks {missing} never reported (hung or crashed): {outcomes}"
+    reports = {r: o.value for r, o in enumerate(outcomes)}
     problems = [f for _, failures in reports.values() for f in failures]
     assert not problems, "\n".join(problems)
     counts = {ran for ran, _ in reports.values()}
     assert len(counts) == 1 and counts.pop() > 0, f"ranks ran different case counts: {reports}"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert all(o.exitcode == 0 for o in outcomes), [o.exitcode for o in outcomes]

@@ -1,5 +1,5 @@
-"""CPU tests of the Rust CP all-gather's surface: its layout agrees with the Python path's, and
-bad arguments are refused before any NCCL or CUDA call (the gather itself runs in
+"""CPU tests of the Rust CP all-gather's surface: its plan (the one slot rule both paths use),
+and bad arguments refused before any NCCL or CUDA call (the gather itself runs in
 tests/gpu/suite_cp.py)."""
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ def _compaction_in_python(counts: list[int], slot: int) -> list[tuple[int, int, 
 
 
 @pytest.mark.parametrize("counts", COUNTS, ids=str)
-def test_the_rust_plan_matches_the_python_layout(counts: list[int]) -> None:
+def test_the_plan_pads_slots_to_16_bytes_and_compacts_what_torch_cat_would(
+    counts: list[int],
+) -> None:
     for row_bytes, rank in itertools.product(ROW_BYTES, range(len(counts))):
         slot, copies = _native.cp_plan(rank, counts, row_bytes)
-        assert slot == cp._slot_rows(max(counts), row_bytes), (counts, row_bytes)
+        assert slot >= max(counts) and (slot * row_bytes) % 16 == 0, (counts, row_bytes)
+        # The smallest such slot: one row fewer would break the alignment or the longest count.
+        smaller = slot - 1
+        assert smaller < max(counts) or (smaller * row_bytes) % 16, (counts, row_bytes)
         compact = slot != max(counts) or len(set(counts)) > 1
         assert copies == (_compaction_in_python(counts, slot) if compact else [])
 
@@ -81,26 +86,23 @@ def test_the_copy_mode_is_checked_first(monkeypatch: pytest.MonkeyPatch) -> None
     for copy in ("kernel", "driver", " Driver "):  # then the tensors are checked, as ever
         with pytest.raises(ValueError, match="input is not a CUDA tensor"):
             _native.cp_all_gather(0, 1, g, i, o, [3, 2], (0, 0), copy=copy)
-    # The default comes from SYMM_RS_CP_COPY, read at each call, with symm_rs.env's message.
+    # The choices are the Rust core's; SYMM_RS_CP_COPY is read by symm_rs.env at each call.
+    assert env.CP_COPY_CHOICES == _native.CP_COPY_MODES == ("kernel", "driver")
     monkeypatch.setenv("SYMM_RS_CP_COPY", "fast")
     with pytest.raises(ValueError, match="SYMM_RS_CP_COPY: must be one of kernel, driver; got"):
-        _call(g, i, o)
-    with pytest.raises(ValueError, match="SYMM_RS_CP_COPY: must be one of kernel, driver"):
-        env.read_choice(env.CP_COPY, env.CP_COPY_CHOICES)
-    monkeypatch.setenv("SYMM_RS_CP_COPY", "driver")
-    with pytest.raises(ValueError, match="input is not a CUDA tensor"):
-        _call(g, i, o)
+        env.read_cp_copy()
+    monkeypatch.setenv("SYMM_RS_CP_COPY", " Driver")
+    assert env.read_cp_copy() == "driver"
 
 
-def test_the_driver_copy_helper_takes_the_rust_path_with_driver_copies(
+def test_the_helper_takes_the_rust_path_with_the_environments_copies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[object] = []
-    monkeypatch.setattr(cp, "_gather", lambda *args, **kwargs: seen.append((args, kwargs)))
+    monkeypatch.setattr(cp, "_gather", lambda *args, **kwargs: seen.append(kwargs))
     x = torch.zeros(3, 2)
-    cp._gather_with_driver_copies(x, "group", [3, 1])
     cp.cp_all_gather_reorganized_into_tensor_kv_cache(x, "group", [3, 1])
-    assert [kwargs for _, kwargs in seen] == [{"native": True, "copy": "driver"}, {"native": True}]
+    assert seen == [{"stream": None, "disabled": False}]
 
 
 def test_python_path_is_kept_for_disabled_and_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,7 +121,7 @@ def test_python_path_is_kept_for_disabled_and_cpu(monkeypatch: pytest.MonkeyPatc
     x = torch.arange(6, dtype=torch.float32).reshape(3, 2)
     out = cp.cp_all_gather_reorganized_into_tensor_kv_cache(x, Gatherer(), [3, 1], disabled=True)
     assert out.tolist() == [[0, 1], [2, 3], [4, 5], [7, 7]]
-    ref = cp._gather_in_python(x, Gatherer(), [3, 1], disabled=True)
+    ref = cp._gather(x, Gatherer(), [3, 1], disabled=True, native=False)
     assert torch.equal(out, ref)
 
 

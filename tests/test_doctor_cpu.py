@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from symm_rs import cli, doctor, library, nccl_log
+from symm_rs import cli, doctor, gpu_check, library, nccl_log
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU report")
 
@@ -171,9 +172,12 @@ def test_known_bad_nccl_releases(version: tuple[int, int, int], affected: bool) 
         assert "programmatic dependent launch" in text
 
 
+_REAL_LIBRARY_INFO = library.library_info
+
+
 def _fake_nccl(monkeypatch: pytest.MonkeyPatch, version: tuple[int, int, int]) -> None:
-    info = dict(library.library_info())
-    info["version"] = version
+    info = types.SimpleNamespace(**_REAL_LIBRARY_INFO().as_dict())
+    info.version = version
     monkeypatch.setattr(library, "library_info", lambda: info)
     monkeypatch.setattr(torch.cuda.nccl, "version", lambda: version)
 
@@ -201,8 +205,8 @@ def _fake_running_nccl(
 ) -> None:
     """The process runs NCCL ``running`` (preloaded in place of torch's) while torch reports
     the version it was built with, ``built``."""
-    info = dict(library.library_info())
-    info["version"] = running
+    info = types.SimpleNamespace(**_REAL_LIBRARY_INFO().as_dict())
+    info.version = running
     monkeypatch.setattr(library, "library_info", lambda: info)
     monkeypatch.setattr(torch.cuda.nccl, "version", lambda: built)
 
@@ -249,7 +253,7 @@ def test_a_defect_symm_rs_steers_around_is_a_warning_not_a_failure(
 
 
 def test_torch_calling_another_libnccl_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
-    ours = os.path.realpath(str(library.library_info()["path"]))
+    ours = os.path.realpath(str(library.library_info().path))
     other = "/opt/x/libnccl.so.2"
     monkeypatch.setattr(library, "loaded_nccl_libraries", lambda: [ours, other])
     monkeypatch.setattr(library, "global_nccl_library", lambda: other)
@@ -267,7 +271,7 @@ def test_torch_calling_another_libnccl_is_a_problem(monkeypatch: pytest.MonkeyPa
 
 
 def test_torch_calls_the_libnccl_symm_rs_uses() -> None:
-    ours = os.path.realpath(str(library.library_info()["path"]))
+    ours = os.path.realpath(str(library.library_info().path))
     # torch's own libnccl is a local dependency of libtorch_cuda (not in the global scope)
     # unless something preloaded one; either way it is the file symm_rs uses.
     assert library.global_nccl_library() in (None, ours)
@@ -290,7 +294,7 @@ def test_loaded_libraries_come_from_the_process_map(tmp_path: Path) -> None:
     assert library.loaded_nccl_libraries(str(tmp_path / "missing")) == []
     # In this process: torch's libnccl, the one symm_rs uses.
     running = library.loaded_nccl_libraries()
-    assert running == [os.path.realpath(str(library.library_info()["path"]))]
+    assert running == [os.path.realpath(str(library.library_info().path))]
 
 
 # --- two wheels that install the same libnccl ------------------------------------------------
@@ -414,15 +418,15 @@ def test_tuning_log_files_of_every_process_are_read(tmp_path: Path) -> None:
 
 
 def test_tuning_log_evidence_confirms_only_a_symmetric_all_gather() -> None:
-    evidence = doctor.tuning_log_evidence(nccl_log.parse_tuning_log(SAMPLE_LOG))
+    evidence = gpu_check.tuning_log_evidence(nccl_log.parse_tuning_log(SAMPLE_LOG))
     assert evidence["confirmed"] and evidence["bytes_match"]
     assert evidence["symmetric_kernels"] == ["AllGather_LL"]
-    assert evidence["expected_bytes"] == doctor.CHECK_BYTES == 2097152
+    assert evidence["expected_bytes"] == gpu_check.CHECK_BYTES == 2097152
     regular_only = "\n".join(SAMPLE_LOG.splitlines()[:2] + SAMPLE_LOG.splitlines()[3:])
-    evidence = doctor.tuning_log_evidence(nccl_log.parse_tuning_log(regular_only))
+    evidence = gpu_check.tuning_log_evidence(nccl_log.parse_tuning_log(regular_only))
     assert not evidence["confirmed"]
     assert evidence["regular_all_gather"] and not evidence["symmetric_all_gather"]
-    assert not doctor.tuning_log_evidence([])["confirmed"]
+    assert not gpu_check.tuning_log_evidence([])["confirmed"]
 
 
 def test_render_shows_problems_warnings_and_the_verdict() -> None:
@@ -433,7 +437,7 @@ def test_render_shows_problems_warnings_and_the_verdict() -> None:
         "gpus": ["H100", "H100"],
         "nccl": None,
         "check": "symmetric all-gather over 2 GPUs: exact; NCCL's tuning log shows ...",
-        "tuning_log": doctor.tuning_log_evidence(nccl_log.parse_tuning_log(SAMPLE_LOG)),
+        "tuning_log": gpu_check.tuning_log_evidence(nccl_log.parse_tuning_log(SAMPLE_LOG)),
         "environment": {"variables": {"SYMM_RS_VERIFY": "1"}},
         "warnings": ["w"],
         "problems": ["p"],

@@ -228,7 +228,7 @@ def test_import_symm_rs_warns_once_without_loading_torch() -> None:
 def test_import_symm_rs_raises_in_strict_mode() -> None:
     done = _import_symm_rs(SYMM_RS_RESERVE="banana", SYMM_RS_STRICT="1")
     assert done.returncode == 1
-    assert "symm_rs.env.SettingError: SYMM_RS_RESERVE: not a byte size" in done.stderr
+    assert "symm_rs.errors.SettingError: SYMM_RS_RESERVE: not a byte size" in done.stderr
 
 
 def test_the_command_line_still_reports_in_strict_mode() -> None:

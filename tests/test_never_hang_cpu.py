@@ -18,7 +18,17 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import symm_rs  # noqa: E402
-from symm_rs import _native, agreement, context, groups, pool, registration, watchdog  # noqa: E402
+from symm_rs import (  # noqa: E402
+    _native,
+    agreement,
+    context,
+    groups,
+    lifetime,
+    pool,
+    process_groups,
+    registration,
+    watchdog,
+)
 from symm_rs.groups import Channel, Group  # noqa: E402
 
 
@@ -130,13 +140,13 @@ def test_shutdown_releases_and_abort_forgets_before_the_communicator_goes(
             self.log.append("abort")
 
     pg = FakeProcessGroup()
-    shutdown = groups._windows_go_first(FakeProcessGroup.shutdown, deregister=True)
-    abort = groups._windows_go_first(FakeProcessGroup.abort, deregister=False)
-    groups._pg_groups[pg] = _group(0xD00D)
+    shutdown = lifetime._windows_go_first(FakeProcessGroup.shutdown, deregister=True)
+    abort = lifetime._windows_go_first(FakeProcessGroup.abort, deregister=False)
+    lifetime.process_groups[pg] = _group(0xD00D)
     shutdown(pg)
     assert calls == [("release", 0xD00D)] and pg.log == ["shutdown"] and 0xD00D in dropped
-    assert pg not in groups._pg_groups, "a shut-down group's resolution survived"
-    groups._pg_groups[pg] = _group(0xD00D)
+    assert pg not in lifetime.process_groups, "a shut-down group's resolution survived"
+    lifetime.process_groups[pg] = _group(0xD00D)
     abort(pg)
     assert calls[-1] == ("forget", 0xD00D) and pg.log[-1] == "abort"
 
@@ -144,7 +154,7 @@ def test_shutdown_releases_and_abort_forgets_before_the_communicator_goes(
 def test_every_way_to_destroy_a_process_group_goes_through_the_wrappers() -> None:
     import torch.distributed as dist
 
-    groups._dist()  # installs them
+    process_groups.usable()  # installs them
     assert getattr(dist.ProcessGroup.shutdown, "_symm_rs_wrapped", False)
     assert getattr(dist.ProcessGroup.abort, "_symm_rs_wrapped", False)
 
@@ -216,7 +226,7 @@ def test_a_registration_stuck_past_the_timeout_is_reported_once(
 ) -> None:
     stuck = [(0xF00, 5, [1 << 20, 2 << 20], 31.0, 1, 4242)]
     monkeypatch.setattr(_native, "registrations_in_progress", lambda: stuck)
-    monkeypatch.setattr(watchdog, "_timeout", lambda: 30.0)
+    monkeypatch.setattr(agreement, "default_timeout", lambda: 30.0)
     watchdog._names[0xF00] = ("ProcessGroup 'tp' (rank 0 of 2)", None)
     try:
         watchdog.look_once()
@@ -278,7 +288,7 @@ def _exits_badly(rank: int, world_size: int, how: str) -> str:
 def test_a_rank_that_dies_or_hangs_after_answering_is_seen(
     how: str, ending: str, code: Any
 ) -> None:
-    from symm_rs.launch import run_ranks_to_exit
+    from symm_rs_bench.launch import run_ranks_to_exit
 
     outcomes = run_ranks_to_exit(_exits_badly, 2, args=(how,), timeout=120, exit_wait=5)
     for rank, outcome in enumerate(outcomes):
@@ -287,7 +297,7 @@ def test_a_rank_that_dies_or_hangs_after_answering_is_seen(
 
 
 def test_a_clean_exit_is_seen_as_one() -> None:
-    from symm_rs.launch import run_ranks_to_exit
+    from symm_rs_bench.launch import run_ranks_to_exit
 
     for outcome in run_ranks_to_exit(_exits_badly, 2, args=("clean",), timeout=120):
         assert (outcome.ending, outcome.exitcode) == ("exited", 0)

@@ -1,6 +1,6 @@
-"""CPU tests of the size policy's table (``symm_rs.policy``): parsing, validation, lookups,
-the environment override, the defaults against the committed measurements, and calibration's
-decision logic on synthetic timings. No GPU needed."""
+"""CPU tests of the size policy's table (``symm_rs.policy``): parsing, validation, lookups (the
+Rust core's), the environment override, the defaults against the committed measurements, and
+calibration's decision logic on synthetic timings. No GPU needed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from symm_rs import env, policy
+from symm_rs import env, library, policy
+from symm_rs.comm import resolve_policy
 from symm_rs.policy import PolicyTable
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -67,21 +68,21 @@ def test_mapping_validation() -> None:
 def test_resolve_and_the_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(env.POLICY_TABLE, raising=False)
     for off in (None, False, "off"):
-        assert policy.resolve(off, 2) is None
-    assert policy.resolve(True, 2) == policy.default_table(2)
-    assert policy.resolve("auto", 4) == PolicyTable.parse(policy.DEFAULT_TABLES[4])
-    assert policy.resolve("all_gather:1M-", 2) == PolicyTable({"all_gather": [(MiB, None)]})
-    assert policy.resolve({"all_reduce": [[0, 8]]}, 2).use_twin("all_reduce", 7)
+        assert resolve_policy(off, 2) is None
+    assert resolve_policy(True, 2) == policy.default_table(2)
+    assert resolve_policy("auto", 4) == PolicyTable.parse(policy.DEFAULT_TABLES[4])
+    assert resolve_policy("all_gather:1M-", 2) == PolicyTable({"all_gather": [(MiB, None)]})
+    assert resolve_policy({"all_reduce": [[0, 8]]}, 2).use_twin("all_reduce", 7)
     table = PolicyTable.everything()
-    assert policy.resolve(table, 8) is table
+    assert resolve_policy(table, 8) is table
     with pytest.raises(TypeError, match="policy must be"):
-        policy.resolve(3, 2)
+        resolve_policy(3, 2)
     monkeypatch.setenv(env.POLICY_TABLE, "reduce_scatter:1M-")
-    assert policy.resolve(True, 2) == PolicyTable({"reduce_scatter": [(MiB, None)]})
-    assert policy.resolve("none", 2) == PolicyTable()  # an explicit table wins
+    assert resolve_policy(True, 2) == PolicyTable({"reduce_scatter": [(MiB, None)]})
+    assert resolve_policy("none", 2) == PolicyTable()  # an explicit table wins
     monkeypatch.setenv(env.POLICY_TABLE, "reduce_scatter:1M")
     with pytest.raises(ValueError, match=env.POLICY_TABLE):
-        policy.resolve(True, 2)
+        resolve_policy(True, 2)
     assert any(env.POLICY_TABLE in m for m in env.validate_environment())
     monkeypatch.setenv(env.POLICY_TABLE, "")
     assert env.read_policy_table() is None and not env.validate_environment()
@@ -125,5 +126,5 @@ def test_default_tables_come_from_the_committed_measurements(world: int) -> None
 
 
 def test_per_call_selection_is_reported_not_used(tmp_path: Path) -> None:
-    available, note = policy.per_call_selection(str(tmp_path / "missing.so"))
+    available, note = library.per_call_selection(str(tmp_path / "missing.so"))
     assert not available and "could not inspect" in note

@@ -1,37 +1,82 @@
 """Stubs for ``symm_rs._native``, the Rust core. Use the ``symm_rs`` package API instead; these
-are the building blocks it is made of."""
+are the building blocks it is made of. The exceptions it raises are ``symm_rs.errors``'; it reads
+no environment variable (``symm_rs.env`` does, and passes what the core needs)."""
 
 from os import PathLike
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 __version__: str
-LIBRARY_ENV: str
-NCCL_DTYPE_NAMES: tuple[str, ...]  # torch names of the dtypes NCCL has a type for
 
-class SymmetricMemoryError(RuntimeError):
-    """Base class of the errors symm_rs raises about NCCL and symmetric memory."""
+# -- the tables the Rust core holds, read by Python ---------------------------------------------
 
-class NcclLibraryError(SymmetricMemoryError):
-    """libnccl is missing, too old, or lacks a symbol symm_rs needs."""
+COLLECTIVES: tuple[str, ...]
+"""The collectives, as ``kind`` arguments name them (``CollectiveKind::ALL``)."""
+REDUCE_OPS: tuple[str, ...]
+"""The reductions, as ``op`` arguments name them (``ReduceOp::ALL``)."""
+NCCL_DTYPE_NAMES: tuple[str, ...]
+"""torch names of the dtypes NCCL has a type for."""
+CP_COPY_MODES: tuple[str, ...]
+"""How the CP all-gather can issue its copies, the default first (``SYMM_RS_CP_COPY``)."""
 
-class NcclError(SymmetricMemoryError):
-    """An NCCL call returned an error."""
+def reduce_op(op: str) -> str:
+    """``op``'s name in ``REDUCE_OPS`` (aliases such as ``mean`` resolve).
 
-class RegistrationError(SymmetricMemoryError):
-    """A symmetric window could not be registered (NULL window, or ranks that disagree)."""
+    Raises:
+        ValueError: not a reduction.
+    """
 
-def load_nccl(wheel_candidates: list[Union[str, PathLike[str]]] = ...) -> dict[str, Any]:
-    """Loads the process-wide libnccl (the one already loaded first) and describes it.
+class RouteTable:
+    """A size-policy table as the core looks calls up in it (``symm_rs.policy.PolicyTable``
+    asks it; a ``NcclCommunicator`` routes by it)."""
 
-    Returns:
-        ``path``, ``origin``, ``version`` (tuple), ``version_code``, ``windows_supported``,
-        ``windows_problem`` and ``notes``.
+    def __new__(cls, entries: list[tuple[str, int, Optional[int]]]) -> RouteTable:
+        """From ``(collective, low, high)`` rows: ``[low, high)`` bytes per rank.
+
+        Raises:
+            ValueError: an unknown collective or an empty range.
+        """
+    def to_twin(self, kind: str, nbytes: int) -> bool:
+        """Whether a ``kind`` call of ``nbytes`` per rank goes to the window-less twin."""
+
+# -- the library ---------------------------------------------------------------------------------
+
+class LibraryInfo:
+    """The libnccl in use (or one opened by path) and what it can do."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def origin(self) -> str:
+        """How it was found: already loaded in the process, ``SYMM_RS_NCCL_LIBRARY``, a wheel, the
+        system's."""
+    @property
+    def version(self) -> tuple[int, int, int]: ...
+    @property
+    def version_code(self) -> int: ...
+    @property
+    def windows_supported(self) -> bool: ...
+    @property
+    def windows_problem(self) -> Optional[str]: ...
+    @property
+    def notes(self) -> list[str]: ...
+    def as_dict(self) -> dict[str, Any]:
+        """The same fields as a plain dict (for JSON)."""
+    def __getitem__(self, key: str) -> Any:
+        """``info["version"]``: the dict of earlier releases (deprecated)."""
+
+def load_nccl(
+    wheel_candidates: list[Union[str, PathLike[str]]] = ...,
+    preferred: Optional[Union[str, PathLike[str]]] = None,
+) -> LibraryInfo:
+    """Loads the process-wide libnccl (the one already loaded first, then ``preferred``, then the
+    wheels, then the system's) and describes it. The candidates are kept for a later lazy load
+    (an allocator plug called first).
 
     Raises:
         NcclLibraryError: no usable library.
     """
 
-def probe_nccl(path: Union[str, PathLike[str]]) -> dict[str, Any]:
+def probe_nccl(path: Union[str, PathLike[str]]) -> LibraryInfo:
     """Opens one libnccl by path, apart from the process-wide one, and describes it."""
 
 ALL_LANES: int
@@ -216,7 +261,7 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         """The same figures as a plain dict (``communicators`` keyed by address)."""
     def __getitem__(self, key: str) -> Any:
-        """``stats["windows_registered"]``: the dict-style access of earlier releases."""
+        """``stats["windows_registered"]``: the dict of earlier releases (deprecated)."""
 
 def stats() -> Stats:
     """Segments, bytes, windows per communicator, and failure counters."""
@@ -250,7 +295,7 @@ def cp_all_gather(
     output: Optional[Any],
     counts: list[int],
     stream: tuple[int, int],
-    copy: Optional[str] = None,
+    copy: str = "kernel",
 ) -> str:
     """Enqueues the context-parallel all-gather on ``stream`` (``(cudaStream_t, device
     index)``): ``input`` into this rank's slot of ``gathered`` (``cp_plan``'s slot rows per
@@ -265,9 +310,9 @@ def cp_all_gather(
         input: ``[counts[rank], *trailing]``, contiguous.
         output: ``[sum(counts), *trailing]`` when some rank is padded, else ``None`` (the
             gathered buffer is then the result).
-        copy: ``"kernel"`` or ``"driver"``; ``None``: ``SYMM_RS_CP_COPY``, read at each call
-            (default ``kernel``). Where the kernel cannot be loaded on the GPU, driver copies are
-            used and the ``symm_rs`` logger warns once per CUDA context.
+        copy: ``"kernel"`` or ``"driver"`` (``symm_rs.cp`` passes ``SYMM_RS_CP_COPY``'s choice).
+            Where the kernel cannot be loaded on the GPU, driver copies are used and the
+            ``symm_rs`` logger warns once per CUDA context.
 
     Returns:
         How the copies were issued: ``"kernel"`` or ``"driver"``.
@@ -275,8 +320,7 @@ def cp_all_gather(
     Raises:
         TypeError: not tensors, a dtype NCCL lacks, or dtypes that differ.
         ValueError: wrong shapes, devices or layout, overlapping buffers, a negative count, a
-            communicator whose size or rank differs, or an unknown ``copy`` (or
-            ``SYMM_RS_CP_COPY``).
+            communicator whose size or rank differs, or an unknown ``copy``.
         SymmetricMemoryError: no CUDA driver, or a driver call failed.
         NcclError: ncclAllGather failed.
     """
@@ -322,8 +366,8 @@ class NcclCommunicator:
     def enable_twin(self) -> None:
         """Creates the size policy's window-less twin (``ncclCommSplit``; idempotent;
         collective). It routes nothing until ``set_route``."""
-    def set_route(self, ranges: list[tuple[str, int, Optional[int]]]) -> None:
-        """Sends calls of ``(collective, low, high)`` bytes per rank to the twin."""
+    def set_route(self, table: RouteTable) -> None:
+        """Sends the calls ``table`` routes to the twin there; replaces the previous table."""
     @property
     def twin_comm(self) -> Optional[int]:
         """The twin's ``ncclComm_t`` address, or None without the policy."""
@@ -334,8 +378,13 @@ class use_symmetric_memory:
 
     disabled: bool
     graph_pool: Any
-    verify: bool
     timeout: Optional[float]
+    @property
+    def verify(self) -> bool:
+        """As passed, else ``SYMM_RS_VERIFY`` read now (also read at each exit that
+        registers)."""
+    @verify.setter
+    def verify(self, value: Optional[bool]) -> None: ...
     def __new__(
         cls,
         group: object,
@@ -360,3 +409,77 @@ def pools_changed() -> None:
 
 def forget_group(comm: int) -> None:
     """Drops every cached group resolution to ``comm``."""
+
+def routing_functions() -> tuple[Any, Any, Any]:
+    """torch's ``(begin, end, release)`` routing functions, looked up once: the ones the native
+    context calls, for ``symm_rs.pool`` to call too.
+
+    Raises:
+        SymmetricMemoryError: torch lacks one of them (symm_rs needs torch >= 2.8).
+    """
+
+# -- the seam of the native context: what symm_rs.context._enter takes and returns ------------
+
+class GroupKind:
+    """The kinds of group symm_rs accepts (``symm_rs.groups.kind_of`` classifies)."""
+
+    GROUP: GroupKind
+    PROCESS_GROUP: GroupKind
+    ADDRESS: GroupKind
+    PYNCCL: GroupKind
+    COMM: GroupKind
+
+class ContextTarget:
+    """A group as the native context keeps it: the ``symm_rs.groups.Group`` (None for a one-rank
+    group), its communicator, device and peer set, and its kind."""
+
+    def __new__(
+        cls,
+        kind: Optional[GroupKind],
+        group: Optional[Any],
+        comm: int = 0,
+        device: int = -1,
+        peers: int = 0,
+    ) -> ContextTarget: ...
+    @property
+    def kind(self) -> Optional[GroupKind]: ...
+    @property
+    def group(self) -> Optional[Any]: ...
+    @property
+    def comm(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def peers(self) -> int: ...
+
+class OuterContext:
+    """The context around the one being entered."""
+
+    def route_needed(self, target: ContextTarget) -> bool:
+        """Whether a context for ``target`` inside this one routes to a pool of its own.
+
+        Raises:
+            SymmetricMemoryError: ``target`` runs on another device.
+        """
+
+class Entered:
+    """What ``symm_rs.context._enter`` hands back: the target, the route it began (an object
+    with ``end()``; None: the context allocates where the one around it does), this thread's
+    shared pool id when it routed there, and the pool's lane."""
+
+    def __new__(
+        cls,
+        target: ContextTarget,
+        route: Optional[Any] = None,
+        shared_pool: Optional[Any] = None,
+        lane: int = 0,
+    ) -> Entered: ...
+
+def set_context_rules(
+    enter: Callable[..., Entered],
+    exit: Callable[..., None],
+    verify_default: Callable[[], bool],
+) -> None:
+    """Hands the native context the functions of ``symm_rs.context`` it calls (once, at that
+    module's import): ``_enter`` and ``_exit`` on a group's first use, ``_verify_default`` for
+    the ``verify`` attribute."""

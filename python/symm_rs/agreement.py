@@ -25,6 +25,8 @@ Without a store (a raw ``int`` communicator, an engine communicator without a CP
 is an all-gather on the communicator itself, with a host-side deadline. It cannot be made as
 safe: a rank that skipped the round runs its next collective against the all-gather. Use a
 group with a store (``symm_rs.groups``) wherever one exists.
+
+The checks users call (``verify_pending``, ``check_layout``) are in ``symm_rs.checks``.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from symm_rs import _native
-from symm_rs.env import TIMEOUT, read_seconds
-from symm_rs.groups import Group, on_forget, resolve
+import torch
 
-DEFAULT_TIMEOUT_S = 30.0
-TIMEOUT_HINT = f"{TIMEOUT} sets the limit"
+from symm_rs import _moved, _native, env
+from symm_rs.errors import AgreementError
+from symm_rs.groups import Group, on_forget
+
+TIMEOUT_HINT = f"{env.TIMEOUT} sets the limit"
 # Widths of a record over a communicator (no store): they must be the same on every rank.
 COMM_RECORD_WIDTH = 48
 _FAILED = -2  # first int of a communicator-path record that reports a failure
@@ -53,10 +56,6 @@ _FIRST_LOOK_S = 0.05
 _LOOK_EVERY_S = 0.25
 
 
-class AgreementError(_native.RegistrationError):
-    """Ranks of a group did not agree, or not all of them arrived, within the timeout."""
-
-
 _pushed_limit: Optional[float] = None
 
 
@@ -65,8 +64,7 @@ def default_timeout() -> float:
     side's own waits (another registration of the same communicator, a segment being
     registered) use the same limit."""
     global _pushed_limit
-    value = read_seconds(TIMEOUT)
-    seconds = DEFAULT_TIMEOUT_S if value is None else value
+    seconds = env.read_timeout()
     if seconds != _pushed_limit:
         _native.set_wait_limit(seconds)
         _pushed_limit = seconds
@@ -101,6 +99,13 @@ _lock = threading.Lock()
 _abandoned: list[Any] = []
 # Groups on which this rank posted a failure notice it has not taken back yet.
 _noticed: set[object] = set()
+# Called with a group this rank has just marked broken (the watchdog then need not report it).
+_break_hooks: list[Callable[[Group], None]] = []
+
+
+def on_break(hook: Callable[[Group], None]) -> None:
+    """Runs ``hook(group)`` whenever this rank marks ``group`` broken (and raises)."""
+    _break_hooks.append(hook)
 
 
 def _forget(comm: int) -> None:
@@ -368,9 +373,8 @@ def _break(group: Group, store: Any, decision: str, round_: int, reason: str) ->
     mark = f"round {round_}, seen by rank {group.rank}: {reason}"
     first = _text(store.compare_set(broken_key(group), "", mark))
     _mark_broken_locally(group, first)
-    from symm_rs import watchdog  # imports agreement: here, so neither imports the other first
-
-    watchdog.broken_by_this_rank(group)
+    for hook in _break_hooks:
+        hook(group)
 
 
 def _doing(store: Any, group: Group, rank: int, round_: int) -> str:
@@ -416,8 +420,6 @@ def _comm_round(
     margin of the earliest one counts as timed out on every rank, so that a rank that gave up
     and a late rank that saw the all-gather complete decide alike (up to clock skew and the
     polling interval)."""
-    import torch
-
     deadline_ms = int((time.time() + seconds) * 1000)
     row = ([deadline_ms, *record] + [-1] * width)[: width + 1]
     device = torch.device("cuda", group.device)
@@ -465,66 +467,29 @@ def _comm_round(
     return [row_[1:] for row_ in rows]
 
 
-# -- checks users call ------------------------------------------------------------------------
+# AgreementError is declared in symm_rs.errors; rounds raise it, and callers catch it from here.
+__all__ = [
+    "COMM_RECORD_WIDTH",
+    "AgreementError",
+    "broken_reason",
+    "checked_timeout",
+    "default_timeout",
+    "exchange",
+    "notice_failure",
+    "on_break",
+    "peek_round",
+    "report_failure",
+    "round_key",
+]
 
 
-def extent(tensor: Any) -> tuple[int, int]:
-    """``(first byte, byte length)`` a tensor's elements occupy."""
-    if tensor.numel() == 0:
-        return (tensor.data_ptr(), 0)
-    # torch strides are never negative, so the first element is the lowest address.
-    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    return (tensor.data_ptr(), span * tensor.element_size())
+# Names that moved out in this release (CHANGELOG.md), reachable here for one more release.
+_MOVED = {
+    "check_layout": "checks",
+    "verify_pending": "checks",
+    "extent": "checks",
+}
 
 
-def verify_pending(group: object, timeout: Optional[float] = None) -> None:
-    """Checks that every rank of ``group`` is about to register the same segment sizes, so a
-    disagreement is an error on every rank instead of a hang inside NCCL. Collective: one
-    round. (Every registering exit runs this check itself; call it to check earlier.)
-
-    Raises:
-        AgreementError: the ranks disagree (the message names each rank's segments), a rank
-            failed, or not all arrived within the timeout.
-    """
-    from symm_rs import registration  # registration uses this module
-
-    resolved = resolve(group)
-    if resolved is None:
-        return
-    sizes = [int(s) for s in _native.pending_sizes(resolved.comm, resolved.peer_set)]
-    rows = exchange(
-        resolved, "verify", registration.size_record(sizes), timeout, width=COMM_RECORD_WIDTH
-    )
-    registration.require_same_segments(resolved, rows)
-
-
-def check_layout(tensors: Sequence[Any], group: object, timeout: Optional[float] = None) -> None:
-    """Checks that each tensor sits at the same segment position and offset on every rank of
-    ``group``, which symmetric kernels assume (they address a peer's copy at the local offset).
-    Collective: one round. A debugging aid, not a per-call check.
-
-    Raises:
-        AgreementError: some tensor's placement differs between ranks; the message says which
-            tensor and each rank's placement.
-    """
-    resolved = resolve(group)
-    if resolved is None:
-        return
-    record: list[int] = []
-    for tensor in tensors:
-        ptr, nbytes = extent(tensor)
-        index, offset = _native.segment_position(ptr, nbytes) or (-1, -1)
-        record += [index, offset, nbytes]
-    rows = exchange(resolved, "layout", record or [0], timeout)
-    for i in range(len(tensors)):
-        placements = [tuple(row[3 * i : 3 * i + 3]) for row in rows]
-        if any(p != placements[0] for p in placements) or placements[0][0] < 0:
-            shown = ", ".join(
-                f"rank {r}: segment {p[0]} offset {p[1]} ({p[2]} bytes)"
-                for r, p in enumerate(placements)
-            )
-            raise AgreementError(
-                f"tensor {i} is not placed symmetrically ({shown}); symmetric kernels would "
-                "read the wrong memory on peers. Allocate the same sizes in the same order on "
-                "every rank, and do not free symmetric tensors that other streams still use"
-            )
+def __getattr__(name: str) -> Any:
+    return _moved.moved("symm_rs.agreement", name, _MOVED, public=True)

@@ -36,15 +36,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from symm_rs import _native, agreement, env
+from symm_rs.errors import NoSymmetricKernelsWarning, RegistrationError, SymmetricMemoryError
 from symm_rs.groups import Group, on_forget, resolve
 from symm_rs.library import library_info
 
 log = logging.getLogger("symm_rs")
-
-
-class NoSymmetricKernelsWarning(UserWarning):
-    """A group's communicator cannot run NCCL's symmetric kernels, so symm_rs does not register
-    its buffers (once per communicator)."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +207,7 @@ def topology_record(group: Group) -> list[int]:
     """This rank's part of the verdict (see ``TOPOLOGY_INTS``)."""
     try:
         said = _native.symmetric_support(group.comm)
-    except _native.SymmetricMemoryError:
+    except SymmetricMemoryError:
         said = None
     answer = -1 if said is None else int(bool(said))
     bus = _bus_id(group.device)
@@ -219,7 +215,7 @@ def topology_record(group: Group) -> list[int]:
     if answer < 0:  # only NCCL without its own answer needs the links judged here
         nvml = _nvml()
         if nvml is not None:
-            version = tuple(library_info()["version"])
+            version = tuple(library_info().version)
             kind = _Nvml.P2P_NVLINK if version >= (2, 29, 0) else _Nvml.P2P_READ
             try:
                 index, mask = nvml.links(bus, kind)
@@ -279,7 +275,7 @@ def _describe(code: int, details: list[int], version: tuple[int, int, int]) -> s
 def settle(group: Group, rows: list[list[int]]) -> SymmetricKernels:
     """Records the verdict for ``group`` from every rank's topology record (the same rows on
     every rank, from one round)."""
-    verdict = verdict_from(tuple(library_info()["version"]), rows)
+    verdict = verdict_from(tuple(library_info().version), rows)
     with _lock:
         _verdicts[group.comm] = verdict
     log.info("%s: symmetric kernels %s: %s", group.name, bool(verdict), verdict.reason)
@@ -297,7 +293,7 @@ def nccl_refused(group: Group) -> None:
 
 
 def _version() -> tuple[int, int, int]:
-    major, minor, patch = library_info()["version"]
+    major, minor, patch = library_info().version
     return (int(major), int(minor), int(patch))
 
 
@@ -346,7 +342,7 @@ def should_register(group: Group) -> bool:
     if verdict is None or verdict.supported:
         return True
     if env.read_flag(env.STRICT):
-        raise _native.RegistrationError(
+        raise RegistrationError(
             f"{group.name}: NCCL cannot run symmetric kernels on this communicator "
             f"({verdict.reason}) (SYMM_RS_STRICT=1 makes this an error)"
         )

@@ -1,17 +1,22 @@
 """The ``symm-rs`` / ``python -m symm_rs`` command line: ``doctor`` and ``bench``.
 
-Answering ``--help`` or ``--version`` imports neither torch nor the native module: they are
-imported only by the command that runs.
+``bench`` runs the repository's benchmark harness (``benches/symm_rs_bench``), which is not part
+of the installed package: from a checkout it is found there; elsewhere the command says how to
+get it. Answering ``--help`` or ``--version`` imports neither torch nor the native module: they
+are imported only by the command that runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import re
 import shutil
 import sys
 import textwrap
+from types import ModuleType
 from typing import Any, Optional
 
 DESCRIPTION = "NCCL symmetric memory for PyTorch, with a prebuilt Rust core."
@@ -37,6 +42,11 @@ loaded in this process, not by the version torch was built with.
 
 Exit status: 0 when no problem was found, warnings or not (also on a machine without GPUs,
 unless --require-gpu); 1 when one was."""
+
+BENCH_ELSEWHERE = """\
+The benchmark harness is not part of the installed package: it lives in the symm_rs repository,
+beside the package, in benches/symm_rs_bench. Run this command inside a checkout (git clone the
+repository, pip install it, cd into it), or put its benches/ folder on PYTHONPATH."""
 
 _LITERAL = re.compile(r"``([^`]+)``")
 _ROLE = re.compile(r":[a-z]+:`([^`]+)`")
@@ -169,6 +179,30 @@ def _command(argv: list[str]) -> Optional[str]:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+def _checkout_benches(start: str) -> Optional[str]:
+    """The ``benches`` folder of the symm_rs checkout ``start`` lies in, if it does."""
+    here = os.path.abspath(start)
+    while True:
+        candidate = os.path.join(here, "benches")
+        if os.path.isfile(os.path.join(candidate, "symm_rs_bench", "__init__.py")):
+            return candidate
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
+def bench_module() -> Optional[ModuleType]:
+    """The repository's benchmark harness: importable already (``benches`` on ``PYTHONPATH``),
+    or found in the checkout the working directory lies in; ``None`` elsewhere."""
+    if importlib.util.find_spec("symm_rs_bench") is None:
+        folder = _checkout_benches(os.getcwd())
+        if folder is None:
+            return None
+        sys.path.insert(0, folder)
+    return importlib.import_module("symm_rs_bench")
+
+
 def build_parser(prog: str, with_bench_options: bool = False) -> argparse.ArgumentParser:
     """The parser. The benchmark's own options are added only when ``bench`` runs, so that
     ``--help`` does not import the benchmark module."""
@@ -194,17 +228,23 @@ def build_parser(prog: str, with_bench_options: bool = False) -> argparse.Argume
         action="store_true",
         help="count a machine without a visible GPU as a problem (exit status 1)",
     )
-    bench_help = "benchmark plain against symmetric buffers on 2+ GPUs (JSON, PNG, Markdown)"
-    if with_bench_options:
-        from symm_rs import bench as bench_module
-
+    bench_help = (
+        "benchmark plain against symmetric buffers on 2+ GPUs (JSON, PNG, Markdown); from a "
+        "checkout of the repository"
+    )
+    harness = bench_module() if with_bench_options else None
+    if harness is not None:
         bench = commands.add_parser(
             "bench",
             help=bench_help,
-            description=plain_text(bench_module.__doc__),
+            description=plain_text(harness.__doc__),
             formatter_class=HelpFormatter,
         )
-        bench_module.add_arguments(bench)
+        harness.add_arguments(bench)
+    elif with_bench_options:
+        commands.add_parser(
+            "bench", help=bench_help, description=BENCH_ELSEWHERE, formatter_class=HelpFormatter
+        )
     else:
         commands.add_parser("bench", help=bench_help, add_help=False)
     return parser
@@ -217,6 +257,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog or _default_prog(), with_bench_options=command == "bench")
     args = parser.parse_args(args_list)
 
+    # Each command's module is imported only when it runs: --help loads neither torch nor the
+    # native module.
     if args.command == "doctor":
         import json
 
@@ -226,8 +268,10 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 1 if report["problems"] else 0
     if args.command == "bench":
-        from symm_rs import bench as bench_module
-
-        return bench_module.run(args)
+        harness = bench_module()
+        if harness is None:
+            print(f"bench: {BENCH_ELSEWHERE}", file=sys.stderr)
+            return 2
+        return int(harness.run(args))
     parser.print_help(sys.stderr)
     return 2

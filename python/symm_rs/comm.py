@@ -14,16 +14,20 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from symm_rs import _native, env
-from symm_rs import policy as _policy
-from symm_rs.agreement import extent
+from symm_rs.checks import extent
+from symm_rs.context import register_postponed_in_nccl_group
+from symm_rs.errors import NotSymmetricWarning, RegistrationError, SymmetricMemoryError
 from symm_rs.groups import Channel, drop_cached, store_of
-from symm_rs.library import library_info, nccl_issues
+from symm_rs.library import library_info, nccl_issues, per_call_selection
+from symm_rs.ops import remember
+from symm_rs.policy import Policy, PolicyTable, default_table
 
 _CHECK_MODES = ("off", "warn", "raise")
 
@@ -54,11 +58,6 @@ def set_window_check(mode: str) -> str:
     return previous
 
 
-class NotSymmetricWarning(UserWarning):
-    """A Communicator collective ran on a buffer outside this communicator's windows, so NCCL
-    could not use its symmetric kernels (``SYMM_RS_DEBUG=1`` reports it)."""
-
-
 _warned_sites: set[tuple[str, int]] = set()
 
 
@@ -77,8 +76,34 @@ _current_stream = _current_stream_getter()
 def _unaligned_ll_bug() -> bool:
     """Whether this NCCL has the symmetric LL kernels' unaligned 16-bit defect (see
     ``symm_rs.library.NCCL_ISSUES``; measured in tests/gpu/results/suite_alignment_*)."""
-    version = tuple(library_info()["version"])
+    version = library_info().version
     return any("unaligned" in issue.summary for issue in nccl_issues(version))
+
+
+def resolve_policy(policy: Any, world_size: int) -> Optional[PolicyTable]:
+    """The table a ``policy=`` argument asks for: None/False/"off" -> no policy; True/"auto"
+    -> ``SYMM_RS_POLICY_TABLE`` if set, else the default for ``world_size``; a PolicyTable, its
+    text form or a ``{collective: [(low, high), ...]}`` mapping -> that table.
+
+    Raises:
+        TypeError: a policy of another type.
+        ValueError: a table that does not parse (also from the environment variable).
+    """
+    if policy is None or policy is False or policy == "off":
+        return None
+    if policy is True or policy == "auto":
+        text = env.read_policy_table()
+        return default_table(world_size) if text is None else PolicyTable.parse(text)
+    if isinstance(policy, PolicyTable):
+        return policy
+    if isinstance(policy, str):
+        return PolicyTable.parse(policy)
+    if isinstance(policy, Mapping):
+        return PolicyTable({op: tuple(tuple(s) for s in spans) for op, spans in policy.items()})
+    raise TypeError(
+        "policy must be None, True, 'auto', 'off', a PolicyTable, its text or a mapping; "
+        f"got {type(policy).__name__}"
+    )
 
 
 class Communicator:
@@ -126,7 +151,7 @@ class Communicator:
         if not isinstance(unique_id, (bytes, bytearray)):
             raise TypeError(f"unique_id must be bytes, got {type(unique_id).__name__}")
         index = _device_index(device)
-        table = _policy.resolve(policy, int(size))  # a bad policy fails before NCCL is called
+        table = resolve_policy(policy, int(size))  # a bad policy fails before NCCL is called
         library_info()
         self._native = _native.NcclCommunicator(bytes(unique_id), int(rank), int(size), index)
         # Collected without close(): the native side destroys it; what symm_rs cached about
@@ -142,11 +167,9 @@ class Communicator:
         self._symm_rs_ranks = None if ranks is None else tuple(int(r) for r in ranks)
         # Known once per communicator, not looked up per call; `run` decides staging in Rust.
         self._native.set_stage_unaligned(_unaligned_ll_bug())
-        self._policy: Optional[_policy.Policy] = None
+        self._policy: Optional[Policy] = None
         if table is not None:
             self.enable_policy(table)
-        from symm_rs.ops import remember
-
         remember(self)  # torch.ops.symm_rs.* find it by its address
 
     @staticmethod
@@ -167,14 +190,12 @@ class Communicator:
         The group only carries the unique id (and symm_rs's cross-rank checks); it may use any
         backend (gloo works). ``policy`` as for ``Communicator``.
         """
-        import torch.distributed as dist
-
         if group is None:
             group = dist.group.WORLD
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group)}")
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        _policy.resolve(policy, size)  # a bad policy fails before the collective id exchange
+        resolve_policy(policy, size)  # a bad policy fails before the collective id exchange
         box: list[Optional[bytes]] = [cls.unique_id() if rank == 0 else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         unique = box[0]
@@ -209,11 +230,11 @@ class Communicator:
     # -- size policy -----------------------------------------------------------------------
 
     @property
-    def policy(self) -> Optional[_policy.Policy]:
+    def policy(self) -> Optional[Policy]:
         """The size policy in use (table, mechanism, twin), or ``None`` when it is off."""
         return self._policy
 
-    def enable_policy(self, policy: Any = True) -> _policy.Policy:
+    def enable_policy(self, policy: Any = True) -> Policy:
         """Turns the size policy on (or replaces its table): creates the window-less twin on
         first use, then routes by the table ``policy`` names (see ``Communicator``). Collective:
         the ranks check that they hold the same table, since ranks that route one call
@@ -223,18 +244,18 @@ class Communicator:
             ValueError: no table (``policy`` off), a table that does not parse, or ranks that
                 disagree.
         """
-        table = _policy.resolve(policy, self.size)
+        table = resolve_policy(policy, self.size)
         if table is None:
             raise ValueError("enable_policy needs a table or True; got an 'off' policy")
         self._agree_on(table.to_text())
         self._native.enable_twin()
-        self._native.set_route(table.entries())
-        available, note = _policy.per_call_selection(library_info()["path"])
+        self._native.set_route(table.route_table)
+        available, note = per_call_selection(library_info().path)
         twin = int(self._native.twin_comm)
-        self._policy = _policy.Policy(table, "twin", twin, available, note)
+        self._policy = Policy(table, "twin", twin, available, note)
         return self._policy
 
-    def set_policy_table(self, table: Any) -> _policy.Policy:
+    def set_policy_table(self, table: Any) -> Policy:
         """``enable_policy(table)`` on a communicator whose policy is on. Collective."""
         if self._policy is None:
             raise ValueError("this Communicator's policy is off; use enable_policy(table)")
@@ -396,7 +417,7 @@ class Communicator:
                 "inside symm_rs.use_symmetric_memory(<this communicator>)"
             )
         if _window_check == "raise":
-            raise _native.RegistrationError(message)
+            raise RegistrationError(message)
         frame = sys._getframe(3)
         site = (frame.f_code.co_filename, frame.f_lineno)
         if site not in _warned_sites:
@@ -434,15 +455,13 @@ def nccl_group() -> Iterator[None]:
             after, _group_state.after = _group_state.after, []
             for callback in after:
                 callback()
-            from symm_rs.context import register_postponed_in_nccl_group
-
             register_postponed_in_nccl_group()
 
 
 def _device_index(device: Union[int, torch.device, None]) -> int:
     if device is None:
         if not torch.cuda.is_available():
-            raise _native.SymmetricMemoryError("Communicator needs a CUDA GPU, and torch sees none")
+            raise SymmetricMemoryError("Communicator needs a CUDA GPU, and torch sees none")
         return int(torch.cuda.current_device())
     if isinstance(device, torch.device):
         if device.type != "cuda":

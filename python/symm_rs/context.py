@@ -22,10 +22,13 @@ import torch
 
 from symm_rs import _native, agreement, env, registration
 from symm_rs.capability import known_verdict
-from symm_rs.groups import Group, is_process_group, on_forget, resolve
+from symm_rs.checks import extent
+from symm_rs.errors import SymmetricMemoryError
+from symm_rs.groups import Group, kind_of, resolve
 from symm_rs.pool import (
     PoolId,
     Route,
+    allocating_for,
     capture_pool,
     grow,
     inner_route_wins,
@@ -36,11 +39,8 @@ from symm_rs.pool import (
     shared_pool,
 )
 from symm_rs.pool import seal as seal_pool
-from symm_rs.registration import NcclVersionWarning
 
 log = logging.getLogger("symm_rs")
-# NcclVersionWarning lived here in earlier releases: still importable from here.
-__all__ = ["NcclVersionWarning"]
 
 
 # -- graph pools ----------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def _capturing_graph_pool(explicit: Optional[Any]) -> tuple[PoolId, Any]:
     graph_pool_id = _native.graph_pool_id()
     if graph_pool_id is not None:
         return graph_pool_id, None
-    raise _native.SymmetricMemoryError(
+    raise SymmetricMemoryError(
         "use_symmetric_memory inside a CUDA-graph capture needs the capture's graph pool, and "
         f"torch {torch.__version__} cannot tell it: call symm_rs.set_graph_pool(pool) (or "
         "enter symm_rs.graph_capture(pool)) with the pool you pass to torch.cuda.graph(g, "
@@ -95,8 +95,6 @@ def _capturing_graph_pool(explicit: Optional[Any]) -> tuple[PoolId, Any]:
 # -- process state ------------------------------------------------------------------------
 
 _env_reservation = True  # SYMM_RS_RESERVE is applied once, at the first eager context
-# A released or forgotten communicator must not stay in the native resolution cache.
-on_forget(_native.forget_group)
 
 
 class _InNcclGroup(threading.local):
@@ -146,22 +144,81 @@ def _route_for(group: Group, explicit: Optional[Any]) -> Route:
 
 
 # The context manager is native (``symm_rs._native.use_symmetric_memory``): the common enter
-# and exit run in Rust. The functions below are the rules it calls for everything else.
+# and exit run in Rust, and everything else comes here, through ``_enter`` and ``_exit`` (the
+# only two functions the native side calls on a group's first use; handed over below, once).
 use_symmetric_memory = _native.use_symmetric_memory
 
 
-def _resolve_for_context(group: object) -> tuple[Optional[Group], Optional[str]]:
-    """``group`` resolved, and how the native side may cache the answer: ``"fixed"`` (the
-    object or address always means this communicator), ``"pynccl"``/``"comm"`` (re-read that
-    attribute to confirm), or ``None`` (do not cache)."""
+def _verify_default() -> bool:
+    """What ``verify=None`` means: ``SYMM_RS_VERIFY``, read now."""
+    return env.read_verify()
+
+
+def _verifying(verify: Optional[bool]) -> bool:
+    return _verify_default() if verify is None else verify
+
+
+def _target(group: object) -> Any:
+    """``group`` resolved as the native context keeps it (a ``_native.ContextTarget``; its
+    ``group`` is None for a one-rank group). Its kind tells the native cache how to confirm it
+    later."""
+    kind = kind_of(group)
     resolved = resolve(group)
-    if isinstance(group, (int, Group)) or is_process_group(group):
-        return resolved, "fixed"
-    if getattr(group, "pynccl_comm", None) is not None:
-        return resolved, "pynccl"
-    if hasattr(group, "comm"):
-        return resolved, "comm"
-    return resolved, None
+    if resolved is None:
+        return _native.ContextTarget(kind, None)
+    return _native.ContextTarget(kind, resolved, resolved.comm, resolved.device, resolved.peer_set)
+
+
+def _enter(
+    group: object,
+    target: Any,
+    graph_pool: Any,
+    outer: Any,
+    verify: Optional[bool],
+    timeout: Optional[float],
+) -> Any:
+    """What the native context cannot do alone on enter: resolve ``group`` (when ``target`` is
+    None: its first use, or a cache miss), then route this thread, unless the context around
+    (``outer``) already routes where this one allocates. Returns a ``_native.Entered``.
+
+    A refused enter (another device than the context around it, no GPU, a capture with no
+    known pool) is posted to the group's peers first, when the ranks agree before registering,
+    so that a peer waiting for this rank learns why at once."""
+    if target is None:
+        target = _target(group)
+        if target.group is None:
+            return _native.Entered(target)
+    resolved = target.group
+    nested = outer is not None
+    try:
+        if nested and not outer.route_needed(target):
+            return _native.Entered(target)
+        if nested:
+            route, shared, lane = _enter_slow(resolved, graph_pool, nested=True)
+        else:
+            # Tagged before routing: the first context may grow the pool at once.
+            with allocating_for(resolved.peer_set, 0):
+                route, shared, lane = _enter_slow(resolved, graph_pool)
+    except BaseException as error:
+        if _verifying(verify):
+            _enter_failed(resolved, error, timeout)
+        raise
+    return _native.Entered(target, route, shared, lane)
+
+
+def _exit(
+    group: Group,
+    lane: int,
+    verify: Optional[bool],
+    timeout: Optional[float],
+    error: Optional[BaseException],
+) -> None:
+    """What the native context cannot do alone on exit: register what this context allocated
+    (the agreement first), or, when the block raised ``error``, report it to the peers."""
+    if error is not None:
+        _exit_failed(group, lane, _verifying(verify), timeout, error)
+    else:
+        _exit_register(group, lane, _verifying(verify), timeout)
 
 
 class _Entered:
@@ -336,7 +393,7 @@ def reserve(
     if resolved is None:
         return 0
     if torch.cuda.is_current_stream_capturing():
-        raise _native.SymmetricMemoryError("reserve() cannot run during a CUDA-graph capture")
+        raise SymmetricMemoryError("reserve() cannot run during a CUDA-graph capture")
     before = _native.stats().segments_tracked
     device, peers = resolved.device, resolved.peer_set
     with torch.cuda.device(device):
@@ -361,7 +418,7 @@ def _in_window(tensor: torch.Tensor, group: object) -> Optional[Group]:
     resolved = resolve(group)
     if resolved is None or not tensor.is_cuda or tensor.numel() == 0:
         return None
-    ptr, nbytes = agreement.extent(tensor)
+    ptr, nbytes = extent(tensor)
     return resolved if _native.is_registered(ptr, nbytes, resolved.comm) else None
 
 
@@ -376,3 +433,7 @@ def is_symmetric(tensor: torch.Tensor, group: object) -> bool:
     them (``symm_rs.symmetric_kernels``). A one-rank group has no windows: ``False``."""
     resolved = _in_window(tensor, group)
     return resolved is not None and known_verdict(resolved) is not False
+
+
+# Once, at import: the functions the native context calls (it looks none up by name).
+_native.set_context_rules(_enter, _exit, _verify_default)

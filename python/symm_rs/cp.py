@@ -7,25 +7,23 @@ longest one, the ranks gather, and the padding is dropped again. The gathered bu
 inside ``use_symmetric_memory(group)`` so NCCL can run its symmetric all-gather kernels (the
 pattern of SGLang's ``cp_all_gather_reorganized_into_tensor_kv_cache``).
 
-For load balance under causal attention the sequences are split zig-zag: ``2 * cp_size`` blocks
-per sequence, rank ``r`` holding blocks ``r`` and ``2 * cp_size - 1 - r``. ``zigzag_layout``
-describes that split, ``zigzag_split`` makes a rank's slice from the full KV, and
+For load balance under causal attention the sequences are split zig-zag (``symm_rs.zigzag``:
+the layout, a rank's slice, the index that restores token order);
 ``cp_all_gather_rerange_kv_cache`` gathers the slices back into every sequence's token order.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from symm_rs import _native
+from symm_rs import _native, env
 from symm_rs.context import use_symmetric_memory
 from symm_rs.groups import Group, peers, resolve
+from symm_rs.zigzag import ZigzagLayout, as_int, zigzag_layout, zigzag_split
 
 __all__ = [
     "ZigzagLayout",
@@ -42,22 +40,8 @@ _NCCL_DTYPES = frozenset(
 )
 
 
-def _describe(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _as_int(name: str, value: object) -> int:
-    # operator.index takes numpy and 0-d integer tensors too, but not floats or bools.
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got a bool")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {_describe(value)}") from None
-
-
 def _check_counts(name: str, counts: Sequence[int], expected_len: int, what: str) -> list[int]:
-    values = [_as_int(f"{name}[{i}]", n) for i, n in enumerate(counts)]
+    values = [as_int(f"{name}[{i}]", n) for i, n in enumerate(counts)]
     if len(values) != expected_len:
         raise ValueError(f"{name} has {len(values)} entries; expected {expected_len} ({what})")
     for i, n in enumerate(values):
@@ -106,52 +90,21 @@ def cp_all_gather_reorganized_into_tensor_kv_cache(
         ValueError: ``per_rank_tokens`` does not have one int >= 0 per rank, ``input`` does
             not hold ``per_rank_tokens[rank]`` tokens, or this process is not in ``group``.
     """
-    return _gather(input, group, per_rank_tokens, stream, disabled, native=True)
-
-
-def _gather_in_python(
-    input: torch.Tensor,
-    group: object,
-    per_rank_tokens: Sequence[int],
-    stream: Optional[torch.cuda.Stream] = None,
-    disabled: bool = False,
-) -> torch.Tensor:
-    """``cp_all_gather_reorganized_into_tensor_kv_cache`` with every step in torch (the path
-    before the Rust core did it): the reference of the GPU tests and benchmarks."""
-    return _gather(input, group, per_rank_tokens, stream, disabled, native=False)
-
-
-def _gather_with_driver_copies(
-    input: torch.Tensor,
-    group: object,
-    per_rank_tokens: Sequence[int],
-    stream: Optional[torch.cuda.Stream] = None,
-    disabled: bool = False,
-) -> torch.Tensor:
-    """``cp_all_gather_reorganized_into_tensor_kv_cache`` with the Rust core's copies issued as
-    driver copies and memsets instead of its copy kernel (as ``SYMM_RS_CP_COPY=driver`` makes
-    every call): for benchmarks and tests that compare the two in one process."""
-    return _gather(input, group, per_rank_tokens, stream, disabled, native=True, copy="driver")
-
-
-def _slot_rows(max_len: int, row_bytes: int) -> int:
-    """Rows per rank in the gathered buffer: ``max_len`` padded so that a slot is a multiple of
-    16 bytes. NCCL 2.28's symmetric kernels give wrong results for 16-bit data whose per-rank
-    size is not (measured on H100; see tests/gpu/results/suite_alignment_*); the padding never
-    reaches the result. The Rust core applies the same rule (``_native.cp_plan``)."""
-    align = 16 // math.gcd(row_bytes, 16) if row_bytes else 1
-    return -(-max_len // align) * align
+    return _gather(input, group, per_rank_tokens, stream=stream, disabled=disabled)
 
 
 def _gather(
     input: torch.Tensor,
     group: object,
     per_rank_tokens: Sequence[int],
-    stream: Optional[torch.cuda.Stream],
-    disabled: bool,
-    native: bool,
+    stream: Optional[torch.cuda.Stream] = None,
+    disabled: bool = False,
+    native: bool = True,
     copy: Optional[str] = None,
 ) -> torch.Tensor:
+    """The gather behind ``cp_all_gather_reorganized_into_tensor_kv_cache``. ``native=False``
+    does every step in torch (the path before the Rust core did it: the GPU tests' and the
+    benchmarks' reference); ``copy`` overrides ``SYMM_RS_CP_COPY`` for the Rust path."""
     peer = peers(group)  # once per call; the context below reuses it
     rank, world = peer.rank, peer.size
     counts = _check_counts(
@@ -170,10 +123,12 @@ def _gather(
         # Every rank sees the same counts, so every rank skips the collective together.
         return input.new_empty((0, *trailing))
 
-    slot = _slot_rows(max_len, math.prod(trailing) * input.element_size())
+    # The Rust core's plan (one slot rule for both paths): slots padded to 16 bytes, where NCCL
+    # 2.28's symmetric kernels are right for 16-bit data (tests/gpu/results/suite_alignment_*).
+    slot, compaction = _native.cp_plan(rank, counts, math.prod(trailing) * input.element_size())
     with use_symmetric_memory(peer if peer.comm else group, disabled=disabled):
         gathered = torch.empty((slot * world, *trailing), dtype=input.dtype, device=input.device)
-    compact = slot != max_len or any(c != max_len for c in counts)
+    compact = bool(compaction)
     if native and not disabled and input.is_cuda and input.dtype in _NCCL_DTYPES:
         # A ProcessGroup's communicator is known once the context above has resolved it.
         nccl = peer if peer.comm else resolve(group)
@@ -219,7 +174,8 @@ def _gather_native(
     """The gather enqueued by the Rust core on one stream, into ``gathered`` and (when some rank
     is padded) a compact result from the ordinary allocator: it leaves the symmetric window,
     which only the collective needs, and is as long-lived as the caller makes it. ``copy``:
-    ``"kernel"`` or ``"driver"``, ``None`` for ``SYMM_RS_CP_COPY``'s choice."""
+    ``"kernel"`` or ``"driver"``, ``None`` for ``SYMM_RS_CP_COPY``'s choice (read at each
+    call)."""
     total = sum(counts)
     output = input.new_empty((total, *trailing)) if compact else None
     source = input if input.is_contiguous() else input.contiguous()
@@ -239,174 +195,11 @@ def _gather_native(
         output,
         counts,
         (run_on.cuda_stream, run_on.device.index),
-        copy=copy,
+        copy=env.read_cp_copy() if copy is None else copy,
     )
     if stream is not None:
         current.wait_stream(stream)
     return gathered if output is None else output
-
-
-@dataclass(frozen=True)
-class ZigzagLayout:
-    """Where each token of a batch lives under the zig-zag context-parallel split.
-
-    Every sequence is cut into ``2 * cp_size`` blocks; rank ``r`` holds blocks ``r`` and
-    ``2 * cp_size - 1 - r`` of every sequence, as all sequences' block ``r`` (in sequence order)
-    followed by all sequences' block ``2 * cp_size - 1 - r``.
-
-    Attributes:
-        cp_size: ranks in the context-parallel group.
-        seq_lens: tokens of each sequence, in batch order.
-        block_lens: per sequence, the lengths of its ``2 * cp_size`` blocks.
-        per_rank_tokens: tokens each rank holds.
-        split_lens: lengths that cut the ranks' slices, concatenated in rank order, back into
-            blocks: per rank, its first blocks (one per sequence) then its second blocks.
-        restore_index: 1-D int64 index; ``gathered[restore_index]`` puts the ranks' slices
-            concatenated in rank order back into token order, sequence after sequence.
-    """
-
-    cp_size: int
-    seq_lens: tuple[int, ...]
-    block_lens: tuple[tuple[int, ...], ...]
-    per_rank_tokens: tuple[int, ...]
-    split_lens: tuple[int, ...]
-    # Derived from the fields above, and a tensor has no usable == or hash.
-    restore_index: torch.Tensor = field(compare=False, repr=False)
-
-    @property
-    def num_blocks(self) -> int:
-        """Blocks per sequence: ``2 * cp_size``."""
-        return 2 * self.cp_size
-
-    @property
-    def total_tokens(self) -> int:
-        """Tokens in the whole batch."""
-        return sum(self.seq_lens)
-
-    def rank_blocks(self, rank: int) -> tuple[int, int]:
-        """The two block indices ``rank`` holds of every sequence."""
-        return rank, self.num_blocks - 1 - rank
-
-
-def _exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(values, 0) - values
-
-
-def zigzag_layout(
-    seq_lens: Sequence[int],
-    cp_size: int,
-    device: Optional[Union[torch.device, str]] = None,
-) -> ZigzagLayout:
-    """Builds the zig-zag layout of a batch.
-
-    Block ``i`` of a sequence of length ``L`` has ``L // (2 * cp_size)`` tokens, plus one when
-    ``i < L % (2 * cp_size)``. Sequences shorter than ``2 * cp_size`` (some blocks empty) and
-    empty sequences are allowed.
-
-    Arguments:
-        seq_lens: tokens of each sequence, in batch order (may be empty).
-        cp_size: ranks in the context-parallel group.
-        device: where to build ``restore_index`` (the KV's device saves a copy per gather).
-
-    Returns:
-        The layout.
-
-    Raises:
-        ValueError: ``cp_size < 1`` or a sequence length is negative or not an int.
-    """
-    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
-        raise ValueError(f"cp_size must be an int >= 1; got {cp_size!r}")
-    lens = tuple(_as_int(f"seq_lens[{i}]", n) for i, n in enumerate(seq_lens))
-    for i, length in enumerate(lens):
-        if length < 0:
-            raise ValueError(f"seq_lens[{i}] is {length}; sequence lengths must be >= 0")
-
-    num_blocks = 2 * cp_size
-    block_lens = tuple(
-        tuple(
-            length // num_blocks + (1 if i < length % num_blocks else 0) for i in range(num_blocks)
-        )
-        for length in lens
-    )
-
-    # Pieces in the order the gather delivers them: rank by rank, first blocks then second.
-    piece_seq: list[int] = []
-    piece_block: list[int] = []
-    per_rank_tokens: list[int] = []
-    for rank in range(cp_size):
-        tokens = 0
-        for block in (rank, num_blocks - 1 - rank):
-            for seq in range(len(lens)):
-                piece_seq.append(seq)
-                piece_block.append(block)
-                tokens += block_lens[seq][block]
-        per_rank_tokens.append(tokens)
-    split_lens = tuple(block_lens[s][b] for s, b in zip(piece_seq, piece_block))
-
-    # Each (sequence, block) piece's offset in the gathered tokens, then per output token the
-    # gathered position: piece start plus the token's offset inside its piece.
-    table = torch.tensor(block_lens, dtype=torch.int64).reshape(len(lens), num_blocks)
-    starts = torch.zeros_like(table)
-    if split_lens:
-        starts[torch.tensor(piece_seq), torch.tensor(piece_block)] = _exclusive_cumsum(
-            torch.tensor(split_lens, dtype=torch.int64)
-        )
-    piece_lens = table.flatten()
-    shift = starts.flatten() - _exclusive_cumsum(piece_lens)
-    total = sum(lens)
-    restore_index = torch.repeat_interleave(shift, piece_lens, output_size=total) + torch.arange(
-        total, dtype=torch.int64
-    )
-    if device is not None:
-        restore_index = restore_index.to(device)
-
-    return ZigzagLayout(
-        cp_size=cp_size,
-        seq_lens=lens,
-        block_lens=block_lens,
-        per_rank_tokens=tuple(per_rank_tokens),
-        split_lens=split_lens,
-        restore_index=restore_index,
-    )
-
-
-def _check_rank(rank: int, layout: ZigzagLayout) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < layout.cp_size:
-        raise ValueError(f"rank must be an int in [0, {layout.cp_size}); got {rank!r}")
-
-
-def zigzag_split(kv: torch.Tensor, layout: ZigzagLayout, rank: int) -> torch.Tensor:
-    """One rank's slice of the full KV under ``layout``.
-
-    Arguments:
-        kv: the whole batch, shape ``[sum(seq_lens), *trailing]``, sequences concatenated.
-        layout: the zig-zag layout of the batch.
-        rank: the rank whose slice to return.
-
-    Returns:
-        Shape ``[layout.per_rank_tokens[rank], *trailing]``: every sequence's block ``rank``,
-        then every sequence's block ``2 * cp_size - 1 - rank``. A fresh tensor.
-
-    Raises:
-        ValueError: ``rank`` is out of range, or ``kv`` does not hold ``sum(seq_lens)`` tokens.
-    """
-    _check_rank(rank, layout)
-    if kv.dim() == 0 or kv.shape[0] != layout.total_tokens:
-        got = "a 0-d tensor" if kv.dim() == 0 else f"{kv.shape[0]} tokens"
-        raise ValueError(f"kv must hold sum(seq_lens) = {layout.total_tokens} tokens; got {got}")
-    trailing = tuple(kv.shape[1:])
-    if layout.per_rank_tokens[rank] == 0:
-        return kv.new_empty((0, *trailing))
-    flat = [n for blocks in layout.block_lens for n in blocks]
-    pieces = torch.split(kv, flat, dim=0)
-    num_blocks = layout.num_blocks
-    nseq = len(layout.seq_lens)
-    picked = [
-        pieces[seq * num_blocks + block]
-        for block in layout.rank_blocks(rank)
-        for seq in range(nseq)
-    ]
-    return torch.cat(picked, dim=0)
 
 
 def cp_all_gather_rerange_kv_cache(

@@ -10,62 +10,15 @@ or one preloaded in its place), never by the version torch was built with.
 from __future__ import annotations
 
 import os
-import tempfile
-import warnings
 from typing import Any, Optional
 
-CHECK_ELEMENTS = 1 << 20  # 2 MiB of bf16 per rank: large enough to need a fresh pool segment
-CHECK_BYTES = CHECK_ELEMENTS * 2
+import torch
 
-
-def symmetric_all_gather_check(
-    rank: int, world_size: int, log_dir: Optional[str] = None
-) -> dict[str, Any]:
-    """One rank of the doctor's check: a symmetric all-gather compared with the expected bytes.
-
-    With ``log_dir``, NCCL's tuning log is switched on for this process first (before torch, and
-    so NCCL, is initialised here), one file per process in ``log_dir``.
-    """
-    if log_dir is not None:
-        from symm_rs.nccl_log import tuning_log_env
-
-        os.environ.update(tuning_log_env(log_dir))
-
-    import torch
-    import torch.distributed as dist
-
-    import symm_rs
-    from symm_rs.launch import init_nccl
-
-    group = init_nccl(rank, world_size)
-    try:
-        verdict = symm_rs.symmetric_kernels(group)
-        with warnings.catch_warnings():
-            # The verdict is reported below; the context's own warning would repeat it.
-            warnings.simplefilter("ignore", symm_rs.NoSymmetricKernelsWarning)
-            with symm_rs.use_symmetric_memory(group):
-                send = torch.empty(CHECK_ELEMENTS, dtype=torch.bfloat16, device="cuda")
-                recv = torch.empty(CHECK_ELEMENTS * world_size, dtype=torch.bfloat16, device="cuda")
-        pattern = torch.arange(CHECK_ELEMENTS, device="cuda", dtype=torch.float32) % 251
-        send.copy_((pattern + rank).to(torch.bfloat16))
-        dist.all_gather_into_tensor(recv, send, group=group)
-        expected = torch.cat([(pattern + r).to(torch.bfloat16) for r in range(world_size)])
-        torch.cuda.synchronize()
-        return {
-            "exact": bool(torch.equal(recv, expected)),
-            "send_symmetric": symm_rs.is_symmetric(send, group),
-            "recv_symmetric": symm_rs.is_symmetric(recv, group),
-            "windows": symm_rs.stats()["windows_registered"],
-            "symmetric_kernels": {"supported": verdict.supported, "reason": verdict.reason},
-        }
-    finally:
-        symm_rs.release(group)
-        dist.destroy_process_group()
+from symm_rs import __version__, gpu_check, library
+from symm_rs.env import NCCL_LIBRARY, PREFIX, environment_issues, read_nccl_library
 
 
 def _torch_features() -> dict[str, bool]:
-    import torch
-
     features = {
         "MemPool": hasattr(torch.cuda, "MemPool"),
         "CUDAPluggableAllocator": hasattr(torch.cuda.memory, "CUDAPluggableAllocator"),
@@ -106,8 +59,7 @@ ADVICE = {
     "variables')",
     "peer_access": "symmetric kernels need NVLink/P2P between every pair of GPUs in a group; "
     "use GPUs that can reach each other (nvidia-smi topo -m)",
-    "no_symmetric_kernel": "NCCL ran its regular kernels on registered buffers: check that "
-    "NCCL_ALGO/NCCL_PROTO are unset and that every GPU pair has NVLink (nvidia-smi topo -m)",
+    "no_symmetric_kernel": gpu_check.NO_SYMMETRIC_KERNEL_ADVICE,
     "no_gpu": "run on a machine with CUDA GPUs, or check CUDA_VISIBLE_DEVICES and the driver "
     "(nvidia-smi)",
 }
@@ -125,8 +77,6 @@ def _nccl_environment_problems() -> list[dict[str, str]]:
 def check_environment(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The ``SYMM_RS_*`` variables that are set, with the problems (values symm_rs cannot use)
     and warnings (names it does not know) found in them."""
-    from symm_rs.env import PREFIX, environment_issues
-
     env = dict(os.environ if environ is None else environ)
     issues = environment_issues(env)
     return {
@@ -140,8 +90,6 @@ def known_issues_report(version: tuple[int, int, int]) -> list[dict[str, Any]]:
     """The known NCCL defects of ``version`` (``symm_rs.library.NCCL_ISSUES``), as JSON:
     ``steered_around`` with how symm_rs avoids the defect, or ``False`` and ``""`` when it
     cannot."""
-    from symm_rs.library import nccl_issues
-
     dotted = ".".join(map(str, version))
     return [
         {
@@ -155,15 +103,13 @@ def known_issues_report(version: tuple[int, int, int]) -> list[dict[str, Any]]:
             "steered_around": bool(issue.steered),
             "how_steered": issue.steered,
         }
-        for issue in nccl_issues(version)
+        for issue in library.nccl_issues(version)
     ]
 
 
 def shared_libraries_report(path: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """libnccl files installed by more than one distribution, as JSON (see
     ``symm_rs.library.shared_nccl_libraries``)."""
-    from symm_rs.library import shared_nccl_libraries
-
     return [
         {
             "path": shared.path,
@@ -173,7 +119,7 @@ def shared_libraries_report(path: Optional[list[str]] = None) -> list[dict[str, 
             "later install overwrote the earlier one's file, and uninstalling either deletes it",
             "advice": shared.advice,
         }
-        for shared in shared_nccl_libraries(path)
+        for shared in library.shared_nccl_libraries(path)
     ]
 
 
@@ -183,8 +129,6 @@ def split_notes(
     """The Rust core's notes about how the library was chosen, as ``(problems, harmless)``: an
     ignored ``SYMM_RS_NCCL_LIBRARY`` that names the very file already loaded (compared by real
     path) is harmless."""
-    from symm_rs.env import NCCL_LIBRARY
-
     env = os.environ if environ is None else environ
     wanted = env.get(NCCL_LIBRARY, "")
     problems, harmless = [], []
@@ -198,27 +142,7 @@ def split_notes(
     return problems, harmless
 
 
-def tuning_log_evidence(records: list[Any], expected_bytes: int = CHECK_BYTES) -> dict[str, Any]:
-    """What NCCL's tuning log says about the check's all-gather: ``confirmed`` when it logged
-    a symmetric kernel for an all-gather."""
-    from symm_rs.nccl_log import symmetric_records
-
-    symmetric = symmetric_records(records, "AllGather")
-    regular = [r for r in records if r.collective == "AllGather" and not r.symmetric]
-    return {
-        "confirmed": bool(symmetric),
-        "expected_bytes": expected_bytes,
-        "records": len(records),
-        "symmetric_all_gather": [r.line for r in symmetric],
-        "symmetric_kernels": sorted({r.kernel for r in symmetric}),
-        "regular_all_gather": [r.line for r in regular],
-        "bytes_match": any(r.nbytes == expected_bytes for r in symmetric),
-    }
-
-
 def _peer_access(count: int) -> dict[str, Any]:
-    import torch
-
     missing = [
         (a, b)
         for a in range(count)
@@ -249,11 +173,6 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
     window support, known NCCL defects, libnccl files shared by two wheels, the environment,
     the torch features symm_rs relies on, problems and warnings with advice, and (with 2+ GPUs)
     the result of a symmetric all-gather across them with NCCL's tuning-log evidence."""
-    import torch
-
-    from symm_rs import __version__
-    from symm_rs.library import global_nccl_library, library_info, loaded_nccl_libraries
-
     report: dict[str, Any] = {
         "symm_rs": __version__,
         "torch": torch.__version__,
@@ -316,28 +235,28 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
 
     report["known_issues"] = []
     try:
-        info = library_info()
-        ours = _version_text(info["version"])
-        loaded = loaded_nccl_libraries()
-        ours_real = os.path.realpath(str(info["path"]))
+        info = library.library_info()
+        ours = _version_text(info.version)
+        loaded = library.loaded_nccl_libraries()
+        ours_real = os.path.realpath(str(info.path))
         # The libnccl torch's calls bind to. torch may map its own copy by path beside one
         # preloaded in its place; the preloaded one still comes first in the global scope, and
         # the copy is mapped but never called.
-        torch_library = global_nccl_library()
+        torch_library = library.global_nccl_library()
         if torch_library is None:  # not in the global scope: then one file must be all there is
             torch_library = loaded[0] if len(loaded) == 1 else None
         shadowed = [path for path in loaded if path not in (ours_real, torch_library)]
         report["nccl"] = {
-            "path": info["path"],
-            "origin": info["origin"],
+            "path": info.path,
+            "origin": info.origin,
             "version": ours,
-            "windows_supported": info["windows_supported"],
+            "windows_supported": info.windows_supported,
             "loaded_libraries": loaded,
             "torch_library": torch_library,
             "same_as_torch": torch_library == ours_real,
         }
-        if not info["windows_supported"]:
-            problem(info["windows_problem"])
+        if not info.windows_supported:
+            problem(info.windows_problem)
         if shadowed and torch_library == ours_real:
             report["notes"].append(
                 "also mapped but never called (the libnccl in use comes first): "
@@ -345,7 +264,7 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
             )
         if torch_library != ours_real and (torch_nccl is not None or len(loaded) > 1):
             problem(
-                f"symm_rs uses NCCL {ours} from {info['path']} ({info['origin']}) but torch's "
+                f"symm_rs uses NCCL {ours} from {info.path} ({info.origin}) but torch's "
                 f"NCCL calls go to {torch_library or 'a libnccl symm_rs cannot name'} (loaded: "
                 f"{', '.join(loaded) or 'none found'}): a communicator made by one library is "
                 "invalid in the other",
@@ -354,15 +273,15 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
         elif torch_nccl is not None and torch_nccl != ours:
             report["notes"].append(
                 f"torch was built with NCCL {torch_nccl}; this process runs NCCL {ours} "
-                f"({info['path']}), the one torch's NCCL calls go to: torch and symm_rs share "
+                f"({info.path}), the one torch's NCCL calls go to: torch and symm_rs share "
                 "it, and it is the one judged here"
             )
-        note_problems, harmless = split_notes(list(info["notes"]), str(info["path"]))
+        note_problems, harmless = split_notes(list(info.notes), str(info.path))
         for note in note_problems:
             problem(note, ADVICE["override_ignored"])
         if harmless:
             report["notes"].append(
-                f"SYMM_RS_NCCL_LIBRARY={os.environ.get('SYMM_RS_NCCL_LIBRARY')} names the libnccl "
+                f"{NCCL_LIBRARY}={read_nccl_library()} names the libnccl "
                 "already loaded (the same file): it has no effect"
             )
         running = _version_tuple(ours)
@@ -401,84 +320,8 @@ def diagnose(run_check: bool = True, require_gpu: bool = False) -> dict[str, Any
     if not run_check or not (report["nccl"] or {}).get("windows_supported"):
         report["check"] = "skipped"
         return report
-    _run_check(report, problem)
+    gpu_check.run(report, problem, ADVICE["no_symmetric_kernel"])
     return report
-
-
-def _run_check(report: dict[str, Any], problem: Any) -> None:
-    from symm_rs.launch import run_ranks
-    from symm_rs.nccl_log import read_tuning_log
-
-    world_size = len(report["gpus"])
-    with tempfile.TemporaryDirectory(prefix="symm_rs_doctor_") as log_dir:
-        outcomes = run_ranks(symmetric_all_gather_check, world_size, (log_dir,), timeout=180)
-        records = read_tuning_log(log_dir)
-    evidence = tuning_log_evidence(records)
-    report["tuning_log"] = evidence
-    report["check_ranks"] = [value if ok else {"error": value} for ok, value in outcomes]
-    predicted = [v["symmetric_kernels"] for ok, v in outcomes if ok]
-    supported = bool(predicted) and all(p["supported"] for p in predicted)
-    report["symmetric_kernels"] = (
-        {"supported": supported, "reason": predicted[0]["reason"]} if predicted else None
-    )
-    if predicted and not supported:
-        _report_no_symmetric_kernels(report, problem, outcomes, evidence, predicted[0]["reason"])
-        return
-    exact = all(
-        ok and v["exact"] and v["send_symmetric"] and v["recv_symmetric"] for ok, v in outcomes
-    )
-    passed = exact and evidence["confirmed"]
-    if passed:
-        kernels = ", ".join(evidence["symmetric_kernels"])
-        verdict = f"exact; NCCL's tuning log shows the symmetric kernel {kernels}"
-    elif exact:
-        verdict = "FAILED: exact, but NCCL's tuning log shows no symmetric kernel"
-    else:
-        verdict = "FAILED"
-    report["check"] = f"symmetric all-gather over {world_size} GPUs: {verdict}"
-    if not exact:
-        problem("the symmetric all-gather check failed; see check_ranks")
-    elif not evidence["records"]:
-        problem(
-            "NCCL wrote no tuning log for the check (NCCL_DEBUG=INFO, NCCL_DEBUG_SUBSYS=TUNING), "
-            "so no symmetric kernel could be confirmed",
-            ADVICE["no_symmetric_kernel"],
-        )
-    elif not evidence["confirmed"]:
-        problem(
-            "NCCL's tuning log shows no symmetric kernel for the check's all-gather: "
-            + "; ".join(evidence["regular_all_gather"][:2]),
-            ADVICE["no_symmetric_kernel"],
-        )
-
-
-def _report_no_symmetric_kernels(
-    report: dict[str, Any],
-    problem: Any,
-    outcomes: list[tuple[bool, Any]],
-    evidence: dict[str, Any],
-    reason: str,
-) -> None:
-    """symm_rs predicted that NCCL cannot run symmetric kernels here: the check then expects
-    exact results on unregistered buffers and no symmetric kernel in NCCL's log."""
-    world_size = len(report["gpus"])
-    exact = all(ok and v["exact"] for ok, v in outcomes)
-    report["check"] = (
-        f"symmetric kernels: no ({reason}); all-gather over {world_size} GPUs "
-        f"{'exact' if exact else 'FAILED'} on unregistered pool buffers"
-    )
-    problem(
-        f"NCCL cannot run symmetric kernels on this machine ({reason}): symm_rs allocates but "
-        "does not register, so it brings no speed-up here",
-        ADVICE["no_symmetric_kernel"],
-    )
-    if not exact:
-        problem("the all-gather check failed; see check_ranks")
-    if evidence["confirmed"]:
-        problem(
-            "NCCL's tuning log shows a symmetric kernel where symm_rs predicted none; "
-            "please report this with the doctor's --json output"
-        )
 
 
 def render(report: dict[str, Any]) -> str:

@@ -1,18 +1,22 @@
-"""The ``SYMM_RS_*`` environment variables: the one place that parses and validates them.
+"""The ``SYMM_RS_*`` environment variables: the one place that reads, parses and validates them
+(the Rust core reads none; what it needs is passed to it).
 
-Nothing here imports torch or the native module, so ``doctor`` and the command line can check
-the environment before anything heavy is loaded.
+Nothing here imports torch, and the native module only when a variable whose values are a Rust
+table is set (``SYMM_RS_POLICY_TABLE``, ``SYMM_RS_CP_COPY``), so ``doctor`` and the command line
+can check the environment before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
+
+from symm_rs._units import parse_bytes, parse_flag, parse_seconds
+from symm_rs.errors import SettingError, SettingWarning
 
 PREFIX = "SYMM_RS_"
 
@@ -26,10 +30,11 @@ REGISTER = "SYMM_RS_REGISTER"
 REGISTER_CHOICES = ("auto", "always")
 POLICY_TABLE = "SYMM_RS_POLICY_TABLE"
 CP_COPY = "SYMM_RS_CP_COPY"
-CP_COPY_CHOICES = ("kernel", "driver")
 SEAL = "SYMM_RS_SEAL"
 ON_FAILURE = "SYMM_RS_ON_FAILURE"
 ON_FAILURE_CHOICES = ("log", "abort")
+# What SYMM_RS_TIMEOUT stands for when unset: every cross-rank wait and the native side's own.
+DEFAULT_TIMEOUT_S = 30.0
 
 # What each variable a user may set holds (README.md, "Environment variables").
 VARIABLES: dict[str, str] = {
@@ -50,39 +55,6 @@ VARIABLES: dict[str, str] = {
 INTERNAL_VARIABLES = frozenset(
     {"SYMM_RS_TEST_NATIVE", "SYMM_RS_ENGINE_LOG_DIR", "SYMM_RS_TRANSPORT_LOG_DIR"}
 )
-
-_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
-
-
-def parse_bytes(text: str) -> int:
-    """A byte count from ``"4GiB"``, ``"4g"``, ``"512M"``, ``"64 kb"`` or ``"1048576"``.
-
-    Suffixes are binary (k = 1024) and case-insensitive; ``B``/``iB`` after them is optional.
-
-    Raises:
-        ValueError: the text is not a size.
-    """
-    match = _SIZE.fullmatch(text.lower())
-    if match is None:
-        raise ValueError(f"not a byte size: {text!r} (use e.g. 4GiB, 512MiB or 1048576)")
-    return int(match.group(1)) * _SIZE_SUFFIX[match.group(2)]
-
-
-def parse_flag(text: str) -> bool:
-    """``True`` for 1/true/yes/on, ``False`` for 0/false/no/off or empty (case-insensitive).
-
-    Raises:
-        ValueError: anything else.
-    """
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"not a boolean: {text!r} (use 1 or 0, true or false, yes or no, on or off)")
 
 
 def _environ(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
@@ -121,21 +93,6 @@ def read_bytes(name: str, environ: Optional[Mapping[str, str]] = None) -> Option
         raise ValueError(f"{name}: {e}") from None
 
 
-def parse_seconds(text: str) -> float:
-    """A positive number of seconds (``"30"``, ``"2.5"``).
-
-    Raises:
-        ValueError: not a number, or not > 0.
-    """
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"not a number of seconds: {text!r} (use e.g. 30 or 2.5)") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"seconds must be a finite number > 0; got {text!r}")
-    return value
-
-
 def read_seconds(name: str, environ: Optional[Mapping[str, str]] = None) -> Optional[float]:
     """The seconds variable ``name``, ``None`` when it is unset or empty.
 
@@ -167,6 +124,50 @@ def read_choice(
     return value
 
 
+def read_timeout(environ: Optional[Mapping[str, str]] = None) -> float:
+    """``SYMM_RS_TIMEOUT`` in seconds, ``DEFAULT_TIMEOUT_S`` when unset.
+
+    Raises:
+        ValueError: it is not a positive number of seconds (the message names it).
+    """
+    value = read_seconds(TIMEOUT, environ)
+    return DEFAULT_TIMEOUT_S if value is None else value
+
+
+def read_verify(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """``SYMM_RS_VERIFY``: whether ranks agree before they register (on unless set off).
+
+    Raises:
+        ValueError: it is not a boolean (the message names it).
+    """
+    return read_flag(VERIFY, default=True, environ=environ)
+
+
+def read_nccl_library(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """``SYMM_RS_NCCL_LIBRARY``, the libnccl to prefer, or ``None`` when unset or empty."""
+    return _environ(environ).get(NCCL_LIBRARY, "").strip() or None
+
+
+def read_cp_copy(environ: Optional[Mapping[str, str]] = None) -> str:
+    """``SYMM_RS_CP_COPY``: how the CP all-gather issues its copies (``"kernel"`` when unset).
+    Read at every gather.
+
+    Raises:
+        ValueError: it is not one of the Rust core's copy modes (the message names it).
+    """
+    return read_choice(CP_COPY, __getattr__("CP_COPY_CHOICES"), environ)
+
+
+def __getattr__(name: str) -> Any:
+    # The Rust core's table, loaded only when asked for: ``import symm_rs`` loads no native
+    # module unless a variable needs it.
+    if name == "CP_COPY_CHOICES":
+        from symm_rs._native import CP_COPY_MODES
+
+        return CP_COPY_MODES
+    raise AttributeError(f"module 'symm_rs.env' has no attribute {name!r}")
+
+
 def read_policy_table(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """``SYMM_RS_POLICY_TABLE`` checked (``symm_rs.policy.PolicyTable.parse``), or ``None``
     when unset or empty.
@@ -177,7 +178,9 @@ def read_policy_table(environ: Optional[Mapping[str, str]] = None) -> Optional[s
     value = _environ(environ).get(POLICY_TABLE, "").strip()
     if not value:
         return None
-    from symm_rs.policy import PolicyTable  # no torch, no native module
+    # The table names the Rust core's collectives, so it loads the native module: imported
+    # here, so that ``import symm_rs`` loads it only when this variable is set.
+    from symm_rs.policy import PolicyTable
 
     try:
         PolicyTable.parse(value)
@@ -222,11 +225,13 @@ def environment_issues(environ: Optional[Mapping[str, str]] = None) -> list[EnvI
             except ValueError as e:
                 issues.append(EnvIssue(name, value, str(e), fatal=True))
         elif name in (REGISTER, CP_COPY, ON_FAILURE):
-            choices = {REGISTER: REGISTER_CHOICES, CP_COPY: CP_COPY_CHOICES}.get(
-                name, ON_FAILURE_CHOICES
-            )
             try:
-                read_choice(name, choices, env)
+                if name == CP_COPY:
+                    read_cp_copy(env)
+                else:
+                    read_choice(
+                        name, REGISTER_CHOICES if name == REGISTER else ON_FAILURE_CHOICES, env
+                    )
             except ValueError as e:
                 issues.append(EnvIssue(name, value, str(e), fatal=True))
         elif name == POLICY_TABLE:
@@ -251,16 +256,6 @@ def validate_environment(environ: Optional[Mapping[str, str]] = None) -> list[st
     """One message per ``SYMM_RS_*`` variable that is wrong: a value symm_rs cannot use, or a
     name it does not know. Empty when everything set is valid."""
     return [issue.message for issue in environment_issues(environ)]
-
-
-class SettingWarning(UserWarning):
-    """A ``SYMM_RS_*`` variable whose value symm_rs cannot use, or whose name it does not know:
-    issued once, at ``import symm_rs``."""
-
-
-class SettingError(ValueError):
-    """A ``SYMM_RS_*`` value symm_rs cannot use, under ``SYMM_RS_STRICT=1``: raised by
-    ``import symm_rs``."""
 
 
 def _strict(env: Mapping[str, str]) -> bool:

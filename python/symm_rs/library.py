@@ -2,7 +2,8 @@
 
 The library is loaded once per process by the Rust core: the ``libnccl.so.2`` already loaded
 (torch's) first, then ``SYMM_RS_NCCL_LIBRARY``, then the NVIDIA wheels found on ``sys.path``,
-then the system's. This module only finds the wheel candidates and caches the description.
+then the system's. This module hands it the variable and the wheel candidates, and caches the
+description, a typed ``LibraryInfo``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from symm_rs import _native
+from symm_rs import _native, env
+from symm_rs.errors import NcclLibraryError
+
+LibraryInfo = _native.LibraryInfo
 
 _WHEEL_LIBRARY = os.path.join("nvidia", "nccl", "lib", "libnccl.so.2")
 log = logging.getLogger("symm_rs")
 _lock = threading.Lock()
-_info: dict[str, Any] | None = None
+_info: Optional[LibraryInfo] = None
 
 
 def wheel_candidates() -> list[str]:
@@ -45,8 +49,9 @@ def _import_torch_first() -> None:
         import torch  # noqa: F401
 
 
-def library_info() -> dict[str, Any]:
-    """Loads NCCL if needed and describes it: path, origin, version, window support, notes.
+def library_info() -> LibraryInfo:
+    """Loads NCCL if needed and describes it: ``path``, ``origin``, ``version``,
+    ``windows_supported`` (and ``windows_problem``), ``notes``.
 
     Raises:
         NcclLibraryError: no usable libnccl was found.
@@ -56,14 +61,14 @@ def library_info() -> dict[str, Any]:
         _import_torch_first()
         with _lock:
             if _info is None:
-                info = dict(_native.load_nccl(wheel_candidates()))
+                info = _native.load_nccl(wheel_candidates(), env.read_nccl_library())
                 log.info(
                     "NCCL %s from %s (%s)",
-                    ".".join(map(str, info["version"])),
-                    info["path"],
-                    info["origin"],
+                    ".".join(map(str, info.version)),
+                    info.path,
+                    info.origin,
                 )
-                for note in info["notes"]:
+                for note in info.notes:
                     log.warning("%s", note)
                 _info = info
     return _info
@@ -71,20 +76,20 @@ def library_info() -> dict[str, Any]:
 
 def nccl_version() -> tuple[int, int, int]:
     """``(major, minor, patch)`` of the libnccl symm_rs uses."""
-    major, minor, patch = library_info()["version"]
+    major, minor, patch = library_info().version
     return (major, minor, patch)
 
 
 def nccl_library() -> str:
     """Absolute path of the libnccl symm_rs uses."""
-    return str(library_info()["path"])
+    return str(library_info().path)
 
 
 def require_windows() -> None:
     """Raises ``NcclLibraryError`` unless the library can register symmetric windows."""
     info = library_info()
-    if not info["windows_supported"]:
-        raise _native.NcclLibraryError(info["windows_problem"])
+    if not info.windows_supported:
+        raise NcclLibraryError(info.windows_problem)
 
 
 def _dotted(version: tuple[int, int, int]) -> str:
@@ -152,6 +157,31 @@ NCCL_ISSUES: tuple[NcclIssue, ...] = (
         "itself should keep per-rank counts of 16-bit data even",
     ),
 )
+
+
+# NCCL's own per-call algorithm choice, if a release adds one. Up to NCCL 2.30.7 (the newest
+# source read, src/nccl.h.in) there is none: algorithms are chosen per communicator, by
+# NCCL_ALGO or the tuner plugin, and no ncclAllReduceConfig or similar exists.
+PER_CALL_SYMBOLS = ("ncclAllReduceConfig",)
+
+
+def per_call_selection(path: str) -> tuple[bool, str]:
+    """``(available, note)`` for the libnccl at ``path``: whether it offers NCCL's own per-call
+    algorithm choice, which the size policy would use instead of a twin communicator."""
+    try:
+        lib = ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        return False, f"could not inspect {path}: {e}"
+    found = [name for name in PER_CALL_SYMBOLS if hasattr(lib, name)]
+    if not found:
+        return False, (
+            "this NCCL has no per-call algorithm selection (none up to 2.30.7); the policy "
+            "routes through a window-less twin communicator"
+        )
+    return True, (
+        f"this NCCL exports {', '.join(found)}, but symm_rs does not know its signature yet; "
+        "the policy routes through a window-less twin communicator"
+    )
 
 
 def loaded_nccl_libraries(maps: str = "/proc/self/maps") -> list[str]:

@@ -28,7 +28,11 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-OPS = ("sum", "prod", "max", "min", "avg")
+from symm_rs import _native
+from symm_rs.context import use_symmetric_memory
+
+# The reductions, as the Rust core names them (one table: ``collective.rs``).
+OPS: tuple[str, ...] = _native.REDUCE_OPS
 _OUTPUT_MEMORY = ("symmetric", "plain")
 
 _output_memory = "symmetric"
@@ -114,8 +118,6 @@ def set_output_memory(kind: str) -> str:
 def _empty(communicator: CommunicatorLike, like: torch.Tensor, shape: list[int]) -> torch.Tensor:
     if _output_memory == "plain":
         return like.new_empty(shape)
-    from symm_rs.context import use_symmetric_memory
-
     # A one-rank communicator has no windows: nothing to register, and nothing NCCL calls.
     with use_symmetric_memory(communicator, disabled=communicator.size == 1):
         return like.new_empty(shape)

@@ -9,19 +9,23 @@ A communicator has no windows of its own buffers unless they were registered wit
 regular algorithms on the very same buffers. A ``PolicyTable`` says, per collective, which byte
 ranges (bytes per rank) go to the twin; everything else stays on the communicator itself.
 
-Nothing here imports torch at module level, so ``env`` can validate ``SYMM_RS_POLICY_TABLE``
-without it; ``calibrate`` (which measures a table on this machine) imports it when called.
+The table is text and data here; the collectives it names and the lookup a call makes come from
+the Rust core (``_native.COLLECTIVES``, ``_native.RouteTable``), the one place both live.
+Nothing here imports torch, so ``env`` can validate ``SYMM_RS_POLICY_TABLE`` without it;
+``symm_rs.calibration`` measures a table on this machine.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-OPS = ("all_gather", "all_reduce", "reduce_scatter")
+from symm_rs import _moved, _native
+from symm_rs._units import format_bytes, parse_bytes
+
+OPS: tuple[str, ...] = _native.COLLECTIVES
 # A call goes to the twin only when the regular algorithms are faster by more than this: the
 # benchmark's tolerance (policy <= min(plain, symm) * 1.03), so a near tie stays symmetric.
 MARGIN = 0.03
@@ -37,19 +41,14 @@ DEFAULT_TABLES: dict[int, str] = {
 }
 
 
-def _format_size(nbytes: int) -> str:
-    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
-        if nbytes and nbytes % (1 << shift) == 0:
-            return f"{nbytes >> shift}{unit}"
-    return str(nbytes)
-
-
 @dataclass(frozen=True)
 class PolicyTable:
     """Per collective, the ``[low, high)`` byte ranges (bytes per rank; ``high`` None for
     unbounded) whose calls go to the window-less twin. Sorted, non-overlapping."""
 
     ranges: Mapping[str, tuple[Range, ...]] = field(default_factory=dict)
+    # The Rust core's lookup over the same rows: the one a Communicator routes by.
+    _lookup: Any = field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         clean: dict[str, tuple[Range, ...]] = {}
@@ -73,6 +72,7 @@ class PolicyTable:
             if checked:
                 clean[op] = tuple(checked)
         object.__setattr__(self, "ranges", clean)
+        object.__setattr__(self, "_lookup", _native.RouteTable(self.entries()))
 
     @classmethod
     def parse(cls, text: str) -> PolicyTable:
@@ -83,8 +83,6 @@ class PolicyTable:
         Raises:
             ValueError: the text is not a table (the message says which part).
         """
-        from symm_rs.env import parse_bytes
-
         ranges: dict[str, list[Range]] = {}
         if text.strip().lower() in ("", "none"):
             return cls()
@@ -118,17 +116,21 @@ class PolicyTable:
             spans = self.ranges.get(op, ())
             if spans:
                 text = ",".join(
-                    f"{_format_size(lo)}-{'' if hi is None else _format_size(hi)}"
+                    f"{format_bytes(lo)}-{'' if hi is None else format_bytes(hi)}"
                     for lo, hi in spans
                 )
                 parts.append(f"{op}:{text}")
         return ";".join(parts) or "none"
 
     def use_twin(self, op: str, nbytes: int) -> bool:
-        """Whether an ``op`` call of ``nbytes`` per rank goes to the twin."""
-        return any(
-            lo <= nbytes and (hi is None or nbytes < hi) for lo, hi in self.ranges.get(op, ())
-        )
+        """Whether an ``op`` call of ``nbytes`` per rank goes to the twin (the Rust core's
+        lookup, as a Communicator's call makes it)."""
+        return bool(self._lookup.to_twin(op, nbytes))
+
+    @property
+    def route_table(self) -> Any:
+        """The table as the native communicator takes it (``_native.RouteTable``)."""
+        return self._lookup
 
     def entries(self) -> list[tuple[str, int, Optional[int]]]:
         """``(collective, low, high)`` rows, as the native communicator takes them."""
@@ -181,34 +183,6 @@ def table_from_bench(result: Mapping[str, Any], mode: str = "graph") -> PolicyTa
     return table_from_timings(timings)
 
 
-def resolve(policy: Any, world_size: int) -> Optional[PolicyTable]:
-    """The table a ``policy=`` argument asks for: None/False/"off" -> no policy; True/"auto"
-    -> ``SYMM_RS_POLICY_TABLE`` if set, else the default for ``world_size``; a PolicyTable, its
-    text form or a ``{collective: [(low, high), ...]}`` mapping -> that table.
-
-    Raises:
-        TypeError: a policy of another type.
-        ValueError: a table that does not parse (also from the environment variable).
-    """
-    from symm_rs import env
-
-    if policy is None or policy is False or policy == "off":
-        return None
-    if policy is True or policy == "auto":
-        text = env.read_policy_table()
-        return default_table(world_size) if text is None else PolicyTable.parse(text)
-    if isinstance(policy, PolicyTable):
-        return policy
-    if isinstance(policy, str):
-        return PolicyTable.parse(policy)
-    if isinstance(policy, Mapping):
-        return PolicyTable({op: tuple(tuple(s) for s in spans) for op, spans in policy.items()})
-    raise TypeError(
-        "policy must be None, True, 'auto', 'off', a PolicyTable, its text or a mapping; "
-        f"got {type(policy).__name__}"
-    )
-
-
 @dataclass(frozen=True)
 class Policy:
     """What a Communicator's policy does: its table, the mechanism (``"twin"``: a window-less
@@ -222,108 +196,12 @@ class Policy:
     note: str
 
 
-# NCCL's own per-call algorithm choice, if a release adds one. Up to NCCL 2.30.7 (the newest
-# source read, src/nccl.h.in) there is none: algorithms are chosen per communicator, by
-# NCCL_ALGO or the tuner plugin, and no ncclAllReduceConfig or similar exists.
-PER_CALL_SYMBOLS = ("ncclAllReduceConfig",)
+# Names that moved out in this release (CHANGELOG.md), reachable here for one more release.
+_MOVED = {
+    "calibrate": "calibration",
+    "per_call_selection": "library",
+}
 
 
-def per_call_selection(path: str) -> tuple[bool, str]:
-    """``(available, note)`` for the libnccl at ``path``."""
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        return False, f"could not inspect {path}: {e}"
-    found = [name for name in PER_CALL_SYMBOLS if hasattr(lib, name)]
-    if not found:
-        return False, (
-            "this NCCL has no per-call algorithm selection (none up to 2.30.7); the policy "
-            "routes through a window-less twin communicator"
-        )
-    return True, (
-        f"this NCCL exports {', '.join(found)}, but symm_rs does not know its signature yet; "
-        "the policy routes through a window-less twin communicator"
-    )
-
-
-def _call(comm: Any, op: str, small: Any, big: Any) -> Callable[[], Any]:
-    """``op`` on ``comm`` with bf16 buffers of ``small`` elements per rank."""
-    if op == "all_gather":
-        return lambda: comm.all_gather_into_tensor(big, small)
-    if op == "all_reduce":
-        return lambda: comm.all_reduce(small)
-    return lambda: comm.reduce_scatter_tensor(small, big)
-
-
-def _time_us(calls: list[Any], reps: int, iters: int) -> list[float]:
-    import torch
-
-    out = []
-    for call in calls:
-        for _ in range(3):
-            call()
-        samples = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                call()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3 / iters)
-        out.append(statistics.median(samples))
-    return out
-
-
-def calibrate(
-    comm: Any,
-    sizes: Optional[Iterable[int]] = None,
-    margin: float = MARGIN,
-    reps: int = 5,
-    iters: int = 20,
-) -> PolicyTable:
-    """Measures this machine's table on ``comm`` (a Communicator with the policy on) and returns
-    it; every rank returns the same table. Collective. For each size (bytes per rank, default
-    1 KiB .. 256 MiB in steps of 8x) and collective, bf16 buffers inside
-    ``use_symmetric_memory(comm)`` are timed on the communicator (symmetric kernels) and on its
-    twin (regular algorithms); the times are agreed (maximum over ranks) through ``comm``. The
-    table in use is restored afterwards; pass the result to ``comm.set_policy_table`` or keep
-    its ``to_text()`` in ``SYMM_RS_POLICY_TABLE``.
-
-    Raises:
-        ValueError: ``comm`` has no policy (no twin to measure).
-    """
-    import torch
-
-    import symm_rs
-
-    policy = comm.policy
-    if policy is None:
-        raise ValueError("calibrate needs a Communicator created with policy=True")
-    sizes = sorted(set(sizes or [1024 * 8**k for k in range(7)]))
-    ws, device = comm.size, comm.device
-    keys, measured = [], []
-    try:
-        for nbytes in sizes:
-            n = max(1, nbytes // 2) + (nbytes // 2) % 2  # even: no staging
-            with symm_rs.use_symmetric_memory(comm):
-                small = torch.zeros(n, dtype=torch.bfloat16, device=device)
-                big = torch.zeros(n * ws, dtype=torch.bfloat16, device=device)
-            for op in OPS:
-                call = _call(comm, op, small, big)
-                times = []
-                for table in (PolicyTable.everything(), PolicyTable()):
-                    comm._native.set_route(table.entries())
-                    times += _time_us([call], reps, iters)
-                keys.append((op, nbytes))
-                measured.append(times)
-    finally:
-        comm._native.set_route(policy.table.entries())
-    agreed = torch.tensor(measured, dtype=torch.float64, device=device)
-    comm.all_reduce(agreed, op="max")
-    torch.cuda.synchronize()
-    rows = agreed.tolist()
-    return table_from_timings({k: (r[0], r[1]) for k, r in zip(keys, rows)}, margin)
+def __getattr__(name: str) -> Any:
+    return _moved.moved("symm_rs.policy", name, _MOVED, public=True)

@@ -46,40 +46,23 @@ from typing import Any, Optional
 import torch
 
 from symm_rs import _native
+from symm_rs.errors import SymmetricMemoryError
 from symm_rs.library import require_windows
 
 log = logging.getLogger("symm_rs")
 
 PoolId = tuple[int, int]
 
-_C: Any = torch._C
-_begin_thread = getattr(_C, "_cuda_beginAllocateCurrentThreadToPool", None)
-_end_route = getattr(_C, "_cuda_endAllocateToPool", None) or getattr(
-    _C, "_cuda_endAllocateCurrentStreamToPool", None
-)
-_release_route = getattr(_C, "_cuda_releasePool", None)
-
 
 def require_routing() -> None:
-    """Raises unless torch has a GPU and the routing functions symm_rs uses."""
+    """Raises unless torch has a GPU and the routing functions symm_rs uses (the native
+    context's, looked up once in Rust: ``_native.routing_functions``)."""
     if not torch.cuda.is_available():
-        raise _native.SymmetricMemoryError(
+        raise SymmetricMemoryError(
             "symmetric memory needs a CUDA GPU, and torch sees none; "
             "pass disabled=True to run this code path without one"
         )
-    missing = [
-        name
-        for name, fn in (
-            ("_cuda_beginAllocateCurrentThreadToPool", _begin_thread),
-            ("_cuda_endAllocateToPool", _end_route),
-            ("_cuda_releasePool", _release_route),
-        )
-        if fn is None
-    ]
-    if missing:
-        raise _native.SymmetricMemoryError(
-            f"torch {torch.__version__} lacks {', '.join(missing)}; symm_rs needs torch >= 2.8"
-        )
+    _native.routing_functions()
 
 
 @dataclass
@@ -236,32 +219,34 @@ class Route:
 
     @classmethod
     def begin(cls, device: int, pool: Any, pause: Optional[PoolId] = None) -> Route:
+        begin_thread, end_route, _ = _native.routing_functions()
         # Counted before it begins: no pool may be destroyed while a route is open.
         _native.route_opened()
         try:
             if pause is not None:
                 try:
-                    _end_route(device, pause)
+                    end_route(device, pause)
                 except RuntimeError as e:
-                    raise _native.SymmetricMemoryError(
+                    raise SymmetricMemoryError(
                         f"the CUDA-graph capture in progress does not allocate from graph pool "
                         f"{pause} ({e}); pass the pool the capture uses (torch.cuda.graph(g, "
                         "pool=p) and symm_rs.set_graph_pool(p))"
                     ) from None
-            _begin_thread(device, pool.id)
+            begin_thread(device, pool.id)
         except BaseException:
             _native.route_closed()
             raise
         return cls(device, pool, pause)
 
     def end(self) -> None:
+        begin_thread, end_route, release_route = _native.routing_functions()
         try:
-            _end_route(self.device, self.pool.id)
-            _release_route(self.device, self.pool.id)
+            end_route(self.device, self.pool.id)
+            release_route(self.device, self.pool.id)
             if self.paused is not None:
-                _begin_thread(self.device, self.paused)
+                begin_thread(self.device, self.paused)
                 # begin counted one more use of the graph's pool; its graph holds the real one.
-                _release_route(self.device, self.paused)
+                release_route(self.device, self.paused)
         finally:
             _native.route_closed()
 
@@ -298,7 +283,7 @@ def _require_no_live_tensors(pools: list[Any]) -> None:
         if block.get("state") == "active_allocated"
     ]
     if alive:
-        raise _native.SymmetricMemoryError(
+        raise SymmetricMemoryError(
             f"{len(alive)} tensor(s) allocated from symm_rs's pools are still alive "
             f"({sum(int(b['size']) for b in alive)} bytes); drop them (and any CUDA graph "
             "captured with them) first"
@@ -311,7 +296,7 @@ def _no_routes_open(what: str) -> Iterator[None]:
     torch aborts the process (an internal assert) when a pool is destroyed while any thread
     routes allocations."""
     if not _native.begin_pool_drop():
-        raise _native.SymmetricMemoryError(
+        raise SymmetricMemoryError(
             f"{what} while {_native.open_routes()} use_symmetric_memory route(s) are open (on "
             "this or another thread): torch would abort the process. Call it when no context "
             "is active"
@@ -403,7 +388,7 @@ def pool_id(pool: Any) -> PoolId:
 
 
 @contextlib.contextmanager
-def _allocating_for(peer_set: int, lane: int) -> Iterator[None]:
+def allocating_for(peer_set: int, lane: int) -> Iterator[None]:
     """The segments this thread allocates meanwhile are tagged with ``peer_set`` and
     ``lane``."""
     previous = _native.allocate_for(peer_set, lane)
@@ -427,7 +412,7 @@ def grow(device: int, pool: Any, nbytes: int, small_bytes: int, peer_set: int = 
     (requests under 1 MiB come from 2 MiB segments), leaving them cached on the current
     stream."""
     on = torch.device("cuda", device)
-    with _allocating_for(peer_set, lane_of(pool)):
+    with allocating_for(peer_set, lane_of(pool)):
         route = Route.begin(device, pool)
         try:
             big = torch.empty(nbytes, dtype=torch.uint8, device=on) if nbytes else None

@@ -16,7 +16,8 @@ import zlib
 from collections.abc import Sequence
 from typing import Optional
 
-from symm_rs import _native, agreement, capability
+from symm_rs import _native, agreement, capability, watchdog
+from symm_rs.errors import AgreementError, NcclVersionWarning
 from symm_rs.groups import Group
 from symm_rs.library import known_nccl_issues, library_info
 from symm_rs.pool import frees
@@ -28,10 +29,6 @@ _FREES, _COUNT, _BYTES, _CRC, _HAS_TOPOLOGY = range(5)
 _TOPOLOGY = slice(5, 5 + capability.TOPOLOGY_INTS)
 _SIZES = 5 + capability.TOPOLOGY_INTS
 _SIZES_SHOWN = 13
-
-
-class NcclVersionWarning(UserWarning):
-    """The NCCL in use has a known defect that affects symmetric memory (once per process)."""
 
 
 _warned_versions = False
@@ -59,7 +56,7 @@ def require_same_segments(group: Group, rows: list[list[int]]) -> None:
         for rank, row in enumerate(rows):
             by_count.setdefault(row[_FREES], []).append(rank)
         detail = "; ".join(f"rank(s) {r}: {n} time(s)" for n, r in by_count.items())
-        raise agreement.AgreementError(
+        raise AgreementError(
             f"ranks of {group.name} freed symm_rs's pools (destroy_pool, release_graph_pool) a "
             f"different number of times ({detail}), so their windows no longer line up. Those "
             "calls free windows of every group: make them on every rank alike"
@@ -70,7 +67,7 @@ def require_same_segments(group: Group, rows: list[list[int]]) -> None:
     for rank, row in enumerate(rows):
         groups.setdefault(_describe(row), []).append(rank)
     detail = "; ".join(f"rank(s) {ranks}: {what}" for what, ranks in groups.items())
-    raise agreement.AgreementError(
+    raise AgreementError(
         f"ranks of {group.name} disagree on the segments to register, which would hang every "
         f"rank inside ncclCommWindowRegister: {detail}. Every rank must allocate the same "
         "sizes in the same order inside use_symmetric_memory (reserve() up front avoids growth "
@@ -83,7 +80,7 @@ def _warn_known_issues() -> None:
     if _warned_versions:
         return
     _warned_versions = True
-    for issue in known_nccl_issues(tuple(library_info()["version"])):
+    for issue in known_nccl_issues(library_info().version):
         warnings.warn(issue, NcclVersionWarning, stacklevel=5)
 
 
@@ -119,8 +116,6 @@ def register(group: Group, lane: int, verify: bool = True, timeout: Optional[flo
             _native.make_plain(group.comm)
             return 0
         _warn_known_issues()
-        from symm_rs import watchdog
-
         watchdog.watch(group)
         made, null_window = plan.register()
     finally:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from symm_rs import _native, env
+from symm_rs import _native, agreement, env
 from symm_rs.groups import Group, on_forget
 
 log = logging.getLogger("symm_rs")
@@ -80,6 +80,9 @@ def broken_by_this_rank(group: Group) -> None:
             watched.reported = True
 
 
+agreement.on_break(broken_by_this_rank)
+
+
 def _forget(comm: int) -> None:
     with _lock:
         _watched.pop(comm, None)
@@ -113,12 +116,6 @@ def look_once() -> None:
     _check_broken()
 
 
-def _timeout() -> float:
-    from symm_rs.agreement import default_timeout  # agreement imports this module
-
-    return default_timeout()
-
-
 def _abort_on_failure() -> bool:
     try:
         return env.read_choice(env.ON_FAILURE, env.ON_FAILURE_CHOICES) == "abort"
@@ -144,7 +141,7 @@ def _abort(name: str, abort: Optional[Callable[[], None]]) -> None:
 
 
 def _check_stuck() -> None:
-    limit = _timeout()
+    limit = agreement.default_timeout()
     for comm, _peers, sizes, seconds, entered, thread in _native.registrations_in_progress():
         if seconds < limit or (comm, thread) in _reported_stuck:
             continue

@@ -92,17 +92,40 @@ pub enum ReduceOp {
 }
 
 impl ReduceOp {
+    /// Every reduction by its name: the one table `parse` reads and Python sees
+    /// (`_native.REDUCE_OPS`).
+    pub const ALL: [(&'static str, Self); 5] = [
+        ("sum", Self::Sum),
+        ("prod", Self::Prod),
+        ("max", Self::Max),
+        ("min", Self::Min),
+        ("avg", Self::Avg),
+    ];
+    /// Other spellings `parse` takes (torch's `ReduceOp` says `product`; numpy says `mean`).
+    const ALIASES: [(&'static str, Self); 2] = [("product", Self::Prod), ("mean", Self::Avg)];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, op)| *op == self)
+            .map_or("?", |(name, _)| name)
+    }
+
+    /// From a name in `ALL` or an alias, ignoring case.
     pub fn parse(name: &str) -> Result<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "sum" => Ok(Self::Sum),
-            "prod" | "product" => Ok(Self::Prod),
-            "max" => Ok(Self::Max),
-            "min" => Ok(Self::Min),
-            "avg" | "mean" => Ok(Self::Avg),
-            other => Err(Error::invalid_argument(format!(
-                "op must be one of 'sum', 'prod', 'max', 'min', 'avg'; got {other:?}"
-            ))),
-        }
+        let wanted = name.to_ascii_lowercase();
+        Self::ALL
+            .iter()
+            .chain(&Self::ALIASES)
+            .find(|(known, _)| *known == wanted)
+            .map(|(_, op)| *op)
+            .ok_or_else(|| {
+                let names: Vec<String> = Self::ALL.iter().map(|(n, _)| format!("'{n}'")).collect();
+                Error::invalid_argument(format!(
+                    "op must be one of {}; got {wanted:?}",
+                    names.join(", ")
+                ))
+            })
     }
 }
 
@@ -118,11 +141,56 @@ pub enum CollectiveKind {
 }
 
 impl CollectiveKind {
+    /// Every collective, once (the reductions are placeholders): the one list of names that
+    /// parsing, the policy table and Python (`_native.COLLECTIVES`) read. Adding a collective
+    /// is a variant here and an arm in each `match` below and in `nccl::api`.
+    pub const ALL: [Self; 3] = [
+        Self::AllGather,
+        Self::AllReduce(ReduceOp::Sum),
+        Self::ReduceScatter(ReduceOp::Sum),
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::AllGather => "all_gather",
             Self::AllReduce(_) => "all_reduce",
             Self::ReduceScatter(_) => "reduce_scatter",
+        }
+    }
+
+    /// Position in `ALL`, whatever the reduction: tables per collective index by it.
+    pub fn index(self) -> usize {
+        match self {
+            Self::AllGather => 0,
+            Self::AllReduce(_) => 1,
+            Self::ReduceScatter(_) => 2,
+        }
+    }
+
+    /// The collective called `name`, with a placeholder reduction.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
+    /// The names in `ALL`, quoted and joined, for messages.
+    pub fn names_quoted() -> String {
+        let names: Vec<String> = Self::ALL
+            .iter()
+            .map(|k| format!("'{}'", k.name()))
+            .collect();
+        names.join(", ")
+    }
+
+    /// `name` with its reduction `op` (read only by the collectives that reduce).
+    pub fn parse(name: &str, op: &str) -> Result<Self> {
+        match Self::named(name) {
+            Some(Self::AllReduce(_)) => Ok(Self::AllReduce(ReduceOp::parse(op)?)),
+            Some(Self::ReduceScatter(_)) => Ok(Self::ReduceScatter(ReduceOp::parse(op)?)),
+            Some(kind) => Ok(kind),
+            None => Err(Error::invalid_argument(format!(
+                "kind must be one of {}; got {name:?}",
+                Self::names_quoted()
+            ))),
         }
     }
 
@@ -360,6 +428,28 @@ mod tests {
             Err(Error::InvalidType(_))
         ));
         assert!(DataType::from_torch_name("complex64").is_err());
+    }
+
+    #[test]
+    fn every_collective_parses_by_its_name_and_indexes_its_place() {
+        for (i, kind) in CollectiveKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i);
+            assert_eq!(CollectiveKind::parse(kind.name(), "sum").unwrap(), kind);
+        }
+        assert_eq!(
+            CollectiveKind::parse("reduce_scatter", "max").unwrap(),
+            CollectiveKind::ReduceScatter(ReduceOp::Max)
+        );
+        let err = CollectiveKind::parse("broadcast", "sum")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'all_gather'") && err.contains("broadcast"),
+            "{err}"
+        );
+        for (name, op) in ReduceOp::ALL {
+            assert_eq!(op.name(), name);
+        }
     }
 
     #[test]

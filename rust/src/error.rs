@@ -1,4 +1,4 @@
-//! The one error type of the crate. `python.rs` maps each variant to a Python exception once.
+//! The one error type of the crate. `python/errors.rs` maps each variant to a Python exception once.
 
 use std::path::PathBuf;
 

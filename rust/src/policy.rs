@@ -1,7 +1,8 @@
 //! The size policy's routing table: per collective, the byte ranges (bytes per rank) where
 //! NCCL's regular algorithms beat its symmetric kernels. A call in one of them goes to the
 //! communicator's window-less twin, where NCCL cannot pick a symmetric kernel. The Python
-//! layer parses, validates and documents tables (`symm_rs.policy`); this is the per-call lookup.
+//! layer parses, validates and documents tables (`symm_rs.policy`); this is the lookup, the one
+//! Python's `PolicyTable.use_twin` asks too (`_native.RouteTable`).
 
 use crate::collective::CollectiveKind;
 use crate::error::{Error, Result};
@@ -11,16 +12,8 @@ type Range = (usize, Option<usize>);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
-    /// Indexed by `slot`: all-gather, all-reduce, reduce-scatter.
-    ranges: [Vec<Range>; 3],
-}
-
-fn slot(kind: CollectiveKind) -> usize {
-    match kind {
-        CollectiveKind::AllGather => 0,
-        CollectiveKind::AllReduce(_) => 1,
-        CollectiveKind::ReduceScatter(_) => 2,
-    }
+    /// Indexed by `CollectiveKind::index`.
+    ranges: [Vec<Range>; CollectiveKind::ALL.len()],
 }
 
 impl RouteTable {
@@ -28,30 +21,25 @@ impl RouteTable {
     pub fn new(entries: &[(String, usize, Option<usize>)]) -> Result<Self> {
         let mut table = Self::default();
         for (name, low, high) in entries {
-            let index = match name.as_str() {
-                "all_gather" => 0,
-                "all_reduce" => 1,
-                "reduce_scatter" => 2,
-                other => {
-                    return Err(Error::invalid_argument(format!(
-                        "policy table: unknown collective {other:?} (all_gather, all_reduce, \
-                         reduce_scatter)"
-                    )))
-                }
+            let Some(kind) = CollectiveKind::named(name) else {
+                return Err(Error::invalid_argument(format!(
+                    "policy table: unknown collective {name:?} (one of {})",
+                    CollectiveKind::names_quoted()
+                )));
             };
             if matches!(high, Some(h) if h <= low) {
                 return Err(Error::invalid_argument(format!(
                     "policy table: {name} range [{low}, {high:?}) is empty"
                 )));
             }
-            table.ranges[index].push((*low, *high));
+            table.ranges[kind.index()].push((*low, *high));
         }
         Ok(table)
     }
 
     /// Whether a `kind` call of `bytes` per rank belongs on the twin.
     pub fn to_twin(&self, kind: CollectiveKind, bytes: usize) -> bool {
-        self.ranges[slot(kind)]
+        self.ranges[kind.index()]
             .iter()
             .any(|&(low, high)| bytes >= low && high.is_none_or(|h| bytes < h))
     }

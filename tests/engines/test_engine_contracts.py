@@ -550,9 +550,9 @@ with em.Engine("vllm", root) as engine:
     comm = pynccl.PyNcclCommunicator(group, device=0, library_path=stand_in)
     assert comm.available is False and not hasattr(comm, "comm")
     with pytest.raises(ValueError, match=r"is disabled .*2\\.29\\.7"):
-        symm_rs.resolve_comm(comm)
+        symm_rs.groups.resolve_comm(comm)
     with pytest.raises(ValueError, match="PyNcclCommunicator is disabled"):
-        symm_rs.resolve_comm(types.SimpleNamespace(pynccl_comm=comm))
+        symm_rs.groups.resolve_comm(types.SimpleNamespace(pynccl_comm=comm))
 print("DISABLED OK")
 """
 

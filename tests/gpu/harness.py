@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+# The suites and, beside the package, the repository's rank launcher (benches/symm_rs_bench).
+for _folder in (HERE, os.path.join(os.path.dirname(os.path.dirname(HERE)), "benches")):
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
 
 @dataclass
@@ -148,7 +150,7 @@ def _worker(
     import torch.distributed as dist
 
     import symm_rs
-    from symm_rs.launch import device_of, init_nccl, shared_gpu
+    from symm_rs_bench.launch import device_of, init_nccl, shared_gpu
 
     module = importlib.import_module(suite)
     setup = getattr(module, "setup_rank", None)
@@ -239,8 +241,8 @@ def _environment() -> dict[str, Any]:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "nccl_version": ".".join(map(str, info["version"])),
-        "nccl_library": info["path"],
+        "nccl_version": ".".join(map(str, info.version)),
+        "nccl_library": str(info.path),
         "python": platform.python_version(),
         "symm_rs": symm_rs.__version__,
         "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
@@ -276,7 +278,7 @@ def _exit_problem(outcome: Any) -> Optional[str]:
 def run(suite: str, world_size: int, only: list[str], timeout: float) -> dict[str, Any]:
     import tempfile
 
-    from symm_rs.launch import run_ranks_to_exit, shared_gpu
+    from symm_rs_bench.launch import run_ranks_to_exit, shared_gpu
 
     module = importlib.import_module(suite)
     started = time.time()
@@ -346,7 +348,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.shared_gpu:
-        from symm_rs.launch import SHARED_GPU_ENV
+        from symm_rs_bench.launch import SHARED_GPU_ENV
 
         os.environ[SHARED_GPU_ENV] = "1"  # inherited by the rank processes
         # NCCL 2.28 hands back windows between "hosts" though it runs no symmetric kernel

@@ -16,6 +16,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benches"))  # the repository's launcher (symm_rs_bench)
 EXAMPLES = ["examples/torchrun_all_gather.py", "examples/sglang_style_group.py"]
 
 
@@ -24,7 +25,7 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(ROOT, "tests", "gpu", "results"))
     args = parser.parse_args()
-    from symm_rs.launch import SHARED_GPU_ENV, shared_gpu
+    from symm_rs_bench.launch import SHARED_GPU_ENV, shared_gpu
 
     if shared_gpu():
         print(f"skipped: the examples need one GPU per rank ({SHARED_GPU_ENV} is set)")

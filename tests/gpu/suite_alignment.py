@@ -36,7 +36,7 @@ def _run(ctx: Ctx, path: str, comm: Any, count: int) -> dict[str, Any]:
         }
     layout = "symmetric"
     try:
-        symm_rs.check_layout(list(b.values()), owner)
+        symm_rs.checks.check_layout(list(b.values()), owner)
     except symm_rs.RegistrationError as e:
         layout = str(e)[:200]
     b["ag_in"].copy_(_pattern(count, ctx.rank, 0))

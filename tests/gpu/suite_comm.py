@@ -186,7 +186,7 @@ def case_buffers_are_symmetric_for_the_communicator(ctx: Ctx) -> None:
     with symm_rs.use_symmetric_memory(comm):
         t = torch.empty(1 << 20, dtype=torch.bfloat16, device=ctx.device)
     ctx.expect_window(t, comm, "a buffer of the Communicator's context")
-    assert comm.comm == symm_rs.resolve_comm(comm)
+    assert comm.comm == symm_rs.groups.resolve_comm(comm)
     assert comm.size == ctx.world_size and comm.rank == ctx.rank
 
 
@@ -420,11 +420,13 @@ def case_calibration_agrees_on_one_table(ctx: Ctx) -> None:
     use is restored."""
     with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device, policy=True) as c:
         before = c.policy.table
-        table = symm_rs.calibrate(c, sizes=[1 << 10, 1 << 16, 1 << 20, 16 << 20], reps=3, iters=10)
+        table = symm_rs.calibration.calibrate(
+            c, sizes=[1 << 10, 1 << 16, 1 << 20, 16 << 20], reps=3, iters=10
+        )
         texts: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(texts, table.to_text(), group=ctx.group)
         assert c.policy.table == before
         torch.cuda.synchronize()
     ctx.details.update(table=table.to_text(), default=before.to_text())
     assert len(set(texts)) == 1, texts
-    assert symm_rs.PolicyTable.parse(texts[0]) == table
+    assert symm_rs.policy.PolicyTable.parse(texts[0]) == table

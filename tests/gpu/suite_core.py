@@ -200,25 +200,23 @@ def case_two_groups_share_one_pool(ctx: Ctx) -> None:
         pass
     ctx.expect_window(b, ctx.group, "b")
     stats = symm_rs.stats()
-    comms = stats["communicators"]
-    first_comm = symm_rs.resolve_comm(ctx.group)
-    second_comm = symm_rs.resolve_comm(second)
+    comms = {c.comm: c for c in stats.communicators}
+    first_comm = symm_rs.groups.resolve_comm(ctx.group)
+    second_comm = symm_rs.groups.resolve_comm(second)
     for comm in (first_comm, second_comm):
         assert comm in comms, f"communicator {comm:#x} missing from stats"
-        assert comms[comm]["pending_segments"] == 0
+        assert comms[comm].pending_segments == 0
         # A communicator NCCL answered with NULL windows is plain: no window to count.
-        windows = 0 if comms[comm]["plain"] else stats["segments"]
-        assert comms[comm]["windows"] == windows, (comms[comm], stats["segments"])
+        windows = 0 if comms[comm].plain else stats.segments
+        assert comms[comm].windows == windows, (comms[comm], stats.segments)
     a.fill_(ctx.rank + 1)
     with symm_rs.use_symmetric_memory(second):
         out = torch.empty(n * ctx.world_size, dtype=torch.uint8, device=ctx.device)
     dist.all_gather_into_tensor(out, a, group=second)
     expected = torch.arange(1, ctx.world_size + 1, device=ctx.device, dtype=torch.uint8)
     assert torch.equal(out.view(ctx.world_size, n), expected[:, None].expand(-1, n))
-    ctx.details["segments"] = stats["segments"]
-    ctx.details["windows_per_comm"] = {
-        hex(c): comms[c]["windows"] for c in (first_comm, second_comm)
-    }
+    ctx.details["segments"] = stats.segments
+    ctx.details["windows_per_comm"] = {hex(c): comms[c].windows for c in (first_comm, second_comm)}
 
 
 def case_block_freed_by_one_group_is_registered_by_the_next(ctx: Ctx) -> None:
@@ -261,7 +259,7 @@ def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx
             ctx.expect_window(b, group, f"{name} buffer (for {name})")
             dist.all_reduce(b, group=group)
         kept += bufs
-    world_comm = symm_rs.resolve_comm(ctx.group)
+    world_comm = symm_rs.groups.resolve_comm(ctx.group)
     with symm_rs.use_symmetric_memory(ctx.group):
         world_buf = torch.full((3 << 20,), ctx.rank + 1, dtype=torch.int32, device=ctx.device)
         # A TP context nested inside the world's allocates from the TP pool, not the world's.
@@ -270,7 +268,7 @@ def case_subgroups_that_grow_differently_never_split_the_worlds_registration(ctx
     dist.all_reduce(world_buf, group=ctx.group)
     dist.all_reduce(nested, group=tp)
     torch.cuda.synchronize()
-    stats = symm_rs.stats()["communicators"]
+    stats = symm_rs.stats().as_dict()["communicators"]
     ctx.details.update(
         world_windows=stats[world_comm]["windows"],
         world_pending=stats[world_comm]["pending_segments"],
@@ -302,16 +300,16 @@ def case_destroying_the_pool_deregisters_every_window(ctx: Ctx) -> None:
     torch.cuda.synchronize()
     before = symm_rs.stats()
     refused = ctx.shared_gpu and ctx.nccl_refused(ctx.group)
-    assert before["windows_registered"] > 0 or refused
+    assert before.windows_registered > 0 or refused
     freed = symm_rs.destroy_pool()
     after = symm_rs.stats()
     ctx.details["freed_segments"] = freed
     ctx.details["before"] = before.as_dict()
     ctx.details["after"] = after.as_dict()
-    assert freed == before["segments"] > 0
-    assert after["segments"] == 0 and after["bytes"] == 0
-    assert after["windows_deregistered"] == after["windows_registered"]
-    assert after["deregistration_failures"] == 0 and after["free_failures"] == 0
+    assert freed == before.segments > 0
+    assert after.segments == 0 and after.bytes == 0
+    assert after.windows_deregistered == after.windows_registered
+    assert after.deregistration_failures == 0 and after.free_failures == 0
     # A new pool starts on the next use, and works.
     with symm_rs.use_symmetric_memory(ctx.group):
         z = torch.full((1024,), ctx.rank, dtype=torch.float32, device=ctx.device)

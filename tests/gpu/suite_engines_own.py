@@ -96,7 +96,7 @@ def _symmetric_lines() -> int:
 def loaded_nccl() -> tuple[int, ...]:
     """The version of the libnccl in this process (a preloaded one included), not the one
     torch was built with."""
-    return tuple(symm_rs.library_info()["version"])
+    return tuple(symm_rs.library_info().version)
 
 
 # -- loading the engines --------------------------------------------------------------------
@@ -391,7 +391,7 @@ def _vllm_setup(ctx: Ctx) -> Optional[tuple[types.SimpleNamespace, Any]]:
     ctx.details["nccl_loaded"] = ".".join(map(str, loaded_nccl()))
     if not getattr(comm, "available", False):
         try:
-            symm_rs.resolve_comm(comm)
+            symm_rs.groups.resolve_comm(comm)
         except ValueError as e:
             ctx.details["symm_rs_says"] = str(e)
         ctx.details["skipped"] = (

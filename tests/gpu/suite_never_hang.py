@@ -436,9 +436,11 @@ def case_a_null_window_makes_every_rank_use_plain_memory(ctx: Ctx) -> None:
     resolved = symm_rs.groups.resolve(group)
     plain = bool(symm_rs._native.is_plain(resolved.comm))
     kinds = {w.category.__name__ for w in caught}
-    ctx.details.update(plain=plain, warnings=sorted(kinds), nccl=symm_rs.nccl_version())
+    ctx.details.update(plain=plain, warnings=sorted(kinds), nccl=symm_rs.library_info().version)
     if plain:
-        assert sum(w.category is symm_rs.NoSymmetricKernelsWarning for w in caught) == 1, kinds
+        assert sum(w.category is symm_rs.errors.NoSymmetricKernelsWarning for w in caught) == 1, (
+            kinds
+        )
         assert not symm_rs.symmetric_kernels(group)
     else:
         with symm_rs.use_symmetric_memory(group):

@@ -32,7 +32,7 @@ def _new_segment_bytes(ctx: Ctx) -> int:
     makes a new segment, alike on every rank: the pool's free bytes plus 2 MiB, at least
     10 MiB (torch's smallest request with a segment of its own size), in whole 2 MiB."""
     group = symm_rs.groups.resolve(ctx.group)
-    pool = symm_rs.shared_pool(group.device, group.peer_set)
+    pool = symm_rs.pool.shared_pool(group.device, group.peer_set)
     free = sum(int(s["total_size"]) - int(s["allocated_size"]) for s in pool.snapshot())
     size = max(free + (2 << 20), 10 << 20)
     return -(-size // (2 << 20)) * (2 << 20)
@@ -53,7 +53,7 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
             warm = [torch.empty(N, dtype=torch.bfloat16, device=on) for _ in range(2)]
             warm.append(torch.empty(N * ws, dtype=torch.bfloat16, device=on))
         del warm
-        segments_before = symm_rs.stats()["segments_tracked"]
+        segments_before = symm_rs.stats().segments_tracked
         g = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side), torch.cuda.graph(g, pool=pool, stream=side):
             with symm_rs.use_symmetric_memory(ctx.group):
@@ -65,7 +65,7 @@ def case_graph_capture_and_1000_replays_are_exact(ctx: Ctx) -> None:
             dist.all_gather_into_tensor(ag_out, ag_in, group=ctx.group)
             dist.all_reduce(ar, group=ctx.group)
     torch.cuda.current_stream().wait_stream(side)
-    assert symm_rs.stats()["segments_tracked"] == segments_before, "capture grew the pool"
+    assert symm_rs.stats().segments_tracked == segments_before, "capture grew the pool"
     for name, t in (("ag_in", ag_in), ("ag_out", ag_out), ("ar", ar)):
         ctx.expect_window(t, ctx.group, f"captured {name}")
     base = torch.arange(N, device=on, dtype=torch.float32) % 13
@@ -97,7 +97,7 @@ def case_capture_that_needs_a_new_segment_defers_registration(ctx: Ctx) -> None:
         fresh.fill_(ctx.rank + 1)
         dist.all_reduce(fresh, group=ctx.group)
     torch.cuda.current_stream().wait_stream(side)
-    deferred = symm_rs.stats()["deferred_registrations"]
+    deferred = symm_rs.stats().deferred_registrations
     registered_during_capture = symm_rs.is_registered(fresh, ctx.group)
     with symm_rs.use_symmetric_memory(ctx.group):
         pass  # the first exit outside a capture registers what the capture postponed
@@ -105,7 +105,7 @@ def case_capture_that_needs_a_new_segment_defers_registration(ctx: Ctx) -> None:
         deferred_after_capture=deferred,
         # Evidence only: the native list of postponed communicators is never emptied now
         # (take_deferred has no caller), so this stays at 1 after the registration.
-        deferred_after_exit=symm_rs.stats()["deferred_registrations"],
+        deferred_after_exit=symm_rs.stats().deferred_registrations,
         symmetric_during=registered_during_capture,
         symmetric_after=ctx.in_window(fresh, ctx.group),
     )
@@ -135,7 +135,7 @@ def case_out_of_memory_raises_torch_error_and_recovers(ctx: Ctx) -> None:
     dist.all_reduce(after, group=ctx.group)
     torch.cuda.synchronize()
     assert bool((after == ctx.world_size).all())
-    assert symm_rs.stats()["alloc_failures"] >= 1
+    assert symm_rs.stats().alloc_failures >= 1
 
 
 def case_verification_runs_on_every_exit_that_registers(ctx: Ctx) -> None:
@@ -185,8 +185,8 @@ def case_verification_runs_on_every_exit_that_registers(ctx: Ctx) -> None:
 def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
     made = symm_rs.reserve(512 << 20, ctx.group)
     stats = symm_rs.stats()
-    tracked = stats["segments_tracked"]
-    registered = stats["windows_registered"]
+    tracked = stats.segments_tracked
+    registered = stats.windows_registered
     live = []
     for step in range(50):
         with symm_rs.use_symmetric_memory(ctx.group):
@@ -195,11 +195,11 @@ def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
         if len(live) > 12:
             live = live[4:]
     after = symm_rs.stats()
-    usage = symm_rs.pool_usage()
+    usage = symm_rs.pool.pool_usage()
     ctx.details.update(new_segments=made, **usage)
     assert made >= 1
-    assert after["segments_tracked"] == tracked, "steady state called ncclMemAlloc"
-    assert after["windows_registered"] == registered, "steady state registered again"
+    assert after.segments_tracked == tracked, "steady state called ncclMemAlloc"
+    assert after.windows_registered == registered, "steady state registered again"
     assert 0 < usage["in_use_bytes"] <= usage["pool_bytes"]
     assert all(ctx.in_window(t, ctx.group) for t in live)
 
@@ -207,13 +207,13 @@ def case_reservation_makes_steady_state_allocation_free(ctx: Ctx) -> None:
 def case_silent_fallback_is_reported(ctx: Ctx) -> None:
     with symm_rs.Communicator.from_process_group(ctx.group, device=ctx.device) as comm:
         plain = torch.ones(1024, device=ctx.device)
-        previous = symm_rs.set_window_check("warn")
+        previous = symm_rs.comm.set_window_check("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 for _ in range(3):
                     comm.all_reduce(plain)  # one call site: one warning
-            symm_rs.set_window_check("raise")
+            symm_rs.comm.set_window_check("raise")
             try:
                 comm.all_reduce(plain)
                 raised = ""
@@ -231,11 +231,11 @@ def case_silent_fallback_is_reported(ctx: Ctx) -> None:
             else:
                 comm.all_reduce(inside)  # registered: no error even in raise mode
         finally:
-            symm_rs.set_window_check(previous)
+            symm_rs.comm.set_window_check(previous)
         torch.cuda.synchronize()
     kinds = [w.category for w in caught]
     ctx.details.update(warnings=len(kinds), raised=raised)
-    assert kinds == [symm_rs.NotSymmetricWarning], kinds
+    assert kinds == [symm_rs.errors.NotSymmetricWarning], kinds
     assert raised
     if refused:
         ctx.details["refused_error"] = refused_error
@@ -425,20 +425,20 @@ def case_destroyed_groups_are_never_passed_to_nccl_again(ctx: Ctx) -> None:
         dist.all_reduce(t, group=group)
         torch.cuda.synchronize()
         assert bool((t == (cycle + 1) * ctx.world_size).all())
-        comm = symm_rs.resolve_comm(group)
+        comm = symm_rs.groups.resolve_comm(group)
         before = symm_rs.stats()
         dist.destroy_process_group(group)  # symm_rs releases first (local deregistration)
         after = symm_rs.stats()
-        listed = comm in after["communicators"]
+        listed = comm in {c.comm for c in after.communicators}
         cycles.append(
             {
                 "comm": hex(comm),
-                "released_windows": after["windows_deregistered"] - before["windows_deregistered"],
+                "released_windows": after.windows_deregistered - before.windows_deregistered,
                 "still_listed": listed,
             }
         )
         assert not listed, "a destroyed communicator is still in the table"
-        assert after["windows_deregistered"] > before["windows_deregistered"]
+        assert after.windows_deregistered > before.windows_deregistered
         # Its windows are gone: no later free may deregister on the destroyed communicator,
         # and a new communicator at the same address starts with none. (Asked of the table
         # directly: asking NCCL about a destroyed communicator would read freed memory.)
@@ -450,7 +450,7 @@ def case_destroyed_groups_are_never_passed_to_nccl_again(ctx: Ctx) -> None:
     freed = symm_rs.destroy_pool()
     stats = symm_rs.stats()
     ctx.details["freed"] = freed
-    assert stats["deregistration_failures"] == 0 and stats["free_failures"] == 0
+    assert stats.deregistration_failures == 0 and stats.free_failures == 0
 
 
 def case_concurrent_contexts_from_threads(ctx: Ctx) -> None:
@@ -489,7 +489,7 @@ def case_concurrent_contexts_from_threads(ctx: Ctx) -> None:
     for i in range(2):
         assert bool((out[i] == (i + 1) * ctx.world_size).all())
     ctx.details["registered_per_comm"] = {
-        hex(c): v["windows"] for c, v in symm_rs.stats()["communicators"].items()
+        hex(c): v["windows"] for c, v in symm_rs.stats().as_dict()["communicators"].items()
     }
 
 
@@ -582,5 +582,5 @@ def case_producers_racing_symmetric_collectives_give_exact_results(ctx: Ctx) -> 
         torch.cuda.synchronize()
         wrong[name] = int(count.item())
         del graph
-    ctx.details.update(wrong_of_400=wrong, nccl=".".join(map(str, symm_rs.nccl_version())))
+    ctx.details.update(wrong_of_400=wrong, nccl=".".join(map(str, symm_rs.library_info().version)))
     assert not any(wrong.values()), wrong

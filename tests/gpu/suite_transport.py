@@ -48,7 +48,7 @@ def case_verdict_registration_and_exact_results(ctx: Ctx) -> None:
     ws = ctx.world_size
     verdict = symm_rs.symmetric_kernels(ctx.group)
     _seen["supported"] = verdict.supported
-    before = symm_rs.stats()["windows_registered"]
+    before = symm_rs.stats().windows_registered
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):  # the second context must not warn again
@@ -62,8 +62,8 @@ def case_verdict_registration_and_exact_results(ctx: Ctx) -> None:
             dist.all_reduce(ar, group=ctx.group)
             dist.reduce_scatter_tensor(rs_out, rs_in, group=ctx.group)
     torch.cuda.synchronize()
-    warned = [w for w in caught if issubclass(w.category, symm_rs.NoSymmetricKernelsWarning)]
-    registered = symm_rs.stats()["windows_registered"] - before
+    warned = [w for w in caught if issubclass(w.category, symm_rs.errors.NoSymmetricKernelsWarning)]
+    registered = symm_rs.stats().windows_registered - before
     total = sum(range(1, ws + 1))
     expected_ag = torch.arange(1, ws + 1, device=ctx.device).float().repeat_interleave(1 << 16)
     exact = (

@@ -20,6 +20,9 @@ import traceback
 import types
 from typing import Any, Callable
 
+# The exceptions the core raises are symm_rs.errors' (pure Python: no torch, no native module).
+from symm_rs import errors
+
 from native_loader import load_native, native_path
 
 _native = load_native()
@@ -133,8 +136,19 @@ def scenario(fn: Callable[..., None]) -> Callable[..., None]:
     return fn
 
 
-def stats() -> dict[str, Any]:
-    return _native.stats().as_dict()
+def stats() -> Any:
+    return _native.stats()
+
+
+def comm_of(s: Any, comm: int) -> Any:
+    """The ``CommStats`` of ``comm`` in ``s`` (a ``Stats``), or ``None``."""
+    return next((c for c in s.communicators if c.comm == comm), None)
+
+
+def load_nccl(wheels: list[str]) -> Any:
+    """``_native.load_nccl`` as ``symm_rs.library`` calls it: the Rust core reads no variable,
+    so the stand-in's path (``SYMM_RS_NCCL_LIBRARY``) is passed along."""
+    return _native.load_nccl(wheels, os.environ.get("SYMM_RS_NCCL_LIBRARY"))
 
 
 def expect_clean(si: StandIn) -> None:
@@ -144,9 +158,9 @@ def expect_clean(si: StandIn) -> None:
     check(c["live_windows"] == 0, f"windows left registered: {c}")
     check(c["deregisters"] == c["registers"], f"registers != deregisters: {c}")
     check(c["frees"] == c["allocs"], f"allocs != frees: {c}")
-    check(s["segments"] == 0 and s["bytes"] == 0, f"segments left in the table: {s}")
-    check(s["segments_tracked"] == s["segments_freed"] == c["allocs"], f"{s} vs {c}")
-    check(s["windows_registered"] == s["windows_deregistered"] == c["registers"], f"{s} vs {c}")
+    check(s.segments == 0 and s.bytes == 0, f"segments left in the table: {s}")
+    check(s.segments_tracked == s.segments_freed == c["allocs"], f"{s} vs {c}")
+    check(s.windows_registered == s.windows_deregistered == c["registers"], f"{s} vs {c}")
     for key in ("deregistration_failures", "alloc_failures", "free_failures", "leaked_segments"):
         check(s[key] == 0, f"stats[{key!r}] = {s[key]}")
 
@@ -157,17 +171,16 @@ def expect_clean(si: StandIn) -> None:
 @scenario
 def load_stand_in() -> None:
     si = StandIn()
-    check(_native.LIBRARY_ENV == "SYMM_RS_NCCL_LIBRARY", repr(_native.LIBRARY_ENV))
-    info = dict(_native.load_nccl([]))
-    check(info["origin"] == "SYMM_RS_NCCL_LIBRARY", f"origin: {info}")
-    check(os.path.realpath(info["path"]) == os.path.realpath(si.path), f"path: {info}")
-    check(tuple(info["version"]) == (2, 28, 9), f"version: {info}")
-    check(info["version_code"] == 22809, f"version_code: {info}")
-    check(info["windows_supported"] is True, f"windows: {info}")
-    check(info["windows_problem"] is None, f"windows_problem: {info}")
-    check(list(info["notes"]) == [], f"notes: {info}")
+    info = load_nccl([])
+    check(info.origin == "SYMM_RS_NCCL_LIBRARY", f"origin: {info}")
+    check(os.path.realpath(info.path) == os.path.realpath(si.path), f"path: {info}")
+    check(tuple(info.version) == (2, 28, 9), f"version: {info}")
+    check(info.version_code == 22809, f"version_code: {info}")
+    check(info.windows_supported is True, f"windows: {info}")
+    check(info.windows_problem is None, f"windows_problem: {info}")
+    check(list(info.notes) == [], f"notes: {info}")
     # A second load returns the same library, whatever the candidates.
-    again = dict(_native.load_nccl(["/nonexistent/libnccl.so.2"]))
+    again = load_nccl(["/nonexistent/libnccl.so.2"])
     check(again == info, f"second load differs: {again} vs {info}")
     abi = Plugs().lib.symm_rs_abi_version().decode()
     check(abi == _native.__version__, f"symm_rs_abi_version {abi} != {_native.__version__}")
@@ -177,11 +190,11 @@ def load_stand_in() -> None:
 def load_too_old() -> None:
     si = StandIn()
     si.set("version", 22600)  # read by symm_rs when it loads the library, so set it first
-    info = dict(_native.load_nccl([]))
-    check(tuple(info["version"]) == (2, 26, 0), f"version: {info}")
-    check(info["windows_supported"] is False, f"windows: {info}")
-    contains_all(info["windows_problem"], si.path, "2.26.0", "2.27.3")
-    message = raises(_native.NcclLibraryError, _native.register_pending, 1)
+    info = load_nccl([])
+    check(tuple(info.version) == (2, 26, 0), f"version: {info}")
+    check(info.windows_supported is False, f"windows: {info}")
+    contains_all(info.windows_problem, si.path, "2.26.0", "2.27.3")
+    message = raises(errors.NcclLibraryError, _native.register_pending, 1)
     contains_all(message, si.path, "2.26.0", "2.27.3", "ncclCommWindowRegister")
     check(si.get("registers") == 0, "registered on a library too old for windows")
     # The pool itself (ncclMemAlloc, 2.19+) still works without windows.
@@ -194,11 +207,11 @@ def load_too_old() -> None:
 @scenario
 def load_no_windows() -> None:
     si = StandIn()
-    info = dict(_native.load_nccl([]))
-    check(tuple(info["version"]) == (2, 28, 9), f"version: {info}")
-    check(info["windows_supported"] is False, f"windows: {info}")
-    contains_all(info["windows_problem"], si.path, "ncclCommWindowRegister")
-    message = raises(_native.NcclLibraryError, _native.register_pending, COMM_A)
+    info = load_nccl([])
+    check(tuple(info.version) == (2, 28, 9), f"version: {info}")
+    check(info.windows_supported is False, f"windows: {info}")
+    contains_all(info.windows_problem, si.path, "ncclCommWindowRegister")
+    message = raises(errors.NcclLibraryError, _native.register_pending, COMM_A)
     contains_all(message, si.path, "ncclCommWindowRegister")
     plugs = Plugs()
     ptr = plugs.alloc_ok(8 * KIB)
@@ -206,40 +219,40 @@ def load_no_windows() -> None:
     plugs.free(ptr, 8 * KIB)
     check(_native.take_last_error() is None, "a plug failed")
     check(si.get("frees") == 1, "the segment was not freed")
-    check(stats()["segments"] == 0, f"{stats()}")
+    check(stats().segments == 0, f"{stats()}")
 
 
 @scenario
 def load_missing() -> None:
     path = os.environ["SYMM_RS_NCCL_LIBRARY"]
-    message = raises(_native.NcclLibraryError, _native.load_nccl, [])
+    message = raises(errors.NcclLibraryError, load_nccl, [])
     contains_all(message, path, "SYMM_RS_NCCL_LIBRARY", "pip install nvidia-nccl")
     # The plug loads lazily too: it must return NULL and keep the same explanation.
     check(Plugs().alloc(4096) == 0, "alloc without a library returned a pointer")
     contains_all(_native.take_last_error(), "symm_rs_alloc", path)
-    check(stats()["alloc_failures"] == 1, f"{stats()}")
+    check(stats().alloc_failures == 1, f"{stats()}")
     # Still failing, not cached as something else.
-    raises(_native.NcclLibraryError, _native.load_nccl, [])
+    raises(errors.NcclLibraryError, load_nccl, [])
 
 
 @scenario
 def load_missing_says_why() -> None:
     # dlopen's own reason (dlerror) is what tells a missing file from a missing dependency.
-    raises(_native.NcclLibraryError, _native.load_nccl, [])
-    message = raises(_native.NcclLibraryError, _native.load_nccl, [])
+    raises(errors.NcclLibraryError, load_nccl, [])
+    message = raises(errors.NcclLibraryError, load_nccl, [])
     contains_all(message, "No such file or directory")
 
 
 @scenario
 def load_not_nccl() -> None:
-    message = raises(_native.NcclLibraryError, _native.load_nccl, [])
+    message = raises(errors.NcclLibraryError, load_nccl, [])
     contains_all(message, "ncclGetVersion")
 
 
 @scenario
 def load_not_nccl_names_path() -> None:
     path = os.environ["SYMM_RS_NCCL_LIBRARY"]
-    message = raises(_native.NcclLibraryError, _native.load_nccl, [])
+    message = raises(errors.NcclLibraryError, load_nccl, [])
     contains_all(message, path)
 
 
@@ -247,16 +260,16 @@ def load_not_nccl_names_path() -> None:
 def load_real_wheel(path: str, version: str) -> None:
     check("SYMM_RS_NCCL_LIBRARY" not in os.environ, "the override must not be set here")
     expected = tuple(int(p) for p in version.split(".")[:3])
-    info = dict(_native.load_nccl([path]))
-    check(info["origin"] == "NVIDIA NCCL wheel", f"origin: {info}")
-    check(os.path.realpath(info["path"]) == os.path.realpath(path), f"path: {info} vs {path}")
-    check(tuple(info["version"]) == expected, f"version: {info} vs wheel {version}")
-    check(info["windows_supported"] is True, f"windows: {info}")
-    check(info["windows_problem"] is None, f"windows_problem: {info}")
-    probe = dict(_native.probe_nccl(path))
-    check(tuple(probe["version"]) == expected, f"probe version: {probe}")
-    check(os.path.realpath(probe["path"]) == os.path.realpath(path), f"probe path: {probe}")
-    check(probe["windows_supported"] is True, f"probe windows: {probe}")
+    info = load_nccl([path])
+    check(info.origin == "NVIDIA NCCL wheel", f"origin: {info}")
+    check(os.path.realpath(info.path) == os.path.realpath(path), f"path: {info} vs {path}")
+    check(tuple(info.version) == expected, f"version: {info} vs wheel {version}")
+    check(info.windows_supported is True, f"windows: {info}")
+    check(info.windows_problem is None, f"windows_problem: {info}")
+    probe = _native.probe_nccl(path)
+    check(tuple(probe.version) == expected, f"probe version: {probe}")
+    check(os.path.realpath(probe.path) == os.path.realpath(path), f"probe path: {probe}")
+    check(probe.windows_supported is True, f"probe windows: {probe}")
     with open("/proc/self/maps") as maps:
         check(os.path.realpath(path) in maps.read(), "the wheel's libnccl is not mapped")
 
@@ -267,13 +280,13 @@ def load_real_wheel(path: str, version: str) -> None:
 @scenario
 def plugs_and_table() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     sizes = [32 * KIB, 8 * KIB, 16 * KIB]
     ptrs = [plugs.alloc_ok(size) for size in sizes]
     check(len(set(ptrs)) == 3, f"duplicate pointers {ptrs}")
     s = stats()
-    check(s["segments"] == 3 and s["bytes"] == sum(sizes), f"{s}")
+    check(s.segments == 3 and s.bytes == sum(sizes), f"{s}")
     listed = [_native.segment_of(p, 1) for p in ptrs]
     check(listed == [(p, size, 0) for p, size in zip(ptrs, sizes)], f"segments {listed}")
     check(list(_native.pending_sizes(COMM_A)) == sizes, "pending not in allocation order")
@@ -284,10 +297,10 @@ def plugs_and_table() -> None:
     check(si.get("registers") == 3, f"registered twice: {si.counters()}")
     check(list(_native.pending_sizes(COMM_A)) == [], "still pending after registration")
     s = stats()
-    a = s["communicators"][COMM_A]
-    check(a["windows"] == 3 and a["window_bytes"] == sum(sizes), f"{a}")
-    check(a["pending_segments"] == 0 and a["device"] == 0, f"{a}")
-    check(s["windows_registered"] == 3, f"{s}")
+    a = comm_of(s, COMM_A)
+    check(a.windows == 3 and a.window_bytes == sum(sizes), f"{a}")
+    check(a.pending_segments == 0 and a.device == 0, f"{a}")
+    check(s.windows_registered == 3, f"{s}")
 
     # Lookups: the whole range must lie inside one segment registered with that communicator.
     p, size = ptrs[0], sizes[0]
@@ -319,7 +332,7 @@ def plugs_and_table() -> None:
     # release_comm deregisters only that communicator's windows and forgets it.
     check(_native.release_comm(COMM_A) == 4, "release_comm count")
     check(si.get("live_windows") == 4 and si.get("deregisters") == 4, f"{si.counters()}")
-    check(COMM_A not in stats()["communicators"], "released communicator still listed")
+    check(comm_of(stats(), COMM_A) is None, "released communicator still listed")
     check(not _native.is_registered(ptrs[0], 1, COMM_A), "A's window survived release_comm")
     check(_native.is_registered(ptrs[0], 1, COMM_B), "B's window was released with A's")
     check(_native.release_comm(COMM_A) == 0, "second release_comm")
@@ -350,7 +363,7 @@ def plugs_and_table() -> None:
 @scenario
 def other_device_segments() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     # Without a CUDA driver the plug's device guard is a no-op; the device is still recorded.
     on_1 = plugs.alloc_ok(8 * KIB, device=1)
@@ -360,8 +373,8 @@ def other_device_segments() -> None:
     check(_native.register_pending(COMM_A) == 1, "the stand-in's communicators are on device 0")
     check(not _native.is_registered(on_1, 1, COMM_A), "device 1 segment registered on device 0")
     check(_native.is_registered(on_0, 1, COMM_A), "device 0 segment")
-    a = stats()["communicators"][COMM_A]
-    check(a["windows"] == 1 and a["pending_segments"] == 0, f"{a}")
+    a = comm_of(stats(), COMM_A)
+    check(a.windows == 1 and a.pending_segments == 0, f"{a}")
     plugs.free(on_1, 8 * KIB, device=1)
     plugs.free(on_0, 4 * KIB, device=0)
     expect_clean(si)
@@ -373,7 +386,7 @@ def other_device_segments() -> None:
 @scenario
 def alloc_failure() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     si.set("fail_alloc", 1)  # the stand-in then writes 0xdeadbeef into *ptr, like a real OOM
     ptr = plugs.alloc(64 * KIB)
@@ -382,7 +395,7 @@ def alloc_failure() -> None:
     contains_all(message, "symm_rs_alloc", "ncclMemAlloc", "ncclUnhandledCudaError")
     check(_native.take_last_error() is None, "take_last_error did not clear")
     s = stats()
-    check(s["alloc_failures"] == 1 and s["segments"] == 0, f"{s}")
+    check(s.alloc_failures == 1 and s.segments == 0, f"{s}")
     check(_native.segment_of(0xDEADBEEF, 1) is None, "the garbage pointer was tracked")
     check(si.get("allocs") == 0, f"{si.counters()}")
 
@@ -392,19 +405,19 @@ def alloc_failure() -> None:
     plugs.free(ptr, 64 * KIB)
     check(_native.take_last_error() is None, "a plug failed after recovery")
     s = stats()
-    check(s["alloc_failures"] == 1 and s["segments"] == 0, f"{s}")
+    check(s.alloc_failures == 1 and s.segments == 0, f"{s}")
     check(si.get("live_windows") == 0 and si.get("frees") == 1, f"{si.counters()}")
 
     # Size 0 is refused before NCCL is asked.
     check(plugs.alloc(0) == 0, "size 0 gave a pointer")
     contains_all(_native.take_last_error(), "size 0")
-    check(stats()["alloc_failures"] == 2 and si.get("allocs") == 1, f"{stats()}")
+    check(stats().alloc_failures == 2 and si.get("allocs") == 1, f"{stats()}")
 
 
 @scenario
 def alloc_failure_detail() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     si.set("fail_alloc", 1)
     check(Plugs().alloc(64 * KIB) == 0, "failed alloc gave a pointer")
     # NCCL's own explanation (ncclGetLastError) is what says it was an out-of-memory.
@@ -414,29 +427,29 @@ def alloc_failure_detail() -> None:
 @scenario
 def null_alloc() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     si.set("null_alloc", 1)
     check(plugs.alloc(4 * KIB) == 0, "NULL from ncclMemAlloc became a pointer")
     contains_all(_native.take_last_error(), "symm_rs_alloc", "ncclMemAlloc", "NULL")
     s = stats()
-    check(s["alloc_failures"] == 1 and s["segments"] == 0, f"{s}")
+    check(s.alloc_failures == 1 and s.segments == 0, f"{s}")
     si.set("null_alloc", 0)
     ptr = plugs.alloc_ok(4 * KIB)
     plugs.free(ptr, 4 * KIB)
-    check(stats()["segments"] == 0 and _native.take_last_error() is None, f"{stats()}")
+    check(stats().segments == 0 and _native.take_last_error() is None, f"{stats()}")
 
 
 @scenario
 def register_failure_then_retry() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     sizes = [4 * KIB, 8 * KIB, 12 * KIB, 16 * KIB]
     ptrs = [plugs.alloc_ok(size) for size in sizes]
 
     si.set("fail_register_at", 3)  # the third registration from now fails
-    message = raises(_native.NcclError, _native.register_pending, COMM_A)
+    message = raises(errors.NcclError, _native.register_pending, COMM_A)
     contains_all(message, "ncclCommWindowRegister", "stand-in: injected registration failure")
     contains_all(message, "ncclInvalidUsage")
     check(si.get("registers") == 2, f"{si.counters()}")
@@ -444,12 +457,12 @@ def register_failure_then_retry() -> None:
     check(registered == [True, True, False, False], f"first two in allocation order: {registered}")
     check(list(_native.pending_sizes(COMM_A)) == sizes[2:], "pending after the failure")
     s = stats()
-    check(s["windows_registered"] == 2 and s["communicators"][COMM_A]["windows"] == 2, f"{s}")
-    check(s["communicators"][COMM_A]["pending_segments"] == 2, f"{s}")
+    check(s.windows_registered == 2 and comm_of(s, COMM_A).windows == 2, f"{s}")
+    check(comm_of(s, COMM_A).pending_segments == 2, f"{s}")
 
     # The retry registers exactly the rest, in order: fail the second of the two to prove it.
     si.set("fail_register_at", 2)
-    raises(_native.NcclError, _native.register_pending, COMM_A)
+    raises(errors.NcclError, _native.register_pending, COMM_A)
     registered = [_native.is_registered(p, 1, COMM_A) for p in ptrs]
     check(registered == [True, True, True, False], f"third next: {registered}")
     check(_native.register_pending(COMM_A) == 1, "the last retry registers the last segment")
@@ -468,7 +481,7 @@ def null_window_makes_the_communicator_plain() -> None:
     # (2.29+, e.g. across hosts). That is NCCL's verdict, the same on every rank: no error,
     # nothing recorded, and nothing registered on that communicator again; others unaffected.
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     ptrs = [plugs.alloc_ok(8 * KIB), plugs.alloc_ok(8 * KIB)]
     si.set("null_window", 1)
@@ -477,10 +490,10 @@ def null_window_makes_the_communicator_plain() -> None:
     check(_native.is_up_to_date(COMM_A), "a plain communicator has nothing to register")
     check(not any(_native.is_registered(p, 1, COMM_A) for p in ptrs), "NULL window recorded")
     s = stats()
-    check(s["windows_registered"] == 0, f"{s}")
+    check(s.windows_registered == 0, f"{s}")
     check(all(not w for *_, w in _native.segments()), f"{_native.segments()}")
-    check(s["communicators"][COMM_A]["plain"], f"{s}")
-    check(s["communicators"][COMM_A]["pending_segments"] == 0, f"{s}")
+    check(comm_of(s, COMM_A).plain, f"{s}")
+    check(comm_of(s, COMM_A).pending_segments == 0, f"{s}")
     check(si.get("live_windows") == 0, f"{si.counters()}")
 
     si.set("null_window", 0)
@@ -493,13 +506,13 @@ def null_window_makes_the_communicator_plain() -> None:
     c = si.counters()
     check(c["live_windows"] == 0 and c["frees"] == 2, f"{c}")
     s = stats()
-    check(s["windows_registered"] == s["windows_deregistered"] == 2 and s["segments"] == 0, f"{s}")
+    check(s.windows_registered == s.windows_deregistered == 2 and s.segments == 0, f"{s}")
 
 
 @scenario
 def deregister_failure_at_free() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     ptr = plugs.alloc_ok(16 * KIB)
     check(_native.register_pending(COMM_A) == 1 and _native.register_pending(COMM_B) == 1, "")
@@ -510,9 +523,9 @@ def deregister_failure_at_free() -> None:
     check(c["frees"] == 0, f"ncclMemFree ran on a segment NCCL still maps: {c}")
     check(c["live_windows"] == 2, f"{c}")
     s = stats()
-    check(s["leaked_segments"] == 1 and s["free_failures"] == 1, f"{s}")
-    check(s["deregistration_failures"] == 2, f"{s}")
-    check(s["segments"] == 0, f"the leaked segment is still handed out: {s}")
+    check(s.leaked_segments == 1 and s.free_failures == 1, f"{s}")
+    check(s.deregistration_failures == 2, f"{s}")
+    check(s.segments == 0, f"the leaked segment is still handed out: {s}")
     message = _native.take_last_error()
     contains_all(message, "symm_rs_free", hex(ptr), "not freed", "2 window(s)")
     contains_all(message, "ncclCommWindowDeregister", "injected deregistration failure")
@@ -526,18 +539,18 @@ def deregister_failure_at_free() -> None:
     c = si.counters()
     check(c["frees"] == 1 and c["live_windows"] == 2, f"{c}")
     s = stats()
-    check(s["leaked_segments"] == 1 and s["free_failures"] == 1 and s["segments"] == 0, f"{s}")
+    check(s.leaked_segments == 1 and s.free_failures == 1 and s.segments == 0, f"{s}")
 
 
 @scenario
 def release_comm_failure_keeps_segment_safe() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     ptr = plugs.alloc_ok(16 * KIB)
     check(_native.register_pending(COMM_A) == 1, "register")
     si.set("fail_deregister", 1)
-    message = raises(_native.NcclError, _native.release_comm, COMM_A)
+    message = raises(errors.NcclError, _native.release_comm, COMM_A)
     contains_all(message, "ncclCommWindowDeregister")
     check(si.get("live_windows") == 1, f"{si.counters()}")
     si.set("fail_deregister", 0)
@@ -555,11 +568,11 @@ def release_comm_failure_keeps_segment_safe() -> None:
 
 @scenario
 def null_communicator() -> None:
-    _native.load_nccl([])
+    load_nccl([])
     contains_all(raises(ValueError, _native.comm_info, 0), "ncclCommCount", "NULL")
     contains_all(raises(ValueError, _native.register_pending, 0), "NULL")
     check(_native.comm_info(COMM_A) == (2, 0, 0), "size, rank and device of the stand-in")
-    check(COMM_A not in stats()["communicators"], "queries must not register a communicator")
+    check(comm_of(stats(), COMM_A) is None, "queries must not register a communicator")
 
 
 # --- concurrency --------------------------------------------------------------------------
@@ -568,7 +581,7 @@ def null_communicator() -> None:
 @scenario
 def stress(threads: str = "8", iterations: str = "200") -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     n_threads, n_iter = int(threads), int(iterations)
     shared = [fake_comm() for _ in range(3)]
@@ -711,7 +724,7 @@ def communicator_routing() -> None:
     16-bit counts on windows, argument errors, and a close that destroys both."""
     si = StandIn()
     use_fake_torch()
-    _native.load_nccl([])
+    load_nccl([])
     c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
     check(si.get("comms_made") == 1 and c.twin_comm is None, f"{si.get('comms_made')}")
     plugs = Plugs()
@@ -728,13 +741,14 @@ def communicator_routing() -> None:
     check(c.run("all_gather", big, small, stream) == "main", "all-gather on the communicator")
     check(si.get("last_comm") == c.comm and si.get("last_count") == 4096, "launch arguments")
 
-    message = raises(_native.SymmetricMemoryError, c.set_route, [("all_reduce", 0, None)])
+    everything = _native.RouteTable([("all_reduce", 0, None)])
+    message = raises(errors.SymmetricMemoryError, c.set_route, everything)
     contains_all(message, "no policy twin")
     c.enable_twin()
     c.enable_twin()  # idempotent
     twin = c.twin_comm
     check(si.get("splits") == 1 and twin not in (None, c.comm), f"twin {twin}")
-    c.set_route([("all_reduce", 8 * KIB, None), ("reduce_scatter", 0, 4 * KIB)])
+    c.set_route(_native.RouteTable([("all_reduce", 8 * KIB, None), ("reduce_scatter", 0, 4 * KIB)]))
     check(c.run("all_reduce", small, small, stream) == "twin", "8 KiB all-reduce: twin")
     check(si.get("last_comm") == twin, "launched on the twin")
     half = FakeTensor(seg_small, 2048)
@@ -753,10 +767,10 @@ def communicator_routing() -> None:
     check(c.run("all_gather", odd32[0], odd32[1], stream) == "main", "odd fp32: no staging")
     outside = FakeTensor(fake_comm(), 8190)
     check(c.run("all_gather", outside, odd_in, stream) == "main", "staging output: launched")
-    c.set_route([("all_gather", 0, None)])
+    c.set_route(_native.RouteTable([("all_gather", 0, None)]))
     check(c.run("all_gather", odd_out, odd_in, stream) == "twin", "on the twin: no staging")
 
-    contains_all(raises(ValueError, c.set_route, [("broadcast", 0, None)]), "broadcast")
+    contains_all(raises(ValueError, _native.RouteTable, [("broadcast", 0, None)]), "broadcast")
     cpu = FakeTensor(seg_small, 4096, device=-1)
     contains_all(raises(ValueError, c.run, "all_reduce", cpu, cpu, stream), "not a CUDA tensor")
     contains_all(raises(TypeError, c.run, "all_reduce", object(), small, stream), "torch.Tensor")
@@ -782,7 +796,7 @@ def communicator_host_cost(calls: str = "20000") -> None:
 
     si = StandIn()
     use_fake_torch()
-    _native.load_nccl([])
+    load_nccl([])
     c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
     plugs = Plugs()
     seg_small, seg_big = plugs.alloc_ok(64 * KIB), plugs.alloc_ok(128 * KIB)
@@ -822,7 +836,7 @@ def communicator_drop_releases_the_gil() -> None:
     """Finding 4: a Communicator collected without close() destroys its communicator, which can
     wait on the GPU; the GIL must be released meanwhile, or every other thread stops too."""
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
     si.set("destroy_sleep_ms", 800)
     ticks = [0]
@@ -852,7 +866,7 @@ def communicator_abort_forgets_its_windows() -> None:
     may be broken, and no window of it left for a later free to deregister."""
     si = StandIn()
     use_fake_torch()
-    _native.load_nccl([])
+    load_nccl([])
     c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
     plugs = Plugs()
     ptrs = [plugs.alloc_ok(8 * KIB), plugs.alloc_ok(8 * KIB)]
@@ -873,14 +887,14 @@ def close_after_a_failed_deregistration_never_uses_the_dead_communicator() -> No
     """Finding 7: close() destroyed the communicator although a failed deregistration had put
     its windows back; the next free then deregistered on the destroyed communicator."""
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     c = _native.NcclCommunicator(b"x" * 128, 0, 2, 0)
     comm = c.comm
     plugs = Plugs()
     ptr = plugs.alloc_ok(8 * KIB)
     check(_native.register_pending(comm) == 1, "register")
     si.set("fail_deregister", 1)
-    raises(_native.SymmetricMemoryError, c.close)
+    raises(errors.SymmetricMemoryError, c.close)
     check(si.get("comms_destroyed") == 1, "close must still destroy the communicator")
     si.set("fail_deregister", 0)
     deregisters = si.get("deregisters")
@@ -893,7 +907,7 @@ def close_after_a_failed_deregistration_never_uses_the_dead_communicator() -> No
 @scenario
 def symmetric_support_is_nccls_own_answer() -> None:
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     check(_native.symmetric_support(COMM_A) is True, "NCCL said yes")
     check(si.get("last_props_version") == 22809, f"asked for {si.get('last_props_version')}")
     si.set("symmetric_support", 0)
@@ -906,7 +920,7 @@ def symmetric_support_asks_for_the_2_29_layout_at_most() -> None:
     # Newer layouts make the query initialise NCCL's device runtime: never as a side effect.
     si = StandIn()
     si.set("version", 23007)
-    _native.load_nccl([])
+    load_nccl([])
     check(_native.symmetric_support(COMM_A) is True, "NCCL said yes")
     check(si.get("last_props_version") == 22902, f"asked for {si.get('last_props_version')}")
 
@@ -914,7 +928,7 @@ def symmetric_support_asks_for_the_2_29_layout_at_most() -> None:
 @scenario
 def a_sealed_pool_refuses_new_segments_at_once() -> None:
     StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     previous = _native.allocate_for(5, 9)
     try:
@@ -929,7 +943,7 @@ def a_sealed_pool_refuses_new_segments_at_once() -> None:
         again = plugs.alloc_ok(8 * KIB)
     finally:
         _native.allocate_for(*previous)
-    check(stats()["alloc_failures"] == 1, f"{stats()}")
+    check(stats().alloc_failures == 1, f"{stats()}")
     for p in (first, other, again):
         plugs.free(p, 8 * KIB)
 
@@ -939,7 +953,7 @@ def a_plan_fixes_what_is_registered() -> None:
     """Finding 5: the ranks agree on the plan's sizes, and exactly the plan is registered,
     whatever another thread allocates in between."""
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     plugs = Plugs()
     first = plugs.alloc_ok(8 * KIB)
     plan = _native.plan_registration(COMM_A)
@@ -963,7 +977,7 @@ def the_free_plug_never_waits_unboundedly() -> None:
     """Finding 4: the free plug waited without limit for a segment being registered, while
     torch held its allocator mutex: one dead peer froze every allocation of the device."""
     si = StandIn()
-    _native.load_nccl([])
+    load_nccl([])
     _native.set_wait_limit(0.2)
     plugs = Plugs()
     ptr = plugs.alloc_ok(8 * KIB)
@@ -976,7 +990,7 @@ def the_free_plug_never_waits_unboundedly() -> None:
     check(waited < 5, f"the free plug waited {waited:.1f} s")
     contains_all(_native.take_last_error(), "still being registered", "kept allocated")
     s = stats()
-    check(s["leaked_segments"] == 1 and s["free_failures"] == 1, f"{s}")
+    check(s.leaked_segments == 1 and s.free_failures == 1, f"{s}")
     check(si.get("frees") == 0, "a pinned segment was freed")
     plan.cancel()
 

@@ -47,8 +47,9 @@ from typing import Any, Callable, Optional
 import torch
 
 import symm_rs
-from symm_rs import _native, context, env
+from symm_rs import context, env, watchdog
 from symm_rs.compat import _common
+from symm_rs.errors import SymmetricMemoryError
 
 __all__ = [
     "SymmetricMemoryContext",
@@ -197,8 +198,6 @@ def is_tensor_in_symmetric_mempool(tensor: torch.Tensor) -> bool:
 def describe_registration_in_progress() -> Optional[str]:
     """The registrations running in this process (``symm_rs.watchdog``), or ``None`` when none
     is: SGLang's scheduler watchdog adds a line only for a value that is not ``None``."""
-    from symm_rs import watchdog
-
     return watchdog.describe_registration_in_progress() or None
 
 
@@ -273,7 +272,7 @@ def allocate_symmetric_buffer(comm: Any, nbytes: int) -> tuple[torch.Tensor, boo
         SymmetricMemoryError: called during a CUDA-graph capture, where registration cannot run.
     """
     if _common.capturing():
-        raise _native.SymmetricMemoryError(
+        raise SymmetricMemoryError(
             "allocate_symmetric_buffer registers its buffer, which cannot happen during a "
             "CUDA-graph capture; allocate it before capturing"
         )
@@ -320,7 +319,7 @@ def debug_check_symmetric_mempool(
         f"the group's communicator:\n" + "\n".join(bad)
     )
     if env.read_flag(env.STRICT):
-        raise _native.SymmetricMemoryError(f"{message}\n(SYMM_RS_STRICT=1 makes this an error)")
+        raise SymmetricMemoryError(f"{message}\n(SYMM_RS_STRICT=1 makes this an error)")
     key = f"{op_name}:{','.join(bad)}:{stack}"
     if key not in _debug_seen:
         _debug_seen.add(key)

@@ -4,12 +4,10 @@
 //! loaded). Both give the same bytes; in a CUDA graph the kernel makes one node per step where
 //! driver copies make one memcpy or memset node per copy.
 
-use std::ffi::OsStr;
-
 use super::{offset, Plan};
 use crate::cuda::batched_copy::{self, Kernel, Loaded};
 use crate::cuda::{self, ByteCopy};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::handles::{DevicePtr, StreamPtr};
 
 /// How the gather's copies are issued.
@@ -22,9 +20,9 @@ pub enum CopyMode {
 }
 
 impl CopyMode {
-    /// The environment variable that sets the default.
-    pub const ENV: &'static str = "SYMM_RS_CP_COPY";
-    /// The names `parse` takes, the default first.
+    /// Where the Python layer reads the default from, for messages.
+    pub const CHOSEN_BY: &'static str = "SYMM_RS_CP_COPY";
+    /// The names `parse` takes, the default first (Python's `_native.CP_COPY_MODES`).
     pub const NAMES: [&'static str; 2] = ["kernel", "driver"];
 
     pub fn name(self) -> &'static str {
@@ -41,28 +39,6 @@ impl CopyMode {
             "driver" => Some(Self::Driver),
             _ => None,
         }
-    }
-
-    /// `SYMM_RS_CP_COPY` as `symm_rs.env.read_choice` reads it: unset or empty is `Kernel`.
-    /// Read at every call, so that a process can change it between gathers.
-    pub fn from_env() -> Result<Self> {
-        Self::from_value(std::env::var_os(Self::ENV).as_deref())
-    }
-
-    /// The mode for the variable's value (`None`: unset).
-    fn from_value(value: Option<&OsStr>) -> Result<Self> {
-        let text = value.map(OsStr::to_string_lossy).unwrap_or_default();
-        let text = text.trim().to_ascii_lowercase();
-        if text.is_empty() {
-            return Ok(Self::Kernel);
-        }
-        Self::parse(&text).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "{}: must be one of {}; got '{text}'",
-                Self::ENV,
-                Self::NAMES.join(", ")
-            ))
-        })
     }
 }
 
@@ -127,7 +103,7 @@ impl Copier {
                         "the CP all-gather's copy kernel could not be loaded on this GPU ({why}); \
                          it uses driver copies instead (set {}=driver to choose them and skip \
                          this warning)",
-                        CopyMode::ENV
+                        CopyMode::CHOSEN_BY
                     )
                 }),
             ),

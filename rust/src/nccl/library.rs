@@ -1,8 +1,9 @@
 //! Finding and opening the one libnccl this process uses.
 //!
 //! A communicator pointer is only valid inside the library that created it, so the order is:
-//! the libnccl already mapped into the process (torch's), then `SYMM_RS_NCCL_LIBRARY`, then the
-//! NVIDIA wheel paths the Python layer found, then the system's.
+//! the libnccl already mapped into the process (torch's), then the path the user preferred
+//! (`SYMM_RS_NCCL_LIBRARY`, which the Python layer reads), then the NVIDIA wheel paths the Python
+//! layer found, then the system's. Nothing here reads the environment.
 
 use std::ffi::{c_int, c_void, CStr, OsStr};
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use super::sys::{self, Symbols};
 use super::version::NcclVersion;
 use crate::error::{Error, Result};
 
-pub const LIBRARY_ENV: &str = "SYMM_RS_NCCL_LIBRARY";
+/// Where a preferred path comes from, for messages (the Python layer reads the variable).
+pub const PREFERRED_FROM: &str = "SYMM_RS_NCCL_LIBRARY";
 const SONAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 
 /// How the library in use was found.
@@ -22,7 +24,7 @@ const SONAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 pub enum Origin {
     AlreadyLoaded,
     Explicit,
-    Environment,
+    Preferred,
     Wheel,
     System,
 }
@@ -32,7 +34,7 @@ impl Origin {
         match self {
             Origin::AlreadyLoaded => "already loaded in this process",
             Origin::Explicit => "opened by path",
-            Origin::Environment => LIBRARY_ENV,
+            Origin::Preferred => PREFERRED_FROM,
             Origin::Wheel => "NVIDIA NCCL wheel",
             Origin::System => "system library path",
         }
@@ -138,10 +140,22 @@ impl Nccl {
 
 static NCCL: OnceLock<Nccl> = OnceLock::new();
 static LOADING: Mutex<()> = Mutex::new(());
+/// What the Python layer last asked to load, kept so that a lazy load (an allocator plug called
+/// first) tries the same candidates and, when they fail, says the same.
+static ASKED: Mutex<Option<Candidates>> = Mutex::new(None);
 
-/// The process-wide NCCL, loading it on first use. `wheel_candidates` are the wheel paths the
-/// Python layer found on `sys.path`; they are only consulted by the first successful load.
-pub fn load(wheel_candidates: &[PathBuf]) -> Result<&'static Nccl> {
+/// What the first load may open besides a libnccl already in the process.
+#[derive(Debug, Clone, Default)]
+pub struct Candidates {
+    /// The user's choice (`SYMM_RS_NCCL_LIBRARY`), tried before the wheels.
+    pub preferred: Option<PathBuf>,
+    /// The NVIDIA wheels' libraries the Python layer found on `sys.path`.
+    pub wheels: Vec<PathBuf>,
+}
+
+/// The process-wide NCCL, loading it on first use. `candidates` are only consulted by the first
+/// successful load.
+pub fn load(candidates: &Candidates) -> Result<&'static Nccl> {
     if let Some(nccl) = NCCL.get() {
         return Ok(nccl);
     }
@@ -149,16 +163,19 @@ pub fn load(wheel_candidates: &[PathBuf]) -> Result<&'static Nccl> {
     if let Some(nccl) = NCCL.get() {
         return Ok(nccl);
     }
-    let nccl = discover(wheel_candidates)?;
+    *ASKED.lock().unwrap_or_else(|p| p.into_inner()) = Some(candidates.clone());
+    let nccl = discover(candidates)?;
     Ok(NCCL.get_or_init(|| nccl))
 }
 
-/// The process-wide NCCL if it has been loaded, else a load with no wheel candidates.
+/// The process-wide NCCL if it has been loaded, else a load of the candidates last asked for
+/// (none: the library already in the process, or the system's).
 pub fn get() -> Result<&'static Nccl> {
-    match NCCL.get() {
-        Some(nccl) => Ok(nccl),
-        None => load(&[]),
+    if let Some(nccl) = NCCL.get() {
+        return Ok(nccl);
     }
+    let asked = ASKED.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    load(&asked.unwrap_or_default())
 }
 
 /// The library, only if it was already loaded (never loads).
@@ -166,18 +183,21 @@ pub fn loaded() -> Option<&'static Nccl> {
     NCCL.get()
 }
 
-fn discover(wheel_candidates: &[PathBuf]) -> Result<Nccl> {
+fn discover(candidates: &Candidates) -> Result<Nccl> {
     let mut tried = Vec::new();
-    let override_path = std::env::var_os(LIBRARY_ENV).filter(|v| !v.is_empty());
+    let override_path = candidates
+        .preferred
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty());
 
     for soname in SONAMES {
         if let Ok(library) = open(soname.as_ref(), libc::RTLD_NOW | libc::RTLD_NOLOAD) {
             let mut notes = Vec::new();
             if let Some(wanted) = &override_path {
                 notes.push(format!(
-                    "{LIBRARY_ENV}={} was not used: this process already has {soname} loaded \
+                    "{PREFERRED_FROM}={} was not used: this process already has {soname} loaded \
                      (torch's), and a communicator is only valid inside the library that made it",
-                    Path::new(wanted).display()
+                    wanted.display()
                 ));
             }
             return Nccl::from_library(library, soname.as_ref(), Origin::AlreadyLoaded, notes);
@@ -186,19 +206,17 @@ fn discover(wheel_candidates: &[PathBuf]) -> Result<Nccl> {
     tried.push("libnccl.so.2 already loaded in the process (none)".to_owned());
 
     if let Some(wanted) = override_path {
-        return match open(&wanted, libc::RTLD_NOW | libc::RTLD_LOCAL) {
-            Ok(library) => Nccl::from_library(library, &wanted, Origin::Environment, Vec::new()),
+        return match open(wanted.as_os_str(), libc::RTLD_NOW | libc::RTLD_LOCAL) {
+            Ok(library) => {
+                Nccl::from_library(library, wanted.as_os_str(), Origin::Preferred, Vec::new())
+            }
             Err(e) => Err(Error::LibraryNotFound {
-                tried: format!(
-                    "{LIBRARY_ENV}={} ({})",
-                    Path::new(&wanted).display(),
-                    describe(&e)
-                ),
+                tried: format!("{PREFERRED_FROM}={} ({})", wanted.display(), describe(&e)),
             }),
         };
     }
 
-    for candidate in wheel_candidates {
+    for candidate in &candidates.wheels {
         match open(candidate.as_os_str(), libc::RTLD_NOW | libc::RTLD_LOCAL) {
             Ok(library) => {
                 return Nccl::from_library(

@@ -4,9 +4,10 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::tensor_view;
+use super::handles::Stream;
+use super::tensors::tensor_view;
 use crate::cp::{self, Buffers, CopyMode};
-use crate::handles::{CommPtr, StreamPtr};
+use crate::handles::CommPtr;
 
 /// Token counts from Python, each an int >= 0.
 fn counts_of(counts: &[i64]) -> PyResult<Vec<usize>> {
@@ -48,11 +49,8 @@ fn row_elems(input: &[usize], others: &[(&str, Vec<usize>)]) -> PyResult<usize> 
         .ok_or_else(|| PyValueError::new_err("input's row size overflows"))
 }
 
-/// `copy` as given (`"kernel"` or `"driver"`), else `SYMM_RS_CP_COPY`'s.
-fn copy_mode(copy: Option<&str>) -> PyResult<CopyMode> {
-    let Some(name) = copy else {
-        return Ok(CopyMode::from_env()?);
-    };
+/// `copy` (`"kernel"` or `"driver"`; the Python layer passes `SYMM_RS_CP_COPY`'s choice).
+fn copy_mode(name: &str) -> PyResult<CopyMode> {
     CopyMode::parse(name).ok_or_else(|| {
         PyValueError::new_err(format!(
             "copy must be one of {}; got '{name}'",
@@ -74,21 +72,20 @@ fn log_warning(py: Python<'_>, message: &str) {
 /// Enqueues the CP all-gather on `stream` (`(cudaStream_t, device index)`): `input` into this
 /// rank's slot of `gathered`, zeroed padding, an in-place all-gather on `comm`, and each rank's
 /// rows compacted into `output` (which must be `None` exactly when no rank is padded). The
-/// copies are issued as `copy` says (default: `SYMM_RS_CP_COPY`, else the kernel); returns how
-/// they were issued.
+/// copies are issued as `copy` says (default: the kernel); returns how they were issued.
 #[pyfunction]
-#[pyo3(signature = (comm, rank, gathered, input, output, counts, stream, copy=None))]
+#[pyo3(signature = (comm, rank, gathered, input, output, counts, stream, copy = "kernel"))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn cp_all_gather(
     py: Python<'_>,
-    comm: usize,
+    comm: CommPtr,
     rank: usize,
     gathered: &Bound<'_, PyAny>,
     input: &Bound<'_, PyAny>,
     output: Option<&Bound<'_, PyAny>>,
     counts: Vec<i64>,
-    stream: (usize, i32),
-    copy: Option<&str>,
+    stream: Stream,
+    copy: &str,
 ) -> PyResult<&'static str> {
     let mode = copy_mode(copy)?;
     let counts = counts_of(&counts)?;
@@ -102,7 +99,6 @@ pub(super) fn cp_all_gather(
         others.push(("output", shape_of(out)?));
     }
     let row = row_elems(&shape_of(input)?, &others)?;
-    let comm = CommPtr::new(comm);
     let done = py.detach(|| {
         cp::enqueue(
             comm,
@@ -110,8 +106,8 @@ pub(super) fn cp_all_gather(
             &counts,
             row,
             &buffers,
-            StreamPtr::new(stream.0),
-            Some(stream.1),
+            stream.ptr,
+            Some(stream.device),
             mode,
         )
     })?;
@@ -127,6 +123,7 @@ type RowCopy = (usize, usize, usize);
 /// `(slot rows, compaction copies as (source row, destination row, rows))` for `rank` of
 /// `len(counts)` ranks and rows of `row_bytes`: how `cp_all_gather` lays the buffers out. The
 /// list is empty when no rank is padded (the gathered buffer is then the result).
+/// The one slot-alignment rule (`cp::plan`): Python's own gather path asks it too.
 #[pyfunction]
 pub(super) fn cp_plan(
     rank: usize,
@@ -136,4 +133,10 @@ pub(super) fn cp_plan(
     let plan = cp::plan(rank, &counts_of(&counts)?, row_bytes)?;
     let copies = plan.compaction.iter().map(|c| (c.src, c.dst, c.rows));
     Ok((plan.slot_rows, copies.collect()))
+}
+
+pub(super) fn add_to(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cp_all_gather, m)?)?;
+    m.add_function(wrap_pyfunction!(cp_plan, m)?)?;
+    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::segments::{Scope, Tag, ALL_LANES};
 #[pyclass(name = "RegistrationPlan", module = "symm_rs._native", frozen)]
 pub(super) struct RegistrationPlan {
     plan: Mutex<Option<Planned>>,
-    comm: usize,
+    comm: CommPtr,
     peers: u64,
     sizes: Vec<usize>,
 }
@@ -39,7 +39,7 @@ impl RegistrationPlan {
     }
 
     #[getter]
-    fn comm(&self) -> usize {
+    fn comm(&self) -> CommPtr {
         self.comm
     }
 
@@ -72,12 +72,12 @@ impl RegistrationPlan {
 #[pyo3(signature = (comm, peers = 0, lane = ALL_LANES))]
 pub(super) fn plan_registration(
     py: Python<'_>,
-    comm: usize,
+    comm: CommPtr,
     peers: u64,
     lane: u64,
 ) -> PyResult<Option<RegistrationPlan>> {
     let scope = Scope { peers, lane };
-    let plan = py.detach(|| allocator::plan_registration(CommPtr::new(comm), scope))?;
+    let plan = py.detach(|| allocator::plan_registration(comm, scope))?;
     Ok(plan.map(|plan| {
         let sizes = plan.plan().sizes();
         RegistrationPlan {
@@ -92,45 +92,38 @@ pub(super) fn plan_registration(
 /// Whether an exit on `comm` from `lane` has nothing to register.
 #[pyfunction]
 #[pyo3(signature = (comm, lane = ALL_LANES))]
-pub(super) fn is_up_to_date(comm: usize, lane: u64) -> bool {
-    allocator::is_up_to_date(CommPtr::new(comm), lane)
+pub(super) fn is_up_to_date(comm: CommPtr, lane: u64) -> bool {
+    allocator::is_up_to_date(comm, lane)
 }
 
 /// From now on `comm` registers nothing: its ranks use the pool as plain memory.
 #[pyfunction]
-pub(super) fn make_plain(py: Python<'_>, comm: usize) -> PyResult<()> {
-    Ok(py.detach(|| allocator::make_plain(CommPtr::new(comm)))?)
+pub(super) fn make_plain(py: Python<'_>, comm: CommPtr) -> PyResult<()> {
+    Ok(py.detach(|| allocator::make_plain(comm))?)
 }
 
 /// Whether `comm` registers nothing any more.
 #[pyfunction]
-pub(super) fn is_plain(comm: usize) -> bool {
-    allocator::with_table(|t| t.is_plain(CommPtr::new(comm)))
+pub(super) fn is_plain(comm: CommPtr) -> bool {
+    allocator::with_table(|t| t.is_plain(comm))
 }
 
 /// NCCL's own answer to whether `comm` can run symmetric kernels
 /// (`ncclCommQueryProperties`), or `None` where this NCCL cannot say.
 #[pyfunction]
-pub(super) fn symmetric_support(py: Python<'_>, comm: usize) -> PyResult<Option<bool>> {
-    Ok(py.detach(|| nccl::get()?.symmetric_support(CommPtr::new(comm)))?)
+pub(super) fn symmetric_support(py: Python<'_>, comm: CommPtr) -> PyResult<Option<bool>> {
+    Ok(py.detach(|| nccl::get()?.symmetric_support(comm))?)
 }
 
 /// Registrations NCCL is running now: `(comm, peer set, sizes, seconds running, segments
 /// entered, OS thread id)`, oldest first.
 #[pyfunction]
-pub(super) fn registrations_in_progress() -> Vec<(usize, u64, Vec<usize>, f64, usize, u64)> {
+pub(super) fn registrations_in_progress() -> Vec<(CommPtr, u64, Vec<usize>, f64, usize, u64)> {
     allocator::registrations_in_progress()
         .into_iter()
         .map(|r| {
             let seconds = r.started.elapsed().as_secs_f64();
-            (
-                r.comm.addr(),
-                r.peers,
-                r.sizes,
-                seconds,
-                r.entered,
-                r.thread,
-            )
+            (r.comm, r.peers, r.sizes, seconds, r.entered, r.thread)
         })
         .collect()
 }
@@ -199,7 +192,6 @@ pub(super) fn open_routes() -> usize {
 }
 
 pub(super) fn add_to(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("ALL_LANES", ALL_LANES)?;
     m.add_class::<RegistrationPlan>()?;
     m.add_function(wrap_pyfunction!(plan_registration, m)?)?;
     m.add_function(wrap_pyfunction!(is_up_to_date, m)?)?;

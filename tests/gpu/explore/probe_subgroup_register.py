@@ -15,6 +15,8 @@ import sys
 from typing import Any
 
 VARIANTS = ("split_world_last", "nosplit_world_last", "split_world_first")
+# The repository's launcher (benches/symm_rs_bench), beside the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 3, "benches"))
 
 
 def rank_main(rank: int, world: int, variant: str) -> dict[str, Any]:
@@ -22,7 +24,7 @@ def rank_main(rank: int, world: int, variant: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     import symm_rs
-    from symm_rs.launch import init_nccl
+    from symm_rs_bench.launch import init_nccl
 
     group = init_nccl(rank, world)
     kw = {"device_id": torch.device("cuda", rank)} if variant.startswith("split") else {}
@@ -48,7 +50,7 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--variant", choices=VARIANTS, action="append")
     args = parser.parse_args()
-    from symm_rs.launch import run_ranks
+    from symm_rs_bench.launch import run_ranks
 
     results = {}
     for variant in args.variant or VARIANTS:

@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from symm_rs.bench.config import BenchConfig
-from symm_rs.bench.progress import Progress
+from symm_rs_bench.config import BenchConfig
+from symm_rs_bench.progress import Progress
 
 MAX_GRAPH_CALLS = 10
 GRAPH_BUDGET_S = 5e-3  # GPU work per graph at most

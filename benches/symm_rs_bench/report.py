@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from symm_rs.bench.config import BUFFERS, MODES, OPS, format_bytes
+from symm_rs_bench.config import BUFFERS, MODES, OPS, format_bytes
 
 ABBREV = {"all_gather": "AG", "all_reduce": "AR", "reduce_scatter": "RS"}
 TITLE_VERSIONS = {"torch": "torch", "nccl": "NCCL", "symm_rs": "symm_rs"}

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 import symm_rs
-from symm_rs.bench.config import OPS, format_bytes
-from symm_rs.bench.timing import Rank, time_eager, time_graphs_in_turns
 from symm_rs.policy import table_from_timings
+from symm_rs_bench.buffers import allocate, collective
+from symm_rs_bench.config import OPS, format_bytes
+from symm_rs_bench.timing import Rank, time_eager, time_graphs_in_turns
 
 TOLERANCE = 0.03
 PATHS = ("plain", "symm", "policy")
@@ -35,15 +36,13 @@ def _free_bytes(r: Rank) -> int:
 def _twin(r: Rank) -> tuple[Any, dict[str, Any]]:
     """A Communicator with the policy on, and the memory its twin took: when created, and
     after its first calls (NCCL allocates some buffers lazily), each the maximum over ranks."""
-    from symm_rs.bench.sections import allocate, collective
-
     pcomm = symm_rs.Communicator.from_process_group(r.group, device=r.rank)
     small, big = allocate(r, 1 << 20)  # allocated before the measurements
     calls = [collective(op, small, big, r.group, pcomm) for op in OPS]
     for call in calls:  # the main communicator's lazy buffers, out of the way first
         call()
     before = _free_bytes(r)
-    policy = pcomm.enable_policy(symm_rs.PolicyTable.everything())
+    policy = pcomm.enable_policy(symm_rs.policy.PolicyTable.everything())
     created = _free_bytes(r)
     for call in calls:  # now on the twin
         call()
@@ -90,8 +89,6 @@ def _measured_table(r: Rank) -> Any:
 def policy(r: Rank) -> dict[str, Any]:
     """Every size and collective: the three paths in CUDA-graph replay (the eager ``plain``
     time plans the graphs), and the verdict on the agreed medians."""
-    from symm_rs.bench.sections import allocate, collective
-
     pcomm, out = _twin(r)
     table = pcomm.policy.table
     tables = {"plain": NO_TABLE, "symm": NO_TABLE, "policy": table}

@@ -12,8 +12,9 @@ from typing import Any, Callable
 import torch
 
 import symm_rs
-from symm_rs.bench.config import OPS, MiB, format_bytes
-from symm_rs.bench.timing import Rank, time_host
+from symm_rs_bench.buffers import allocate, collective
+from symm_rs_bench.config import OPS, MiB, format_bytes
+from symm_rs_bench.timing import Rank, time_host
 
 NCCL_BFLOAT16, NCCL_SUM = 9, 0
 PATHS = ("symm_rs", "ctypes", "torch")
@@ -36,7 +37,7 @@ def _nccl(path: str) -> Any:
 def ctypes_collective(op: str, small: Any, big: Any, comm: Any) -> Callable[[], None]:
     """``op`` as a plain ctypes call on ``comm.comm``: pointers, count and stream read per
     call, the result checked, nothing else."""
-    lib = _nccl(symm_rs.library_info()["path"])
+    lib = _nccl(symm_rs.library_info().path)
     handle = ctypes.c_void_p(comm.comm)
     dtypes = {torch.bfloat16: NCCL_BFLOAT16}
 
@@ -70,8 +71,6 @@ def ctypes_collective(op: str, small: Any, big: Any, comm: Any) -> Callable[[], 
 def communicator(r: Rank) -> dict[str, Any]:
     """The three paths, eager, on the same buffers (the sizes up to 1 MiB, and 1 MiB),
     registered with both communicators; ``checks`` compares the agreed wall times."""
-    from symm_rs.bench.sections import allocate, collective
-
     sizes = sorted({s for s in r.cfg.sizes if s <= MiB} | {MiB})
     comm = symm_rs.Communicator.from_process_group(r.group, device=r.rank)
     rows, checks = [], []

@@ -1,39 +1,44 @@
-"""Running a function once per GPU, one process each, for ``doctor``, ``bench`` and the GPU
-tests. Every rank's return value (or the exception text) comes back to the caller, and a rank
-that hangs is killed after ``timeout`` seconds instead of hanging the caller."""
+"""Running a function once per GPU, one process each, for the benchmarks and the GPU tests (on
+``symm_rs.gpu_check.spawn_ranks``). Every rank's return value (or the exception text) comes back
+to the caller, and a rank that hangs is killed after ``timeout`` seconds instead of hanging the
+caller."""
 
 from __future__ import annotations
 
 import os
 import queue
-import socket
 import time
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Optional
+
+__all__ = [
+    "SHARED_GPU_ENV",
+    "RankOutcome",
+    "device_of",
+    "free_port",
+    "init_nccl",
+    "run_ranks",
+    "run_ranks_to_exit",
+    "share_one_gpu",
+    "shared_gpu",
+]
 
 # Several ranks on one GPU: NCCL refuses two ranks on one GPU of one host ("Duplicate GPU
 # detected"), but compares host hashes, which NCCL_HOSTID sets; with a host id of its own per
 # rank NCCL accepts them and connects them through its network transport (loopback).
 SHARED_GPU_ENV = "SYMM_RS_SHARED_GPU"
 
+# The ranks are spawned by the package's one way to spawn them, ``symm_rs.gpu_check`` (``doctor``
+# uses it too); this launcher adds shared-GPU runs, a grace after a failure, and how each process
+# ended. That module imports torch, so it is imported when ranks run, not with the harness
+# (``symm-rs bench --help`` loads no torch).
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port (``symm_rs.gpu_check.free_port``)."""
+    from symm_rs import gpu_check
 
-
-def set_rank_environment(rank: int, world_size: int, port: int) -> None:
-    """The variables torch.distributed's env:// rendezvous reads, for one local rank."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
+    return gpu_check.free_port()
 
 
 def shared_gpu() -> bool:
@@ -56,40 +61,18 @@ def device_of(rank: int) -> int:
     return rank % count if shared_gpu() else rank
 
 
-def _rank_main(
-    rank: int,
-    world_size: int,
-    port: int,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    results: Any,
-) -> None:
-    set_rank_environment(rank, world_size, port)
+def _shared_gpu_setup(rank: int) -> None:
+    """Each rank's set-up, in its process: ``share_one_gpu`` in a shared-GPU run."""
     if shared_gpu():
         share_one_gpu(rank)
-    try:
-        value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
-    except BaseException as e:  # report everything, the parent decides
-        results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
 def init_nccl(rank: int, world_size: int, timeout_s: float = 120.0) -> Any:
     """``init_process_group("nccl")`` bound to the rank's GPU (``device_of``), with the
     communicator made eagerly."""
-    import torch
-    import torch.distributed as dist
+    from symm_rs import gpu_check
 
-    device = device_of(rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl",
-        rank=rank,
-        world_size=world_size,
-        device_id=torch.device("cuda", device),
-        timeout=timedelta(seconds=timeout_s),
-    )
-    return dist.group.WORLD
+    return gpu_check.init_nccl(rank, world_size, device_of(rank), timeout_s)
 
 
 @dataclass(frozen=True)
@@ -133,17 +116,9 @@ def run_ranks_to_exit(
     """``run_ranks``, and how each process ended after it answered: a rank that crashes or
     hangs at interpreter exit (after its answer was sent) shows in ``exitcode``/``ending``.
     Each process gets ``exit_wait`` seconds to exit on its own after the answers are in."""
-    import torch.multiprocessing as mp
+    from symm_rs import gpu_check
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, results), daemon=True)
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
+    procs, results = gpu_check.spawn_ranks(fn, world_size, args, _shared_gpu_setup)
     answers: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout
     cut_short = False

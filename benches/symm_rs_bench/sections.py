@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import statistics
 import time
@@ -12,49 +11,17 @@ import torch
 import torch.distributed as dist
 
 import symm_rs
-from symm_rs.bench.comm_calls import communicator
-from symm_rs.bench.config import BUFFERS, MODES, OPS, BenchConfig, MiB, format_bytes
-from symm_rs.bench.cp_gather import cp_gather
-from symm_rs.bench.policy import policy
-from symm_rs.bench.timing import BenchAbort, Rank, time_eager, time_graph
-from symm_rs.launch import init_nccl
+from symm_rs_bench.buffers import allocate, collective
+from symm_rs_bench.comm_calls import communicator
+from symm_rs_bench.config import BUFFERS, MODES, OPS, BenchConfig, MiB, format_bytes
+from symm_rs_bench.cp_gather import cp_gather
+from symm_rs_bench.launch import init_nccl
+from symm_rs_bench.policy import policy
+from symm_rs_bench.timing import BenchAbort, Rank, time_eager, time_graph
 
 # Each >= 10 MiB and a multiple of 2 MiB, so the caching allocator gives every tensor a segment
 # of its own (smaller requests share 20 MiB segments) while the earlier ones are alive.
 REGISTRATION_SEGMENT_MIB = (12, 16, 24, 32, 48, 64)
-
-
-def allocate(r: Rank, nbytes: int, *owners: Any) -> tuple[Any, Any]:
-    """``(small, big)``: bf16 zeros of ``nbytes`` and ``world * nbytes``; with ``owners``,
-    allocated in ``use_symmetric_memory(owners[0])`` and registered with every owner."""
-    n = nbytes // 2
-    if not owners:
-        small = torch.zeros(n, dtype=torch.bfloat16, device=r.device)
-        return small, torch.zeros(n * r.world, dtype=torch.bfloat16, device=r.device)
-    with symm_rs.use_symmetric_memory(owners[0]):
-        small = torch.empty(n, dtype=torch.bfloat16, device=r.device)
-        big = torch.empty(n * r.world, dtype=torch.bfloat16, device=r.device)
-    for owner in owners[1:]:  # registration is per communicator
-        with symm_rs.use_symmetric_memory(owner):
-            pass
-    for t in (small, big):
-        t.zero_()
-    if not all(symm_rs.is_symmetric(t, o) for t in (small, big) for o in owners):
-        raise RuntimeError("buffers allocated inside use_symmetric_memory are not symmetric")
-    torch.cuda.synchronize()
-    return small, big
-
-
-def collective(op: str, small: Any, big: Any, group: Any, comm: Any = None) -> Callable[[], Any]:
-    """The call to time (zeros stay zeros, so repeated sums cannot overflow): through
-    ``torch.distributed`` on ``group``, or through the ``symm_rs.Communicator`` ``comm``."""
-    kw = {} if comm is not None else {"group": group}
-    call = {
-        "all_gather": ("all_gather_into_tensor", big, small),
-        "all_reduce": ("all_reduce", small),
-        "reduce_scatter": ("reduce_scatter_tensor", small, big),
-    }[op]
-    return functools.partial(getattr(dist if comm is None else comm, call[0]), *call[1:], **kw)
 
 
 def collectives(r: Rank) -> dict[str, Any]:
@@ -188,7 +155,7 @@ def context(r: Rank) -> dict[str, Any]:
 def _timed_exit(r: Rank, sizes: list[int], keep: list[Any]) -> dict[str, Any]:
     """Allocates ``sizes`` (kept alive in ``keep``) in one ``use_symmetric_memory``; times the
     allocation and the exit, where the new segments are registered (collective)."""
-    windows = symm_rs.stats()["windows_registered"]
+    windows = symm_rs.stats().windows_registered
     r.barrier()
     t0 = time.perf_counter()
     with symm_rs.use_symmetric_memory(r.group):
@@ -199,7 +166,7 @@ def _timed_exit(r: Rank, sizes: list[int], keep: list[Any]) -> dict[str, Any]:
         t2 = time.perf_counter()
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t2) * 1e3
-    windows = symm_rs.stats()["windows_registered"] - windows
+    windows = symm_rs.stats().windows_registered - windows
     return {
         "alloc_ms": (t1 - t0) * 1e3,
         "register_ms": ms,
@@ -259,16 +226,16 @@ def destroy_pool(r: Rank) -> dict[str, Any]:
     """``symm_rs.destroy_pool()`` at the very end: deregisters every window, then frees."""
     for _ in range(100):  # torch's NCCL watchdog may hold the last tensors for a moment
         gc.collect()
-        if not symm_rs.pool_usage()["in_use_bytes"]:
+        if not symm_rs.pool.pool_usage()["in_use_bytes"]:
             break
         time.sleep(0.1)
-    windows = symm_rs.stats()["windows_deregistered"]
+    windows = symm_rs.stats().windows_deregistered
     r.barrier()
     t0 = time.perf_counter()
     freed = symm_rs.destroy_pool()  # raises while pool tensors are alive
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) * 1e3
-    windows = symm_rs.stats()["windows_deregistered"] - windows
+    windows = symm_rs.stats().windows_deregistered - windows
     r.log(f"[registration] destroy_pool: {ms:.1f} ms, {windows} window(s) (rank 0)")
     return {
         "ms": ms,
@@ -279,7 +246,7 @@ def destroy_pool(r: Rank) -> dict[str, Any]:
 
 
 def bench_rank(rank: int, world: int, cfg: BenchConfig) -> dict[str, Any]:
-    """One GPU's run, for ``symm_rs.launch.run_ranks``: ``{"sections": {name: data}}``, with
+    """One GPU's run, for ``symm_rs_bench.launch.run_ranks``: ``{"sections": {name: data}}``, with
     ``"error"`` when the run stopped early (the sections finished before are kept)."""
     started = time.perf_counter()
     r = Rank(rank, world, init_nccl(rank, world, timeout_s=60.0), cfg)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from symm_rs.bench.config import SECTIONS
+from symm_rs_bench.config import SECTIONS
 
 SCHEMA = "symm_rs.bench/1"
 ROW_KEYS = {

@@ -91,7 +91,7 @@ def _rank(rank: int, world: int, timeout: float) -> dict[str, Any]:
 
 def run_coldstart(world: int, timeout: float) -> dict[int, Any]:
     """Per rank, its numbers or ``{"error": ...}``; a failed rank stops the others."""
-    from symm_rs.launch import run_ranks
+    from symm_rs_bench.launch import run_ranks
 
     outcomes = run_ranks(_rank, world, args=(timeout,), timeout=timeout + 30, grace=10.0)
     return {rank: value if ok else {"error": value} for rank, (ok, value) in enumerate(outcomes)}

@@ -1,4 +1,5 @@
-"""python -m symm_rs bench: symmetric memory against its baselines, on 2 or more GPUs.
+"""The repository's benchmark: symmetric memory against its baselines, on 2 or more GPUs. Run it
+from a checkout as python -m symm_rs bench (or PYTHONPATH=benches python -m symm_rs_bench).
 
 One process per GPU; every section compares with its baseline in the same processes. Sizes are
 bytes per rank (all-gather input, all-reduce buffer, reduce-scatter output) of bf16 zeros.
@@ -17,7 +18,7 @@ bytes per rank (all-gather input, all-reduce buffer, reduce-scatter output) of b
 * cp: the context-parallel KV all-gather (uneven bf16 tokens per rank, 8 x 128 and 1 x 576
   rows): symm_rs's Rust helper (with its copy kernel, and with driver copies), its torch path,
   and SGLang's pad + all-gather + cat on ordinary buffers, eager and in CUDA graphs (see
-  bench/cp_gather.py).
+  benches/symm_rs_bench/cp_gather.py).
 * coldstart: fresh interpreters: import torch, import symm_rs, the first symmetric allocation
   and the first registration.
 
@@ -38,17 +39,17 @@ from dataclasses import asdict
 from typing import Any
 
 import symm_rs
-from symm_rs.bench.coldstart import run_coldstart
-from symm_rs.bench.config import (
+from symm_rs_bench.coldstart import run_coldstart
+from symm_rs_bench.config import (
     add_arguments,
     config_from_args,
     format_bytes,
     output_stem,
     parse_env,
 )
-from symm_rs.bench.merge import merge_results
-from symm_rs.bench.report import plot_results, render_markdown
-from symm_rs.launch import run_ranks
+from symm_rs_bench.launch import run_ranks
+from symm_rs_bench.merge import merge_results
+from symm_rs_bench.report import plot_results, render_markdown
 
 # torch (and the rank code, which needs it) is imported by the functions that run: `bench --help`
 # builds its options from this module.
@@ -74,8 +75,8 @@ def run_info(world: int) -> dict[str, Any]:
         "versions": {
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
-            "nccl": ".".join(map(str, nccl["version"])),
-            "nccl_path": nccl["path"],
+            "nccl": ".".join(map(str, nccl.version)),
+            "nccl_path": nccl.path,
             "symm_rs": symm_rs.__version__,
             "python": platform.python_version(),
         },
@@ -101,7 +102,7 @@ def _gpu_count_problem(world_size: int | None, visible: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``python -m symm_rs bench``: returns 0, 1 (errors, recorded in the JSON) or 2 (usage)."""
+    """The benchmark run: returns 0, 1 (errors, recorded in the JSON) or 2 (usage)."""
     try:
         cfg, env_set = config_from_args(args), parse_env(args.env)
         output_stem(2, args.tag)  # checks the tag
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     sections: dict[str, dict[int, Any]] = {}
     errors: dict[int, str] = {}
     if set(cfg.sections) - {"coldstart"}:
-        from symm_rs.bench.sections import bench_rank
+        from symm_rs_bench.sections import bench_rank
 
         outcomes = run_ranks(bench_rank, world, args=(cfg,), timeout=args.timeout, grace=15.0)
         for rank, (ok, value) in enumerate(outcomes):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import symm_rs
 from symm_rs import cp
-from symm_rs.bench.timing import Rank, time_eager, time_graph
+from symm_rs_bench.timing import Rank, time_eager, time_graph
 
 SHAPES = ((8, 128), (1, 576))
 PATHS = ("symm_rs", "symm_rs_driver_copies", "symm_rs_python", "sglang")
@@ -69,16 +69,19 @@ def sglang_gather(x: torch.Tensor, group: Any, counts: list[int]) -> torch.Tenso
 
 
 def paths(x: torch.Tensor, group: Any, counts: list[int]) -> dict[str, Callable[[], Any]]:
-    """The calls to time, by path name (looked up when called, so a dry run can swap the
-    helpers for stand-ins)."""
+    """The calls to time, by path name: the public helper, its Rust path with driver copies and
+    its torch path (``cp._gather``'s ``copy`` and ``native``), and SGLang's. Looked up when
+    called, so a dry run can swap the helpers for stand-ins."""
 
-    def helper(name: str) -> Any:
-        return getattr(cp, name)(x, group, counts)
+    def helper(**how: Any) -> Any:
+        if not how:
+            return cp.cp_all_gather_reorganized_into_tensor_kv_cache(x, group, counts)
+        return cp._gather(x, group, counts, **how)
 
     return {
-        "symm_rs": functools.partial(helper, "cp_all_gather_reorganized_into_tensor_kv_cache"),
-        "symm_rs_driver_copies": functools.partial(helper, "_gather_with_driver_copies"),
-        "symm_rs_python": functools.partial(helper, "_gather_in_python"),
+        "symm_rs": helper,
+        "symm_rs_driver_copies": functools.partial(helper, copy="driver"),
+        "symm_rs_python": functools.partial(helper, native=False),
         "sglang": functools.partial(sglang_gather, x, group, counts),
     }
 
