@@ -176,12 +176,12 @@ def test_window_check_says_why_no_buffer_can_be_a_window(
     monkeypatch.setattr(comm_module._native, "is_registered", lambda *args: False)
     monkeypatch.setattr(comm_module._native, "is_plain", lambda comm: plain)
     communicator = object.__new__(symm_rs.Communicator)
-    previous = symm_rs.set_window_check("raise")
+    previous = comm_module.set_window_check("raise")
     try:
         with pytest.raises(symm_rs.RegistrationError) as caught:
             communicator._check_windows(torch.ones(4), torch.ones(4))
     finally:
-        symm_rs.set_window_check(previous)
+        comm_module.set_window_check(previous)
     message = str(caught.value)
     assert message.startswith("2 buffer(s)")
     if plain:
