@@ -167,6 +167,10 @@ class _CountingNative:
         self.real, self.calls = real, 0
         self.modes: list[tuple[Any, str]] = []
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else cp.py asks of the core (its slot plan, ...) is the real one's.
+        return getattr(self.real, name)
+
     def cp_all_gather(self, *args: Any, **kwargs: Any) -> str:
         self.calls += 1
         used = self.real.cp_all_gather(*args, **kwargs)
