@@ -247,6 +247,9 @@ def _environment() -> dict[str, Any]:
         "symm_rs": symm_rs.__version__,
         "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
         "symm_rs_env": {k: v for k, v in os.environ.items() if k.startswith("SYMM_RS_")},
+        "torch_env": {
+            k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCH_SYMM_MEM"))
+        },
     }
 
 

@@ -44,6 +44,11 @@ for world in ${WORLDS:-2 4}; do
   for suite in $suites; do
     run_suite "$world" "$suite"
   done
+  # The never-hang scenarios again with torch's expandable segments on (engines set it to cut
+  # fragmentation): symm_rs's pool must behave the same beside them.
+  case " $suites " in *" suite_never_hang "*)
+    run_suite "$world" suite_never_hang _expandable PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  esac
   [ "$shared" = 1 ] && continue
   # Where NCCL can and cannot run symmetric kernels: NVLink, forced network, P2P off (SHM on).
   for variant in nvlink network p2p_off; do
