@@ -93,6 +93,26 @@ def _symmetric_lines() -> int:
         return sum("[Symmetric]" in line for line in f)
 
 
+def _kernels_expected(ctx: Ctx, group: Any) -> bool:
+    """Whether this run must show NCCL's symmetric kernels on ``group``: one GPU per rank and
+    symm_rs's verdict (NCCL's own rules) says they run. A shared GPU never runs them."""
+    if ctx.shared_gpu:
+        return False
+    verdict = symm_rs.symmetric_kernels(group)
+    ctx.details["verdict"] = verdict.reason
+    return bool(verdict)
+
+
+def _expect_symmetric_lines(ctx: Ctx, expected: bool, lines: int, what: str) -> None:
+    """On NVLink GPUs NCCL (>= 2.28) logs each symmetric kernel on rank 0; on a shared GPU it
+    must log none. ``expected``: ``_kernels_expected``, asked on every rank (its first answer
+    per communicator is collective)."""
+    if ctx.shared_gpu:
+        assert lines == 0, f"{what}: NCCL logged symmetric kernels on a shared GPU"
+    elif ctx.rank == 0 and expected:
+        assert lines > 0, f"{what}: NCCL logged no [Symmetric] kernel"
+
+
 def loaded_nccl() -> tuple[int, ...]:
     """The version of the libnccl in this process (a preloaded one included), not the one
     torch was built with."""
@@ -278,6 +298,7 @@ def case_sglang_flag_from_the_engines_runtime_context(ctx: Ctx) -> None:
 def case_sglang_eager_collectives_exact(ctx: Ctx) -> None:
     loaded, coord = _sglang_setup(ctx)
     rc = loaded.runtime_context
+    expected = _kernels_expected(ctx, coord.pynccl_comm)
     before = _symmetric_lines()
     for seed, rows in enumerate([1, 3, 8, 64]):
         x = _data(rows, seed, ctx.rank, ctx.device)
@@ -289,9 +310,10 @@ def case_sglang_eager_collectives_exact(ctx: Ctx) -> None:
         torch.cuda.synchronize()
         _exact(f"rows={rows}", got, want)
         ctx.details[f"registered_rows{rows}"] = seen
-        if ctx.details["register"] == "always":
+        if ctx.details["register"] == "always" or expected:
             assert all(seen), f"rows={rows}: buffers outside windows: {seen}"
     ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
+    _expect_symmetric_lines(ctx, expected, ctx.details["symmetric_log_lines"], "eager")
 
 
 def case_sglang_graphs_in_sglangs_order_exact(ctx: Ctx) -> None:
@@ -303,6 +325,8 @@ def case_sglang_graphs_in_sglangs_order_exact(ctx: Ctx) -> None:
     statics = {bs: _data(bs, 100 + bs, ctx.rank, ctx.device) for bs in BATCH_SIZES}
     graphs: dict[int, tuple[torch.cuda.CUDAGraph, Any]] = {}
     seen: dict[int, list[bool]] = {}
+    lines_per_bs: dict[int, int] = {}
+    expected = _kernels_expected(ctx, coord.pynccl_comm)
     before = _symmetric_lines()
     sg.set_graph_pool_id(pool)  # once per capture session, before the warm-ups
     try:
@@ -314,8 +338,11 @@ def case_sglang_graphs_in_sglangs_order_exact(ctx: Ctx) -> None:
                     _sglang_forward(coord, statics[bs], None)
             graph = torch.cuda.CUDAGraph()
             seen[bs] = []
+            at = _symmetric_lines()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 out = _sglang_forward(coord, statics[bs], seen[bs])
+            torch.cuda.synchronize()
+            lines_per_bs[bs] = _symmetric_lines() - at
             graphs[bs] = (graph, out)
         torch.cuda.synchronize()
         _replay_and_compare(
@@ -329,10 +356,13 @@ def case_sglang_graphs_in_sglangs_order_exact(ctx: Ctx) -> None:
         sg.set_graph_pool_id(None)
     ctx.details["registered_in_capture"] = {str(bs): v for bs, v in seen.items()}
     ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
-    if ctx.details["register"] == "always":
+    ctx.details["symmetric_lines_per_capture"] = {str(bs): n for bs, n in lines_per_bs.items()}
+    if ctx.details["register"] == "always" or expected:
         # SGLang's order warms the capture pool up before the first capture: every buffer a
         # captured collective uses is registered before NCCL bakes its kernel into the graph.
         assert all(all(v) for v in seen.values()), seen
+    for bs, n in lines_per_bs.items():  # from the first captured graph on
+        _expect_symmetric_lines(ctx, expected, n, f"capture at batch size {bs}")
     del graphs, graph, out
     _release_capture_pool(ctx, pool)
 
@@ -462,6 +492,7 @@ def case_vllm_eager_collectives_exact(ctx: Ctx) -> None:
     if setup is None:
         ctx.skip(ctx.details["skipped"])
     _, comm = setup
+    expected = _kernels_expected(ctx, comm)
     before = _symmetric_lines()
     for seed, rows in enumerate([1, 3, 8, 64]):
         x = _data(rows, seed, ctx.rank, ctx.device)
@@ -471,9 +502,10 @@ def case_vllm_eager_collectives_exact(ctx: Ctx) -> None:
         torch.cuda.synchronize()
         _exact(f"rows={rows}", got, want)
         ctx.details[f"registered_rows{rows}"] = seen
-        if ctx.details["register"] == "always":
+        if ctx.details["register"] == "always" or expected:
             assert all(seen), f"rows={rows}: buffers outside windows: {seen}"
     ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
+    _expect_symmetric_lines(ctx, expected, ctx.details["symmetric_log_lines"], "eager")
 
 
 def case_vllm_graphs_in_vllms_order_exact(ctx: Ctx) -> None:
@@ -487,6 +519,8 @@ def case_vllm_graphs_in_vllms_order_exact(ctx: Ctx) -> None:
     statics = {bs: _data(bs, 200 + bs, ctx.rank, ctx.device) for bs in BATCH_SIZES}
     graphs: dict[int, tuple[torch.cuda.CUDAGraph, Any]] = {}
     seen: dict[int, list[bool]] = {}
+    lines_per_bs: dict[int, int] = {}
+    expected = _kernels_expected(ctx, comm)
     before = _symmetric_lines()
     try:
         with torch.cuda.stream(stream):
@@ -494,12 +528,15 @@ def case_vllm_graphs_in_vllms_order_exact(ctx: Ctx) -> None:
                 _vllm_forward(comm, statics[bs], None)  # warm-up: no graph pool set yet
                 graph = torch.cuda.CUDAGraph()
                 seen[bs] = []
+                at = _symmetric_lines()
                 # vLLM's own capture_pool sets the shim's graph pool at capture time.
                 with (
                     loaded.cudagraph_pool.capture_pool(global_pool, config) as pool,
                     torch.cuda.graph(graph, pool=pool, stream=torch.cuda.current_stream()),
                 ):
                     out = _vllm_forward(comm, statics[bs], seen[bs])
+                torch.cuda.synchronize()
+                lines_per_bs[bs] = _symmetric_lines() - at
                 graphs[bs] = (graph, out)
         torch.cuda.synchronize()
         _replay_and_compare(
@@ -515,6 +552,10 @@ def case_vllm_graphs_in_vllms_order_exact(ctx: Ctx) -> None:
     # registered only after it (docs/engines.md); later captures reuse registered blocks.
     ctx.details["registered_in_capture"] = {str(bs): v for bs, v in seen.items()}
     ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
+    ctx.details["symmetric_lines_per_capture"] = {str(bs): n for bs, n in lines_per_bs.items()}
+    # Required from the second capture on; the first is recorded (see above).
+    for bs in list(lines_per_bs)[1:]:
+        _expect_symmetric_lines(ctx, expected, lines_per_bs[bs], f"capture at batch size {bs}")
     del graphs, graph, out
     _release_capture_pool(ctx, global_pool)
 
