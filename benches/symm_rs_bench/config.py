@@ -11,7 +11,16 @@ from typing import Optional
 from symm_rs.env import parse_bytes
 
 KiB, MiB = 1 << 10, 1 << 20
-SECTIONS = ("collectives", "communicator", "policy", "context", "coldstart", "registration", "cp")
+SECTIONS = (
+    "collectives",
+    "communicator",
+    "policy",
+    "context",
+    "coldstart",
+    "registration",
+    "cp",
+    "torch_nccl",
+)
 OPS = ("all_gather", "all_reduce", "reduce_scatter")
 BUFFERS = ("plain", "symm")
 MODES = ("eager", "graph")
