@@ -124,8 +124,17 @@ def render_baselines(result: dict[str, Any], mode: str = "graph") -> str:
         "| --- |" + " --- |" * len(BASELINE_COLUMNS),
     ]
     sizes = sorted({key[3] for key in cells if key[2] in torch_series})
+    # A section unavailable as a whole (its set-up failed before any row): every cell of it.
+    whole = {
+        name: {"unavailable": "section"}
+        for name in ("collectives", "torch_nccl")
+        if ((result.get("sections") or {}).get(name) or {}).get("unavailable")
+    }
     for nbytes in sizes:
-        row = [_cell(cells.get((op, sec, kind, nbytes))) for op, sec, kind, _ in BASELINE_COLUMNS]
+        row = [
+            _cell(cells.get((op, sec, kind, nbytes), whole.get(sec)))
+            for op, sec, kind, _ in BASELINE_COLUMNS
+        ]
         lines.append(f"| {format_bytes(nbytes)} | " + " | ".join(row) + " |")
     missing = unavailable_series(result)
     if missing:
