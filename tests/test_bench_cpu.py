@@ -86,6 +86,7 @@ def test_config_defaults_quick_and_overrides() -> None:
     assert baselines.sections == ["collectives", "torch_nccl"]  # in SECTIONS' order
     assert config.SECTIONS[-1] == "torch_nccl" and baselines.sizes[-1] == 64 * MiB
     assert torch_symm.TORCH_SYMM_MAX_BYTES == 64 * MiB
+    assert cfg.torch_baselines and not _config("--no-torch").torch_baselines
     with pytest.raises(ValueError, match="reps"):
         _config("--reps", "0")
     with pytest.raises(SystemExit):
@@ -830,6 +831,31 @@ def test_dry_run_of_the_whole_bench_on_cpu(
         f"results (JSON): {tmp_path / 'bench_2gpu_dry.json'}",
         "plot: not drawn (--no-plot)",
     ]
+
+
+def test_dry_run_without_the_torch_baselines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meta = {"machine": {"gpu": "Stand-in GPU"}, "versions": {"torch": torch.__version__}}
+    monkeypatch.setattr(bench, "visible_gpu_count", lambda: 2)
+    monkeypatch.setattr(bench, "run_info", lambda world: meta)
+    monkeypatch.setattr(
+        bench, "run_ranks", lambda fn, world, **kw: run_ranks(_DRY[fn.__name__], world, **kw)
+    )
+    for name in launch.MULTICAST_OFF:  # set here already: kept as they are
+        monkeypatch.setenv(name, "kept")
+    argv = ["bench", "--out", str(tmp_path), "--sizes", "2K", "--quick", "--no-plot"]
+    assert cli.main([*argv, "--sections", "collectives", "--no-torch"]) == 0
+    assert {k: os.environ[k] for k in launch.MULTICAST_OFF} == dict.fromkeys(
+        launch.MULTICAST_OFF, "kept"
+    )
+    result = json.loads((tmp_path / "bench_2gpu.json").read_text())
+    rows = result["sections"]["collectives"]["rows"]
+    torch_rows = [r for r in rows if r["buffers"] not in config.BUFFERS]
+    assert len(rows) == 3 * 2 * 2 + 3 * 2 and len(torch_rows) == 3 * 2
+    assert all(r["unavailable"] == "skipped (--no-torch)" for r in torch_rows)
+    assert set(result["sections"]) == {"collectives"}
+    assert "- collectives all_gather/torch_copy: skipped (--no-torch)" in capsys.readouterr().out
 
 
 # -- progress ------------------------------------------------------------------------------------

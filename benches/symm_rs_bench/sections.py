@@ -29,7 +29,11 @@ def collectives(r: Rank) -> dict[str, Any]:
     """torch.distributed on caching-allocator (``plain``) and symmetric (``symm``) buffers, and
     beside them, size by size, PyTorch's own symmetric memory (``torch_symm.CUDA_SERIES``)."""
     rows = []
-    ts, torch_error = torch_symm.setup(r, r.cfg.sizes)
+    ts, torch_error = (
+        torch_symm.setup(r, r.cfg.sizes)
+        if r.cfg.torch_baselines
+        else (None, "skipped (--no-torch)")
+    )
     torch_points = sum(len(s) for s in torch_symm.CUDA_SERIES.values()) * len(MODES)
     r.expect(len(r.cfg.sizes) * (len(OPS) * len(MODES) * len(BUFFERS) + torch_points))
     for nbytes in r.cfg.sizes:
