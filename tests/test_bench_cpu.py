@@ -38,6 +38,7 @@ from symm_rs_bench import (
     timing,
     torch_symm,
 )
+from symm_rs_bench import policy as bench_policy
 from symm_rs_bench.launch import run_ranks
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -306,6 +307,29 @@ def test_merge_and_render_the_torch_baselines(tmp_path: Path) -> None:
     assert report.unavailable_series({"sections": {}}) == []
     why = report.plot_results(result, str(tmp_path / "plot.png"))
     assert why is None or "matplotlib" in why
+
+
+def test_the_policy_table_ignores_the_torch_series() -> None:
+    """plain beats symm for all-reduce at 4 MiB: the table sends it to the twin, with the torch
+    series beside them or without (both the merged document's and a rank's own rows)."""
+    rows = []
+    for nbytes in (KiB, 4 * MiB):
+        for kind, us in (("plain", 10.0 if nbytes > KiB else 30.0), ("symm", 20.0)):
+            rows.append({"op": "all_reduce", "bytes": nbytes, "mode": "graph", "buffers": kind})
+            rows[-1].update(latency_us=us, median_us=us)
+    torch_rows = [
+        {"op": "all_reduce", "bytes": n, "mode": "graph", "buffers": b, "latency_us": 5.0}
+        for n in (KiB, 4 * MiB)
+        for b in ("torch_one_shot", "torch_two_shot")
+    ]
+    torch_rows += [{**x, "median_us": 5.0} for x in torch_rows[:1]]
+    table = symm_rs.policy.table_from_bench({"sections": {"collectives": {"rows": rows}}})
+    assert table.use_twin("all_reduce", 4 * MiB) and not table.use_twin("all_reduce", KiB)
+    both = {"sections": {"collectives": {"rows": rows + torch_rows}}}
+    assert symm_rs.policy.table_from_bench(both) == table
+    rank = types.SimpleNamespace(done={"collectives": {"rows": rows + torch_rows}})
+    rank.all_reduce = lambda value: value
+    assert bench_policy._measured_table(rank) == table
 
 
 def test_series_summary_and_measure_above_the_cap() -> None:
