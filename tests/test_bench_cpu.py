@@ -27,7 +27,18 @@ import symm_rs_bench as bench
 from symm_rs import cli, cp
 from symm_rs.comm import resolve_policy
 from symm_rs.policy import Policy
-from symm_rs_bench import comm_calls, config, merge, progress, report, sections, timing
+from symm_rs_bench import (
+    comm_calls,
+    config,
+    launch,
+    merge,
+    progress,
+    report,
+    sections,
+    timing,
+    torch_symm,
+)
+from symm_rs_bench import policy as bench_policy
 from symm_rs_bench.launch import run_ranks
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -72,6 +83,11 @@ def test_config_defaults_quick_and_overrides() -> None:
         [KiB, 4 * MiB],
         ["collectives", "context"],
     )
+    baselines = _config("--sections", "torch_nccl", "collectives", "--sizes", "1K,64M")
+    assert baselines.sections == ["collectives", "torch_nccl"]  # in SECTIONS' order
+    assert config.SECTIONS[-1] == "torch_nccl" and baselines.sizes[-1] == 64 * MiB
+    assert torch_symm.TORCH_SYMM_MAX_BYTES == 64 * MiB
+    assert cfg.torch_baselines and not _config("--no-torch").torch_baselines
     with pytest.raises(ValueError, match="reps"):
         _config("--reps", "0")
     with pytest.raises(SystemExit):
@@ -220,6 +236,166 @@ def test_merge_with_a_missing_rank() -> None:
     assert all(r["latency_us"] is None and r["per_rank_us"][1] is None for r in rows)
     assert result["sections"]["collectives"]["elapsed_s"] == 1.0
     assert result["errors"] == ["rank 1: rank 1 exited with code -6 before answering"]
+
+
+def _baseline_result() -> dict[str, Any]:
+    """Two ranks with the torch baselines: one-shot timed, two-shot unavailable, the NCCL
+    backend's section unavailable as a whole (this torch has no set_backend)."""
+
+    def rows(scale: float) -> list[dict[str, Any]]:
+        out = _collective_rows(scale)
+        for nbytes in (KiB, 4 * MiB):
+            for mode in config.MODES:
+                key = {"op": "all_reduce", "bytes": nbytes, "mode": mode}
+                out.append({**key, "buffers": "torch_one_shot", "median_us": 8.0 * scale})
+                out.append({**key, "buffers": "torch_two_shot", "unavailable": "AttributeError: x"})
+                ag = {**key, "op": "all_gather", "buffers": "torch_copy"}
+                out.append(
+                    {**ag, "median_us": 30.0}
+                    if mode == "eager"
+                    else {**ag, "unavailable": "not captured: y"}
+                )
+        return out
+
+    series = torch_symm.series_summary(rows(1.0), torch_symm.CUDA_SERIES)
+    nccl = {"backend": None, "rows": [], "unavailable": "AttributeError: no set_backend"}
+    nccl["series"] = torch_symm.series_summary([], torch_symm.NCCL_SERIES, nccl["unavailable"])
+    per_rank = {
+        "collectives": {
+            r: {"rows": rows(1.0 + 0.1 * r), "torch_symm": {"series": series}} for r in (0, 1)
+        },
+        "torch_nccl": {r: nccl for r in (0, 1)},
+    }
+    meta = {"machine": {"gpu": "NVIDIA H200"}, "versions": {"torch": "2.11.0", "nccl": "2.28.9"}}
+    return merge.merge_results(world_size=2, sections=per_rank, rank_errors={}, **meta)
+
+
+def test_merge_and_render_the_torch_baselines(tmp_path: Path) -> None:
+    result = _baseline_result()
+    assert result["errors"] == []  # unavailable is not an error
+    rows = {
+        (x["op"], x["bytes"], x["mode"], x["buffers"]): x
+        for x in result["sections"]["collectives"]["rows"]
+    }
+    one = rows[("all_reduce", KiB, "graph", "torch_one_shot")]
+    assert one["latency_us"] == 8.8 and one["per_rank_us"] == [8.0, 8.8]
+    two = rows[("all_reduce", KiB, "graph", "torch_two_shot")]
+    assert two["unavailable"] == "AttributeError: x" and "latency_us" not in two
+    series = result["sections"]["collectives"]["torch_symm"]["series"]
+    assert series["all_reduce/torch_two_shot"]["unavailable"] == "AttributeError: x"
+    assert "unavailable" not in series["all_gather/torch_copy"]  # timed eagerly
+    assert result["sections"]["torch_nccl"]["unavailable"] == "AttributeError: no set_backend"
+    # The README table is unchanged by the new series.
+    assert (
+        report.render_markdown(result).splitlines()[2:]
+        == report.render_markdown(_synthetic()).splitlines()[2:]
+    )
+    lines = report.render_baselines(result).splitlines()
+    assert "Baselines" in lines[0] and "CUDA-graph replay" in lines[0] and "H200" in lines[0]
+    assert lines[2] == "| bytes | " + " | ".join(c[3] for c in report.BASELINE_COLUMNS) + " |"
+    assert lines[4] == (
+        "| 1 KiB | 22.0 | 11.0 | 8.8 | unavail. | unavail. | unavail. | unavail. "
+        "| 22.0 | 11.0 | unavail. | unavail. |"
+    )
+    assert lines[5].startswith("| 4 MiB | 110 | 55.0 | 8.8 | unavail. |")
+    assert "- collectives all_reduce/torch_two_shot: AttributeError: x" in lines
+    assert "- torch_nccl all_reduce/torch_nccl_one_shot: AttributeError: no set_backend" in lines
+    eager = report.render_baselines(result, mode="eager").splitlines()
+    assert eager[4].endswith("| 22.0 | 11.0 | 30.0 | unavail. |")
+    # No torch series (every committed result so far): no table.
+    assert report.render_baselines(_synthetic()) == ""
+    assert report.unavailable_series({"sections": {}}) == []
+    why = report.plot_results(result, str(tmp_path / "plot.png"))
+    assert why is None or "matplotlib" in why
+
+
+def test_the_policy_table_ignores_the_torch_series() -> None:
+    """plain beats symm for all-reduce at 4 MiB: the table sends it to the twin, with the torch
+    series beside them or without (both the merged document's and a rank's own rows)."""
+    rows = []
+    for nbytes in (KiB, 4 * MiB):
+        for kind, us in (("plain", 10.0 if nbytes > KiB else 30.0), ("symm", 20.0)):
+            rows.append({"op": "all_reduce", "bytes": nbytes, "mode": "graph", "buffers": kind})
+            rows[-1].update(latency_us=us, median_us=us)
+    torch_rows = [
+        {"op": "all_reduce", "bytes": n, "mode": "graph", "buffers": b, "latency_us": 5.0}
+        for n in (KiB, 4 * MiB)
+        for b in ("torch_one_shot", "torch_two_shot")
+    ]
+    torch_rows += [{**x, "median_us": 5.0} for x in torch_rows[:1]]
+    table = symm_rs.policy.table_from_bench({"sections": {"collectives": {"rows": rows}}})
+    assert table.use_twin("all_reduce", 4 * MiB) and not table.use_twin("all_reduce", KiB)
+    both = {"sections": {"collectives": {"rows": rows + torch_rows}}}
+    assert symm_rs.policy.table_from_bench(both) == table
+    rank = types.SimpleNamespace(done={"collectives": {"rows": rows + torch_rows}})
+    rank.all_reduce = lambda value: value
+    assert bench_policy._measured_table(rank) == table
+
+
+def test_series_summary_and_measure_above_the_cap() -> None:
+    summary = torch_symm.series_summary([], {"all_reduce": ("torch_one_shot",)}, "boom")
+    assert summary == {
+        "all_reduce/torch_one_shot": {
+            "op": "all_reduce",
+            "api": torch_symm.API["torch_one_shot"],
+            "unavailable": "boom",
+        }
+    }
+    assert (
+        torch_symm.series_summary([], {"all_gather": ("torch_copy",)})["all_gather/torch_copy"][
+            "unavailable"
+        ]
+        == "not run"
+    )
+    # No rank collective is made for a size above the cap or without a set-up: rank is unused.
+    above = torch_symm.measure(None, object(), "torch_one_shot", "all_reduce", 128 * MiB)  # type: ignore[arg-type]
+    assert [r["unavailable"] for r in above] == ["not measured above 64 MiB per rank"] * 2
+    missing = torch_symm.measure(None, None, "torch_copy", "all_gather", KiB, "ImportError: z")  # type: ignore[arg-type]
+    assert [(r["mode"], r["unavailable"]) for r in missing] == [
+        ("eager", "ImportError: z"),
+        ("graph", "ImportError: z"),
+    ]
+
+
+def test_a_missing_op_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch_symm, "symm_op", _fake_symm_op)
+    with pytest.raises(AttributeError, match="two_shot_all_reduce_"):
+        torch_symm.two_shot_call(torch.zeros(4), "0")
+    # one_shot_all_reduce_out missing: the allocating op and a copy.
+    calls: list[str] = []
+
+    def only_allocating(name: str) -> Any:
+        if name != "one_shot_all_reduce":
+            raise AttributeError(name)
+        return lambda inp, op, group_name: calls.append(group_name) or inp * 2
+
+    monkeypatch.setattr(torch_symm, "symm_op", only_allocating)
+    out = torch.zeros(3)
+    torch_symm.one_shot_call(torch.ones(3), out, "g")()
+    assert calls == ["g"] and out.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_multicast_stays_off() -> None:
+    env = {"NCCL_NVLS_ENABLE": "0", "PATH": "/bin"}
+    assert launch.multicast_off(env) == {
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
+    assert env == {"PATH": "/bin", **launch.MULTICAST_OFF}
+    assert launch.multicast_off(env) == {}  # set values are kept
+    kept = {
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
+    assert launch.MULTICAST_OFF == kept
+    script = (RESULTS.parent / "run_gpu_benches.sh").read_text()
+    assert (
+        "export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1"
+        in script
+    )
+    decode = (RESULTS.parent / "decode_step.py").read_text()
+    assert "multicast_off()" in decode
 
 
 def test_render_markdown() -> None:
@@ -420,8 +596,72 @@ class _CpuRank(timing.Rank):
         self.device = torch.device("cpu")
 
 
-def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
-    """``sections.bench_rank`` with CUDA, NCCL and the symmetric pool replaced by stand-ins."""
+class _FakeHandle:
+    """A ``_SymmetricMemory`` stand-in over gloo: ``get_buffer`` gives every peer's slot as one
+    staging tensor (the copy all-gather writes the same input to each), and ``barrier`` gathers
+    the staged slots into every rank's buffer; it refuses to be captured in a graph."""
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor, self.staged = tensor, {}
+
+    def get_buffer(self, peer: int, sizes: tuple[int, ...], dtype: Any, offset: int = 0) -> Any:
+        n = sizes[0]
+        return self.staged.setdefault(n, torch.zeros(n, dtype=dtype))
+
+    def barrier(self, channel: int = 0) -> None:
+        if _FAKE_SYMM_MEM["capturing"]:
+            raise RuntimeError("stand-in barrier: not capturable")
+        for n, slot in self.staged.items():
+            dist.all_gather_into_tensor(self.tensor[: n * dist.get_world_size()], slot)
+
+
+# The stand-in torch symmetric memory's state, per rank process.
+_FAKE_SYMM_MEM: dict[str, Any] = {"backend": "CUDA", "capturing": False}
+
+
+def _fake_symm_mem_module() -> Any:
+    def set_backend(name: str) -> None:
+        _FAKE_SYMM_MEM["backend"] = name
+
+    def get_backend(device: Any) -> str:
+        # Names the backend and what the rank saw of the multicast switch, for the test to read.
+        off = os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")
+        return f"{_FAKE_SYMM_MEM['backend']}, TORCH_SYMM_MEM_DISABLE_MULTICAST={off}"
+
+    return types.SimpleNamespace(
+        empty=lambda n, dtype, device: torch.zeros(n, dtype=dtype),
+        rendezvous=lambda t, group_name: _FakeHandle(t),
+        set_backend=set_backend,
+        get_backend=get_backend,
+    )
+
+
+def _fake_symm_op(name: str) -> Any:
+    """The ops over gloo: one-shot exact on the default backend and wrong on NCCL's (so that
+    the exactness check fires); two-shot missing, as in a torch without it."""
+
+    def one_shot_out(inp: Any, op: str, group_name: str, out: Any) -> Any:
+        out.copy_(inp)
+        if _FAKE_SYMM_MEM["backend"] != "NCCL":
+            dist.all_reduce(out)
+        return out
+
+    if name == "one_shot_all_reduce_out":
+        return one_shot_out
+    raise AttributeError(f"'_OpNamespace' 'symm_mem' object has no attribute '{name}'")
+
+
+@contextlib.contextmanager
+def _graph_stand_in(graph: Any, **kwargs: Any) -> Any:
+    _FAKE_SYMM_MEM["capturing"] = True
+    try:
+        yield
+    finally:
+        _FAKE_SYMM_MEM["capturing"] = False
+
+
+def _stand_ins(cfg: config.BenchConfig) -> None:
+    """CUDA, NCCL, the symmetric pool and torch's symmetric memory replaced by stand-ins."""
     stats = {"windows_registered": 0, "windows_deregistered": 0}
 
     def context(owner: Any, disabled: bool = False, verify: bool = True) -> Any:
@@ -439,7 +679,7 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
         "CUDAGraph": _Anything,
     }
     cuda.update(stream=lambda s: contextlib.nullcontext(), current_stream=lambda: _Anything())
-    cuda.update(graph=lambda g, **kw: contextlib.nullcontext(), MemPool=_Anything)
+    cuda.update(graph=_graph_stand_in, MemPool=_Anything)
     cuda.update(use_mem_pool=lambda pool: contextlib.nullcontext(), current_device=lambda: 0)
     cuda.update(mem_get_info=lambda device=None: (40 << 30, 80 << 30))
     cuda.update(graph_pool_handle=lambda: (0, 1))
@@ -469,11 +709,27 @@ def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
     cp._gather = lambda *args, **kw: gather(*args, **{**kw, "disabled": True})
     cfg.cp_tokens = [16, 64]
     sections.init_nccl, sections.Rank = _init_gloo, _CpuRank
+    launch.init_nccl, torch_symm.Rank = _init_gloo, _CpuRank
     # The ctypes path needs a real libnccl; on gloo it is torch.distributed under another name.
     comm_calls.ctypes_collective = lambda op, small, big, comm: sections.collective(
         op, small, big, dist.group.WORLD
     )
+    torch_symm.symm_mem_module, torch_symm.symm_op = _fake_symm_mem_module, _fake_symm_op
+
+
+def _dry_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
+    """``sections.bench_rank`` on stand-ins."""
+    _stand_ins(cfg)
     return sections.bench_rank(rank, world, cfg)
+
+
+def _dry_torch_nccl_rank(rank: int, world: int, cfg: config.BenchConfig) -> dict[str, Any]:
+    """``torch_symm.torch_nccl_rank`` (the torch_nccl section's processes) on stand-ins."""
+    _stand_ins(cfg)
+    return torch_symm.torch_nccl_rank(rank, world, cfg)
+
+
+_DRY = {"bench_rank": _dry_rank, "torch_nccl_rank": _dry_torch_nccl_rank}
 
 
 def test_dry_run_of_the_whole_bench_on_cpu(
@@ -488,8 +744,12 @@ def test_dry_run_of_the_whole_bench_on_cpu(
         bench, "run_coldstart", lambda world, timeout: {r: cold for r in range(world)}
     )
     monkeypatch.setattr(
-        bench, "run_ranks", lambda fn, world, **kw: run_ranks(_dry_rank, world, **kw)
+        bench, "run_ranks", lambda fn, world, **kw: run_ranks(_DRY[fn.__name__], world, **kw)
     )
+    # Multicast stays off in the ranks: absent here, the bench sets it for them.
+    for name in launch.MULTICAST_OFF:
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     argv = ["bench", "--out", str(tmp_path), "--tag", "dry", "--sizes", "2K,1M", "--quick"]
     argv += ["--no-plot", "--env", "NCCL_SYM_CTAS=16", "--timeout", "240"]
     assert cli.main(argv) == 0, capsys.readouterr().err
@@ -500,10 +760,45 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     assert result["method"] == bench.__doc__ and result["config"]["sizes"] == [2 * KiB, MiB]
     s = result["sections"]
     assert set(s) == set(config.SECTIONS)
-    rows = s["collectives"]["rows"]
+    assert {k: result["env"][k] for k in launch.MULTICAST_OFF} == launch.MULTICAST_OFF
+    rows = [r for r in s["collectives"]["rows"] if r["buffers"] in config.BUFFERS]
     assert len(rows) == 2 * 3 * 2 * 2 and all(
         r["latency_us"] and len(r["per_rank_us"]) == 2 for r in rows
     )
+    # PyTorch's symmetric memory beside them, at the same sizes: one-shot checked and timed,
+    # two-shot missing in this torch, the copy all-gather eager only (not capturable here).
+    torch_rows = {
+        (r["op"], r["bytes"], r["mode"], r["buffers"]): r
+        for r in s["collectives"]["rows"]
+        if r["buffers"] not in config.BUFFERS
+    }
+    assert len(torch_rows) == 2 * 3 * 2
+    for nbytes in (2 * KiB, MiB):
+        for mode in config.MODES:
+            one = torch_rows[("all_reduce", nbytes, mode, "torch_one_shot")]
+            assert one["latency_us"] and len(one["per_rank_us"]) == 2, one
+            two = torch_rows[("all_reduce", nbytes, mode, "torch_two_shot")]
+            assert "two_shot_all_reduce_" in two["unavailable"] and "latency_us" not in two
+        assert torch_rows[("all_gather", nbytes, "eager", "torch_copy")]["latency_us"]
+        graph = torch_rows[("all_gather", nbytes, "graph", "torch_copy")]
+        assert graph["unavailable"].startswith("not captured: RuntimeError: stand-in barrier")
+    torch_info = s["collectives"]["torch_symm"]
+    assert torch_info["backend"] == "CUDA, TORCH_SYMM_MEM_DISABLE_MULTICAST=1"
+    assert "unavailable" in torch_info["series"]["all_reduce/torch_two_shot"]
+    assert "unavailable" not in torch_info["series"]["all_reduce/torch_one_shot"]
+    assert "unavailable" not in torch_info["series"]["all_gather/torch_copy"]
+    # Its NCCL backend, in processes of its own: one-shot fails the exactness check there.
+    nccl = s["torch_nccl"]
+    assert nccl["backend"] == "NCCL, TORCH_SYMM_MEM_DISABLE_MULTICAST=1"
+    nccl_rows = {(r["op"], r["bytes"], r["mode"], r["buffers"]): r for r in nccl["rows"]}
+    assert len(nccl_rows) == 2 * (4 + 2) * 2
+    for key, row in nccl_rows.items():
+        if key[3] in ("plain", "torch_nccl"):
+            assert row["latency_us"] and len(row["per_rank_us"]) == 2, row
+        elif key[3] == "torch_nccl_one_shot":
+            assert row["unavailable"].startswith("AssertionError: not exact"), row
+        else:
+            assert "two_shot_all_reduce_" in row["unavailable"], row
     assert all(5 <= r["iters"] <= 50 for r in rows if r["mode"] == "eager")
     assert all(1 <= r["calls_per_graph"] <= 10 for r in rows if r["mode"] == "graph")
     comm = s["communicator"]["rows"]
@@ -553,11 +848,38 @@ def test_dry_run_of_the_whole_bench_on_cpu(
     assert s["coldstart"]["max_over_ranks"] == cold
     assert "| bytes | AG plain | AG symm | AR plain | AR symm | RS plain | RS symm |" in out
     assert "| 2 KiB |" in out and "| 1 MiB |" in out
+    assert "| bytes | AR plain | AR symm | AR torch 1-shot | AR torch 2-shot |" in out
+    assert "- torch_nccl all_reduce/torch_nccl_one_shot: AssertionError: not exact" in out
     # Where the results went, last and with absolute paths.
     assert out.rstrip().splitlines()[-2:] == [
         f"results (JSON): {tmp_path / 'bench_2gpu_dry.json'}",
         "plot: not drawn (--no-plot)",
     ]
+
+
+def test_dry_run_without_the_torch_baselines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meta = {"machine": {"gpu": "Stand-in GPU"}, "versions": {"torch": torch.__version__}}
+    monkeypatch.setattr(bench, "visible_gpu_count", lambda: 2)
+    monkeypatch.setattr(bench, "run_info", lambda world: meta)
+    monkeypatch.setattr(
+        bench, "run_ranks", lambda fn, world, **kw: run_ranks(_DRY[fn.__name__], world, **kw)
+    )
+    for name in launch.MULTICAST_OFF:  # set here already: kept as they are
+        monkeypatch.setenv(name, "kept")
+    argv = ["bench", "--out", str(tmp_path), "--sizes", "2K", "--quick", "--no-plot"]
+    assert cli.main([*argv, "--sections", "collectives", "--no-torch"]) == 0
+    assert {k: os.environ[k] for k in launch.MULTICAST_OFF} == dict.fromkeys(
+        launch.MULTICAST_OFF, "kept"
+    )
+    result = json.loads((tmp_path / "bench_2gpu.json").read_text())
+    rows = result["sections"]["collectives"]["rows"]
+    torch_rows = [r for r in rows if r["buffers"] not in config.BUFFERS]
+    assert len(rows) == 3 * 2 * 2 + 3 * 2 and len(torch_rows) == 3 * 2
+    assert all(r["unavailable"] == "skipped (--no-torch)" for r in torch_rows)
+    assert set(result["sections"]) == {"collectives"}
+    assert "- collectives all_gather/torch_copy: skipped (--no-torch)" in capsys.readouterr().out
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -622,3 +944,101 @@ def test_progress_with_tqdm_draws_a_bar_per_section(monkeypatch: pytest.MonkeyPa
         ("update", 1),
         ("close",),
     ]
+
+
+# -- decode step: the torch symmetric-memory paths ----------------------------------------------
+
+
+def test_decode_step_torch_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    import decode_step
+
+    from symm_rs.groups import kind_of, peers
+
+    ops = {
+        "one_shot_all_reduce": lambda inp, op, g: inp * 2,
+        "one_shot_all_reduce_out": lambda inp, op, g, out: out.copy_(inp * 2),
+        "two_shot_all_reduce_": lambda buf, op, g: buf.mul_(2),
+    }
+
+    def symm_op(name: str) -> Any:
+        if name not in ops:
+            raise AttributeError(name)
+        return ops[name]
+
+    monkeypatch.setattr(torch_symm, "symm_op", symm_op)
+    gathered: list[Any] = []
+    comm = types.SimpleNamespace(device=torch.device("cpu"), rank=0, size=2)
+    comm.all_gather_into_tensor = lambda out, inp, stream=None: gathered.append(stream)
+    buf = torch.zeros(16)
+    for path in decode_step.TORCH_PATHS:
+        proxy = decode_step.TorchSymmAllReduce(comm, buf, "0", path)
+        y = torch.arange(6.0).view(2, 3)
+        assert proxy.all_reduce(y) is y and y.flatten().tolist() == [0, 2, 4, 6, 8, 10]
+        # symm_rs's CP gather sees a group that only gathers, through the real communicator.
+        assert kind_of(proxy) is None and not hasattr(proxy, "comm")
+        group = peers(proxy)
+        assert (group.comm, group.rank, group.size) == (0, 0, 2)
+        group.all_gather_into_tensor(torch.zeros(2), torch.zeros(1), "side")
+    assert gathered == ["side", "side"]
+    del ops["two_shot_all_reduce_"]
+    with pytest.raises(AttributeError, match="two_shot_all_reduce_"):
+        decode_step.TorchSymmAllReduce(comm, buf, "0", "torch_two_shot")
+
+    def rank(scale: float, torch_paths: bool) -> dict[str, Any]:
+        row = {"batch_size": 1, "plain_us": 100.0 * scale, "symm_us": 90.0 * scale}
+        if torch_paths:
+            row.update(torch_one_shot_us=80.0 * scale, torch_two_shot_us=85.0 * scale)
+        return {"rows": [row]}
+
+    merged = decode_step.merge_rows([rank(1.0, True), rank(1.1, True)])
+    assert merged == [
+        {
+            "batch_size": 1,
+            "plain_us": 110.0,
+            "symm_us": 99.0,
+            "symm_vs_plain": -0.1,
+            "torch_one_shot_us": 88.0,
+            "torch_two_shot_us": 93.5,
+        }
+    ]
+    # A path one rank did not time is left out; the symm_rs vs plain columns are as before.
+    merged = decode_step.merge_rows([rank(1.0, True), rank(1.0, False)])
+    assert set(merged[0]) == {"batch_size", "plain_us", "symm_us", "symm_vs_plain"}
+
+
+def test_run_gpu_benches_script_steps(tmp_path: Path) -> None:
+    """The script with a stand-in python3 that reports 4 GPUs and logs each command line
+    with the environment the ranks would see."""
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    log = tmp_path / "log"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = -c ]; then echo 4; exit 0; fi\n'
+        f'echo "$CUDA_VISIBLE_DEVICES|$NCCL_NVLS_ENABLE$TORCH_SYMM_MEM_DISABLE_MULTICAST'
+        f'$NVSHMEM_DISABLE_NVLS|$*" >> {log}\n'
+    )
+    fake.chmod(0o755)
+    script = RESULTS.parent / "run_gpu_benches.sh"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "BENCH_TAG": "_h200"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for name in launch.MULTICAST_OFF:
+        env.pop(name, None)
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out"), "baselines", "decode"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and all(line.split("|")[1] == "011" for line in lines)
+    assert lines[0].startswith("0,1|011|-m symm_rs bench --world-size 2 ")
+    assert lines[1].startswith("0,1,2,3|011|-m symm_rs bench --world-size 4 ")
+    for line in lines[:2]:
+        assert "--tag _h200_baselines --sizes 1K,8K,64K,512K,4M,32M,64M" in line
+        assert line.endswith("--sections collectives torch_nccl")
+    assert lines[2].split("|")[2].endswith(f"decode_step.py --world-sizes 2 4 --out {tmp_path}/out")
+    bad = subprocess.run(["bash", str(script), str(tmp_path), "nope"], env=env, timeout=60)
+    assert bad.returncode == 2

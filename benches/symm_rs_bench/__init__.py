@@ -19,6 +19,14 @@ bytes per rank (all-gather input, all-reduce buffer, reduce-scatter output) of b
   rows): symm_rs's Rust helper (with its copy kernel, and with driver copies), its torch path,
   and SGLang's pad + all-gather + cat on ordinary buffers, eager and in CUDA graphs (see
   benches/symm_rs_bench/cp_gather.py).
+* PyTorch's own symmetric memory (torch.distributed._symmetric_memory), what a user would pick
+  instead, up to 64 MiB: in collectives, beside plain and symm at each size, its one-shot and
+  two-shot all-reduce kernels and an all-gather of copies into peers' buffers (torch_one_shot,
+  torch_two_shot, torch_copy); in torch_nccl, in processes of their own, the same on its NCCL
+  backend (symm_mem.set_backend("NCCL")) against plain NCCL. Each is checked once against plain
+  NCCL (exact) before it is timed; one this torch lacks or that raises is recorded as
+  {"unavailable": reason}. Multicast stays off (NCCL_NVLS_ENABLE=0,
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 unless set).
 * coldstart: fresh interpreters: import torch, import symm_rs, the first symmetric allocation
   and the first registration.
 
@@ -47,9 +55,9 @@ from symm_rs_bench.config import (
     output_stem,
     parse_env,
 )
-from symm_rs_bench.launch import run_ranks
+from symm_rs_bench.launch import multicast_off, run_ranks
 from symm_rs_bench.merge import merge_results
-from symm_rs_bench.report import plot_results, render_markdown
+from symm_rs_bench.report import plot_results, render_baselines, render_markdown
 
 # torch (and the rank code, which needs it) is imported by the functions that run: `bench --help`
 # builds its options from this module.
@@ -110,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: {e}", file=sys.stderr)
         return 2
     os.environ.update(env_set)  # before anything starts CUDA or NCCL: the ranks inherit it
+    multicast_off()
     visible = visible_gpu_count()
     world = visible if args.world_size is None else args.world_size
     problem = _gpu_count_problem(args.world_size, visible)
@@ -122,13 +131,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"symm_rs bench: {world} GPUs, {sizes}; {', '.join(cfg.sections)}", flush=True)
     sections: dict[str, dict[int, Any]] = {}
     errors: dict[int, str] = {}
-    if set(cfg.sections) - {"coldstart"}:
+    launches = []
+    if set(cfg.sections) - {"coldstart", "torch_nccl"}:
         from symm_rs_bench.sections import bench_rank
 
-        outcomes = run_ranks(bench_rank, world, args=(cfg,), timeout=args.timeout, grace=15.0)
+        launches.append(bench_rank)
+    if "torch_nccl" in cfg.sections:  # torch's symm-mem backend is chosen once per process
+        from symm_rs_bench.torch_symm import torch_nccl_rank
+
+        launches.append(torch_nccl_rank)
+    for fn in launches:
+        outcomes = run_ranks(fn, world, args=(cfg,), timeout=args.timeout, grace=15.0)
         for rank, (ok, value) in enumerate(outcomes):
             if not ok or "error" in value:
-                errors[rank] = value["error"] if ok else value
+                error = value["error"] if ok else value
+                errors[rank] = f"{errors[rank]}; {error}" if rank in errors else error
             for name, data in (value["sections"] if ok else {}).items():
                 sections.setdefault(name, {})[rank] = data
     if "coldstart" in cfg.sections:
@@ -152,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         plot = plot_results(result, stem + ".png") or f"{stem}.png"
     print("\n" + render_markdown(result), flush=True)
+    baselines = render_baselines(result)
+    if baselines:
+        print("\n" + baselines, flush=True)
     for error in result["errors"]:
         print(f"error: {error.strip()[:2000]}", file=sys.stderr)
     # Last, below the long table, where a reader looks once the run is over.

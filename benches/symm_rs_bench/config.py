@@ -11,7 +11,16 @@ from typing import Optional
 from symm_rs.env import parse_bytes
 
 KiB, MiB = 1 << 10, 1 << 20
-SECTIONS = ("collectives", "communicator", "policy", "context", "coldstart", "registration", "cp")
+SECTIONS = (
+    "collectives",
+    "communicator",
+    "policy",
+    "context",
+    "coldstart",
+    "registration",
+    "cp",
+    "torch_nccl",
+)
 OPS = ("all_gather", "all_reduce", "reduce_scatter")
 BUFFERS = ("plain", "symm")
 MODES = ("eager", "graph")
@@ -32,6 +41,8 @@ class BenchConfig:
     context_iters: int = 20000
     registration_segments: int = 16
     cp_tokens: list[int] = field(default_factory=lambda: list(CP_TOKENS))
+    # PyTorch's own symmetric memory beside plain and symm in collectives (symm_rs_bench.torch_symm)
+    torch_baselines: bool = True
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -102,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"one or more of {', '.join(SECTIONS)} (default: all)",
     )
     add("--no-plot", action="store_true", help="write no PNG")
+    add(
+        "--no-torch",
+        action="store_true",
+        help="leave PyTorch's own symmetric memory out of collectives (section torch_nccl: "
+        "leave it out of --sections)",
+    )
     add("--env", action="append", metavar="KEY=VALUE", help="set for the ranks (repeatable)")
     add("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
 
@@ -113,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         ValueError: an option is out of range.
     """
     cfg = BenchConfig(sections=[s for s in SECTIONS if s in args.sections])
+    cfg.torch_baselines = not getattr(args, "no_torch", False)
     if args.sizes:
         cfg.sizes = parse_sizes(args.sizes)
     if args.quick:

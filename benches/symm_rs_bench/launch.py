@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 __all__ = [
+    "MULTICAST_OFF",
     "SHARED_GPU_ENV",
     "RankOutcome",
     "device_of",
     "free_port",
     "init_nccl",
+    "multicast_off",
     "run_ranks",
     "run_ranks_to_exit",
     "share_one_gpu",
@@ -27,6 +29,25 @@ __all__ = [
 # detected"), but compares host hashes, which NCCL_HOSTID sets; with a host id of its own per
 # rank NCCL accepts them and connects them through its network transport (loopback).
 SHARED_GPU_ENV = "SYMM_RS_SHARED_GPU"
+
+# NVLink multicast stays off in every benchmark process: NCCL's NVLS algorithms, torch's
+# symmetric memory (which would otherwise create multicast objects at rendezvous) and NVSHMEM.
+# A value already in the environment is kept (the machines that lend GPUs set these).
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def multicast_off(environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Sets every ``MULTICAST_OFF`` variable that ``environ`` (default ``os.environ``, which
+    the rank processes inherit) lacks; returns those it set."""
+    env = os.environ if environ is None else environ
+    added = {k: v for k, v in MULTICAST_OFF.items() if k not in env}
+    env.update(added)
+    return added
+
 
 # The ranks are spawned by the package's one way to spawn them, ``symm_rs.gpu_check`` (``doctor``
 # uses it too); this launcher adds shared-GPU runs, a grace after a failure, and how each process

@@ -14,6 +14,7 @@ ROW_KEYS = {
     "communicator": ("op", "bytes", "path"),
     "policy": ("op", "bytes", "path"),
     "cp": ("tokens", "shape", "mode", "path"),
+    "torch_nccl": ("op", "bytes", "mode", "buffers"),
 }
 # A rank's timed field -> the merged row's fields: the maximum over ranks, every rank's value.
 TIMED = {"median_us": ("latency_us", "per_rank_us")}
@@ -61,6 +62,9 @@ def merge_rows(per_rank: dict[int, Any], world: int, keys: tuple[str, ...]) -> d
                 values = [_round(f.get(field)) for f in found]
                 row.update({largest: None if None in values else max(values), every: values})
         row.update((k, first[k]) for k in ("iters", "calls_per_graph", "replays") if k in first)
+        # A baseline this torch lacks (or that raised): the ranks agreed on it, rank 0 says why.
+        if "unavailable" in first:
+            row["unavailable"] = first["unavailable"]
         rows.append(row)
     base: dict[str, Any] = per_rank.get(0) or next(iter(per_rank.values()), {})
     return {**base, "rows": rows} if "rows" in base else dict(base)

@@ -76,7 +76,8 @@ def _measured_table(r: Rank) -> Any:
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for row in r.done.get("collectives", {}).get("rows", []):
         us = row.get("median_us")  # a rank's own rows (merged documents call it latency_us)
-        if row.get("mode") == "graph" and us is not None:
+        # Only plain against symm: the torch baselines beside them do not count here.
+        if row.get("mode") == "graph" and us is not None and row["buffers"] in ("plain", "symm"):
             cells.setdefault((row["op"], row["bytes"]), {})[row["buffers"]] = us
     timings = {
         key: (r.all_reduce(value["plain"]), r.all_reduce(value["symm"]))

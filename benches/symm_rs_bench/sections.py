@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import symm_rs
+from symm_rs_bench import torch_symm
 from symm_rs_bench.buffers import allocate, collective
 from symm_rs_bench.comm_calls import communicator
 from symm_rs_bench.config import BUFFERS, MODES, OPS, BenchConfig, MiB, format_bytes
@@ -25,9 +26,16 @@ REGISTRATION_SEGMENT_MIB = (12, 16, 24, 32, 48, 64)
 
 
 def collectives(r: Rank) -> dict[str, Any]:
-    """torch.distributed on caching-allocator (``plain``) and symmetric (``symm``) buffers."""
+    """torch.distributed on caching-allocator (``plain``) and symmetric (``symm``) buffers, and
+    beside them, size by size, PyTorch's own symmetric memory (``torch_symm.CUDA_SERIES``)."""
     rows = []
-    r.expect(len(r.cfg.sizes) * len(OPS) * len(MODES) * len(BUFFERS))
+    ts, torch_error = (
+        torch_symm.setup(r, r.cfg.sizes)
+        if r.cfg.torch_baselines
+        else (None, "skipped (--no-torch)")
+    )
+    torch_points = sum(len(s) for s in torch_symm.CUDA_SERIES.values()) * len(MODES)
+    r.expect(len(r.cfg.sizes) * (len(OPS) * len(MODES) * len(BUFFERS) + torch_points))
     for nbytes in r.cfg.sizes:
         pairs = {"plain": allocate(r, nbytes), "symm": allocate(r, nbytes, r.group)}
         estimate_s: dict[str, float] = {}  # the eager median plans the graph measurement
@@ -44,7 +52,22 @@ def collectives(r: Rank) -> dict[str, Any]:
                     label = f"{op} {format_bytes(nbytes)} {kind} {mode}"
                     r.step(f"{label}: {row['median_us']:.1f} us (rank 0)")
         del pairs, fn
-    return {"rows": rows}
+        for op, series in torch_symm.CUDA_SERIES.items():
+            for name in series:
+                for row in torch_symm.measure(r, ts, name, op, nbytes, torch_error):
+                    rows.append(row)
+                    shown = row.get("median_us")
+                    result = f"{shown:.1f} us" if shown is not None else "unavailable"
+                    r.step(f"{op} {format_bytes(nbytes)} {name} {row['mode']}: {result}")
+    out: dict[str, Any] = {"rows": rows}
+    out["torch_symm"] = {
+        "backend": ts.backend if ts is not None else None,
+        "max_bytes": torch_symm.TORCH_SYMM_MAX_BYTES,
+        "series": torch_symm.series_summary(rows, torch_symm.CUDA_SERIES, torch_error),
+    }
+    if ts is not None:
+        ts.close()
+    return out
 
 
 def _loop(n: int, context: Callable[[Any], Any], arg: Any) -> int:
