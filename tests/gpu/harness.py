@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import importlib
 import json
 import os
 import platform
+import socket
 import sys
 import time
 import traceback
@@ -116,6 +118,28 @@ class Ctx:
             )
         else:
             assert symm_rs.is_symmetric(tensor, group), f"{what} is not symmetric"
+
+
+def log_nccl_to(log_dir: str, subsys: str = "TUNING") -> None:
+    """Sends NCCL's debug log (``subsys``) of this rank's process to ``log_dir/nccl.<host>.<pid>``.
+    NCCL reads its debug settings once, at its first call: a suite's ``setup_rank`` calls this,
+    before the harness makes the first communicator."""
+    os.makedirs(log_dir, exist_ok=True)
+    os.environ.update(
+        NCCL_DEBUG="INFO",
+        NCCL_DEBUG_SUBSYS=subsys,
+        NCCL_DEBUG_FILE=os.path.join(log_dir, "nccl.%h.%p"),
+    )
+
+
+def nccl_log_of_this_process(log_dir: str) -> Optional[str]:
+    """The file ``log_nccl_to`` made NCCL write for this process, or ``None`` (nothing logged
+    yet). NCCL may name the host otherwise than ``socket.gethostname()``: then by the pid."""
+    path = os.path.join(log_dir, f"nccl.{socket.gethostname()}.{os.getpid()}")
+    if os.path.exists(path):
+        return path
+    found = glob.glob(os.path.join(log_dir, f"nccl.*.{os.getpid()}"))
+    return found[0] if found else None
 
 
 class CaseSkipped(Exception):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import symm_rs
 
-from harness import Ctx
+from harness import Ctx, log_nccl_to
 
 INT_DTYPES = [torch.int8, torch.uint8, torch.int32, torch.int64]
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
@@ -35,12 +35,7 @@ LOG_DIR = f"/tmp/symm_rs_comm_nccl_log.{os.getppid()}"
 
 
 def setup_rank(rank: int, world_size: int) -> None:
-    os.makedirs(LOG_DIR, exist_ok=True)
-    os.environ.update(
-        NCCL_DEBUG="INFO",
-        NCCL_DEBUG_SUBSYS="TUNING",
-        NCCL_DEBUG_FILE=os.path.join(LOG_DIR, "nccl.%h.%p"),
-    )
+    log_nccl_to(LOG_DIR)
 
 
 def _communicator(ctx: Ctx) -> symm_rs.Communicator:

@@ -16,19 +16,17 @@ registered windows and NCCL must log no symmetric kernel.
 from __future__ import annotations
 
 import gc
-import glob
 import os
 import random
-import socket
 import types
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 import symm_rs
 from symm_rs.compat import sglang as sg
 
-from harness import Ctx
+from harness import Ctx, log_nccl_to, nccl_log_of_this_process
 
 HIDDEN = 512
 INTERMEDIATE = 1024
@@ -45,25 +43,11 @@ def setup_rank(rank: int, world_size: int) -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(float(trace_after), exit=True)
-    # NCCL reads its debug settings once, at its first call: set them before the harness does.
-    os.makedirs(LOG_DIR, exist_ok=True)
-    os.environ.update(
-        NCCL_DEBUG="INFO",
-        NCCL_DEBUG_SUBSYS="TUNING",
-        NCCL_DEBUG_FILE=os.path.join(LOG_DIR, "nccl.%h.%p"),
-    )
-
-
-def _my_log() -> Optional[str]:
-    path = os.path.join(LOG_DIR, f"nccl.{socket.gethostname()}.{os.getpid()}")
-    if os.path.exists(path):
-        return path
-    found = glob.glob(os.path.join(LOG_DIR, f"nccl.*.{os.getpid()}"))
-    return found[0] if found else None
+    log_nccl_to(LOG_DIR)
 
 
 def _symmetric_lines(since: int) -> tuple[int, list[str]]:
-    path = _my_log()
+    path = nccl_log_of_this_process(LOG_DIR)
     if path is None:
         return since, []
     with open(path, errors="replace") as f:

@@ -27,9 +27,7 @@ by both ranks (each with its own ``NCCL_HOSTID``).
 
 from __future__ import annotations
 
-import glob
 import os
-import socket
 import sys
 import types
 from typing import Any, Callable, Optional
@@ -41,7 +39,7 @@ import symm_rs
 from symm_rs.compat import sglang as sg
 from symm_rs.compat import vllm as vl
 
-from harness import Ctx
+from harness import Ctx, log_nccl_to, nccl_log_of_this_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES_DIR = os.path.join(os.path.dirname(HERE), "engines")
@@ -75,21 +73,14 @@ VLLM_MODULES = (
 
 
 def setup_rank(rank: int, world_size: int) -> None:
-    # NCCL reads its debug settings once, at its first call: set them before the harness does.
-    os.makedirs(LOG_DIR, exist_ok=True)
-    os.environ.update(
-        NCCL_DEBUG="INFO",
-        NCCL_DEBUG_SUBSYS="TUNING",
-        NCCL_DEBUG_FILE=os.path.join(LOG_DIR, "nccl.%h.%p"),
-    )
+    log_nccl_to(LOG_DIR)
 
 
 def _symmetric_lines() -> int:
-    path = os.path.join(LOG_DIR, f"nccl.{socket.gethostname()}.{os.getpid()}")
-    found = [path] if os.path.exists(path) else glob.glob(os.path.join(LOG_DIR, f"*.{os.getpid()}"))
-    if not found:
+    path = nccl_log_of_this_process(LOG_DIR)
+    if path is None:
         return 0
-    with open(found[0], errors="replace") as f:
+    with open(path, errors="replace") as f:
         return sum("[Symmetric]" in line for line in f)
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import symm_rs
 
-from harness import Ctx
+from harness import Ctx, log_nccl_to
 
 # One folder per run (the ranks are children of one harness process) unless run_all.sh names
 # one: an older run's [Symmetric] lines must not count for this one.
@@ -36,12 +36,7 @@ _seen: dict[str, Any] = {}
 
 
 def setup_rank(rank: int, world_size: int) -> None:
-    os.makedirs(LOG_DIR, exist_ok=True)
-    os.environ.update(
-        NCCL_DEBUG="INFO",
-        NCCL_DEBUG_SUBSYS="INIT,TUNING",
-        NCCL_DEBUG_FILE=os.path.join(LOG_DIR, "nccl.%h.%p"),
-    )
+    log_nccl_to(LOG_DIR, "INIT,TUNING")
 
 
 def case_verdict_registration_and_exact_results(ctx: Ctx) -> None:
