@@ -218,6 +218,16 @@ SGLANG_CONFIG = (
     "sglang.srt.runtime_context",
 )
 
+# vLLM's own modules that its PyNcclCommunicator needs, in the order they load.
+VLLM_PYNCCL = (
+    "vllm.envs",
+    "vllm.logging_utils",
+    "vllm.logger",
+    "vllm.utils.nccl",
+    "vllm.distributed.device_communicators.pynccl_wrapper",
+    "vllm.distributed.device_communicators.pynccl",
+)
+
 
 # -- engine stand-ins ---------------------------------------------------------------------------
 

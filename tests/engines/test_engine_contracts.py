@@ -479,14 +479,7 @@ def vllm_engine(engine_roots: dict) -> Any:
     platform = em.Platform(cuda=True)
     with em.Engine("vllm", root) as engine:
         engine.standins(em.vllm_standins(platform))
-        engine.load(
-            "vllm.envs",
-            "vllm.logging_utils",
-            "vllm.logger",
-            "vllm.utils.nccl",
-            "vllm.distributed.device_communicators.pynccl_wrapper",
-            "vllm.distributed.device_communicators.pynccl",
-        )
+        engine.load(*em.VLLM_PYNCCL)
         own = _load_own_allocator(root, "vllm")
         engine.install_shim(vl)
         yield types.SimpleNamespace(own=own, platform=platform, root=root)
