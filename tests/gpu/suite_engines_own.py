@@ -61,15 +61,7 @@ SGLANG_MODULES = (
     "sglang.srt.distributed.device_communicators.pynccl_wrapper",
     "sglang.srt.distributed.device_communicators.pynccl",
 )
-VLLM_MODULES = (
-    "vllm.envs",
-    "vllm.logging_utils",
-    "vllm.logger",
-    "vllm.utils.nccl",
-    "vllm.distributed.device_communicators.pynccl_wrapper",
-    "vllm.distributed.device_communicators.pynccl",
-    "vllm.compilation.cudagraph_pool",
-)
+VLLM_MODULES = (*em.VLLM_PYNCCL, "vllm.compilation.cudagraph_pool")
 
 
 def setup_rank(rank: int, world_size: int) -> None:
@@ -286,18 +278,21 @@ def case_sglang_flag_from_the_engines_runtime_context(ctx: Ctx) -> None:
     assert not sg.is_tensor_in_symmetric_mempool(plain), "flag off must give plain memory"
 
 
-def case_sglang_eager_collectives_exact(ctx: Ctx) -> None:
-    loaded, coord = _sglang_setup(ctx)
-    rc = loaded.runtime_context
-    expected = _kernels_expected(ctx, coord.pynccl_comm)
+def _eager_exact(
+    ctx: Ctx,
+    expected: bool,
+    plain: Callable[[torch.Tensor], torch.Tensor],
+    symmetric: Callable[[torch.Tensor, list[bool]], torch.Tensor],
+) -> None:
+    """An engine's forward at 1, 3, 8 and 64 rows through the shim (``symmetric`` notes in its
+    list whether each buffer lay in a window), exact against its plain-buffer run; every buffer
+    in a window where registration is forced or kernels are ``expected``."""
     before = _symmetric_lines()
     for seed, rows in enumerate([1, 3, 8, 64]):
         x = _data(rows, seed, ctx.rank, ctx.device)
-        _publish(rc, False)
-        want = _sglang_forward(coord, x, None)
-        _publish(rc, True)
+        want = plain(x)
         seen: list[bool] = []
-        got = _sglang_forward(coord, x, seen)
+        got = symmetric(x, seen)
         torch.cuda.synchronize()
         _exact(f"rows={rows}", got, want)
         ctx.details[f"registered_rows{rows}"] = seen
@@ -305,6 +300,37 @@ def case_sglang_eager_collectives_exact(ctx: Ctx) -> None:
             assert all(seen), f"rows={rows}: buffers outside windows: {seen}"
     ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
     _expect_symmetric_lines(ctx, expected, ctx.details["symmetric_log_lines"], "eager")
+
+
+def _captures_checked(
+    ctx: Ctx,
+    expected: bool,
+    seen: dict[int, list[bool]],
+    lines_per_bs: dict[int, int],
+    before: int,
+    registered: bool,
+    lines_from: int,
+) -> None:
+    """Records what each capture found in windows and what NCCL logged; requires every buffer
+    in a window (``registered``) and [Symmetric] lines from capture number ``lines_from`` on."""
+    ctx.details["registered_in_capture"] = {str(bs): v for bs, v in seen.items()}
+    ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
+    ctx.details["symmetric_lines_per_capture"] = {str(bs): n for bs, n in lines_per_bs.items()}
+    if registered:
+        assert all(all(v) for v in seen.values()), seen
+    for bs in list(lines_per_bs)[lines_from:]:
+        _expect_symmetric_lines(ctx, expected, lines_per_bs[bs], f"capture at batch size {bs}")
+
+
+def case_sglang_eager_collectives_exact(ctx: Ctx) -> None:
+    loaded, coord = _sglang_setup(ctx)
+    rc = loaded.runtime_context
+    _eager_exact(
+        ctx,
+        _kernels_expected(ctx, coord.pynccl_comm),
+        lambda x: _sglang_plain(rc, coord, x),
+        lambda x, seen: _sglang_forward(coord, x, seen),
+    )
 
 
 def case_sglang_graphs_in_sglangs_order_exact(ctx: Ctx) -> None:
@@ -345,15 +371,10 @@ def case_sglang_graphs_in_sglangs_order_exact(ctx: Ctx) -> None:
         )
     finally:
         sg.set_graph_pool_id(None)
-    ctx.details["registered_in_capture"] = {str(bs): v for bs, v in seen.items()}
-    ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
-    ctx.details["symmetric_lines_per_capture"] = {str(bs): n for bs, n in lines_per_bs.items()}
-    if ctx.details["register"] == "always" or expected:
-        # SGLang's order warms the capture pool up before the first capture: every buffer a
-        # captured collective uses is registered before NCCL bakes its kernel into the graph.
-        assert all(all(v) for v in seen.values()), seen
-    for bs, n in lines_per_bs.items():  # from the first captured graph on
-        _expect_symmetric_lines(ctx, expected, n, f"capture at batch size {bs}")
+    # SGLang's order warms the capture pool up before the first capture: every buffer a captured
+    # collective uses is registered before NCCL bakes its kernel into the graph, from the first.
+    registered = ctx.details["register"] == "always" or expected
+    _captures_checked(ctx, expected, seen, lines_per_bs, before, registered, lines_from=0)
     del graphs, graph, out
     _release_capture_pool(ctx, pool)
 
@@ -483,20 +504,12 @@ def case_vllm_eager_collectives_exact(ctx: Ctx) -> None:
     if setup is None:
         ctx.skip(ctx.details["skipped"])
     _, comm = setup
-    expected = _kernels_expected(ctx, comm)
-    before = _symmetric_lines()
-    for seed, rows in enumerate([1, 3, 8, 64]):
-        x = _data(rows, seed, ctx.rank, ctx.device)
-        want = _vllm_plain(comm, x)
-        seen: list[bool] = []
-        got = _vllm_forward(comm, x, seen)
-        torch.cuda.synchronize()
-        _exact(f"rows={rows}", got, want)
-        ctx.details[f"registered_rows{rows}"] = seen
-        if ctx.details["register"] == "always" or expected:
-            assert all(seen), f"rows={rows}: buffers outside windows: {seen}"
-    ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
-    _expect_symmetric_lines(ctx, expected, ctx.details["symmetric_log_lines"], "eager")
+    _eager_exact(
+        ctx,
+        _kernels_expected(ctx, comm),
+        lambda x: _vllm_plain(comm, x),
+        lambda x, seen: _vllm_forward(comm, x, seen),
+    )
 
 
 def case_vllm_graphs_in_vllms_order_exact(ctx: Ctx) -> None:
@@ -539,14 +552,10 @@ def case_vllm_graphs_in_vllms_order_exact(ctx: Ctx) -> None:
         )
     finally:
         vl.set_graph_pool_id(None)
-    # Recorded, not required: the first capture's buffers are new segments of the capture pool,
-    # registered only after it (docs/engines.md); later captures reuse registered blocks.
-    ctx.details["registered_in_capture"] = {str(bs): v for bs, v in seen.items()}
-    ctx.details["symmetric_log_lines"] = _symmetric_lines() - before
-    ctx.details["symmetric_lines_per_capture"] = {str(bs): n for bs, n in lines_per_bs.items()}
-    # Required from the second capture on; the first is recorded (see above).
-    for bs in list(lines_per_bs)[1:]:
-        _expect_symmetric_lines(ctx, expected, lines_per_bs[bs], f"capture at batch size {bs}")
+    # Registration recorded, not required: the first capture's buffers are new segments of the
+    # capture pool, registered only after it (docs/engines.md); later captures reuse registered
+    # blocks, so [Symmetric] lines are required from the second capture on.
+    _captures_checked(ctx, expected, seen, lines_per_bs, before, registered=False, lines_from=1)
     del graphs, graph, out
     _release_capture_pool(ctx, global_pool)
 
