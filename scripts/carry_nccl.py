@@ -46,20 +46,14 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from file_digest import sha256
+
 REPO = Path(__file__).resolve().parent.parent
 CARRY_DIR = REPO / ".nccl_carry"
 DEST = Path("/tmp/nccl")
 LIBRARY = "libnccl.so.2"
 PART_MIB = 56  # with the manifest, under a device call's 64 MiB
 WHEEL_MEMBER = "nvidia/nccl/lib/libnccl.so.2"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_library(version: str, package: str = "nvidia-nccl-cu13") -> Path:
@@ -119,7 +113,7 @@ def prepare(library: Path, carry_dir: Path, part_bytes: int, version: str) -> di
     manifest = {
         "library": LIBRARY,
         "version": version,
-        "sha256": _sha256(library),
+        "sha256": sha256(library),
         "bytes": library.stat().st_size,
         "parts": parts,
     }
@@ -143,11 +137,11 @@ def receive(carry_dir: Path, dest: Path) -> Optional[Path]:
     for part in manifest["parts"]:
         carried = carry_dir / part["name"]
         if carried.exists():
-            if _sha256(carried) != part["sha256"]:
+            if sha256(carried) != part["sha256"]:
                 raise ValueError(f"{carried}: SHA-256 differs from the manifest's")
             shutil.copyfile(carried, parts_dir / part["name"])
     library = dest / manifest["library"]
-    if library.exists() and _sha256(library) == manifest["sha256"]:
+    if library.exists() and sha256(library) == manifest["sha256"]:
         return library
     missing = [p["name"] for p in manifest["parts"] if not (parts_dir / p["name"]).exists()]
     if missing:
@@ -159,7 +153,7 @@ def receive(carry_dir: Path, dest: Path) -> Optional[Path]:
             with open(parts_dir / part["name"], "rb") as f:
                 for chunk in iter(lambda f=f: f.read(1 << 20), b""):
                     out.write(decompressor.decompress(chunk))
-    if _sha256(partial) != manifest["sha256"]:
+    if sha256(partial) != manifest["sha256"]:
         partial.unlink()
         raise ValueError("the assembled library's SHA-256 differs from the manifest's")
     os.replace(partial, library)

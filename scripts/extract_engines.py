@@ -20,7 +20,6 @@ A GPU machine has no network, so the lead names ``.engines`` in the device call'
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Optional
+
+from file_digest import sha256
 
 REPO = Path(__file__).resolve().parent.parent
 VERSIONS = REPO / "tests" / "engines" / "versions.txt"
@@ -139,14 +140,6 @@ def _download(requirement: str, into: Path, timeout: float) -> Path:
     return wheels[0]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch(name: str, version: str, cache: Optional[Path] = None, timeout: float = 900) -> Path:
     """The unpacked sources of ``name==version`` (fetched on first use).
 
@@ -171,7 +164,7 @@ def fetch(name: str, version: str, cache: Optional[Path] = None, timeout: float 
                     count += 1
         if count == 0:
             raise FetchError(f"{wheel.name} holds no {name}/*.py files")
-        source = {"wheel": wheel.name, "sha256": _sha256(wheel), "py_files": count}
+        source = {"wheel": wheel.name, "sha256": sha256(wheel), "py_files": count}
         (unpacked / "SOURCE.json").write_text(json.dumps(source, indent=1) + "\n")
         if root.exists():  # an unfinished earlier attempt
             shutil.rmtree(root)
