@@ -6,12 +6,15 @@
 # WORLDS="2" (or "4") runs one world size only; EXAMPLES=0 skips the examples. Both exist so one
 # run fits a device call's time limit. SHARED_GPU=1 runs every world size's ranks on the GPUs
 # there are (one is enough; each rank its own NCCL_HOSTID: see harness.py), skipping the
-# NVLink-only cases, the transport suite and the examples.
+# NVLink-only cases, the transport suite and the examples. TAG=_x ends every result file's name
+# with _x (the NCCL version of the run, say), before a variant's own tag.
 set -u -o pipefail
 out=${1:-tests/gpu/results}
 shift || true
 suites=${*:-suite_core suite_comm suite_cp suite_safety suite_alignment suite_engine suite_compile suite_never_hang}
 here=$(cd "$(dirname "$0")" && pwd)
+# NVLink multicast stays off on shared GPU hosts (the device's KINDS.md says why).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 status=0
 # NCCL's watchdog prints long traces when a case leaves ranks out of step; the JSON has the story.
@@ -30,7 +33,7 @@ run_suite() {  # world suite [tag [VAR=value...]]: the variables are set for tha
   fi
   env "$@" CUDA_VISIBLE_DEVICES="$visible" PYTHONUNBUFFERED=1 timeout 300 \
     python3 "$here/harness.py" "$suite" --world-size "$world" --out "$out" --timeout 240 \
-    --tag "$tag" "${mode[@]}" 2>&1 | grep -vE "$noise" \
+    --tag "${TAG:-}$tag" "${mode[@]}" 2>&1 | grep -vE "$noise" \
     | grep -E "^ *(passed|failed|skipped)|^suite_|rank [0-9]+:"
   local rc=$?
   if [ $rc -ne 0 ]; then echo "FAILED: $suite on $world GPUs $tag (exit $rc)"; status=1; fi
