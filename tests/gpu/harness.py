@@ -207,13 +207,13 @@ def _worker(
         ctx = Ctx(rank, world_size, group, device, shared_gpu=shared)
         print(f"[rank {rank}] {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
+        skip_reason: Optional[str] = None
         try:
             fn(ctx)
             torch.cuda.synchronize()
             outcome, error = "passed", None
         except CaseSkipped as e:
-            outcome, error = "skipped", None
-            ctx.details["skip_reason"] = str(e)
+            outcome, error, skip_reason = "skipped", None, str(e)
         except Exception as e:
             outcome, error = "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         made.extend(ctx._made)
@@ -224,8 +224,8 @@ def _worker(
             "seconds": round(time.perf_counter() - start, 3),
             "details": ctx.details,
         }
-        if outcome == "skipped":
-            result["reason"] = ctx.details["skip_reason"]
+        if skip_reason is not None:
+            result["reason"] = skip_reason
         record(result)
         if error:
             print(f"[rank {rank}] {name} FAILED: {error}", file=sys.stderr, flush=True)

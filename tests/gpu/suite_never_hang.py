@@ -116,7 +116,7 @@ def case_ranks_that_grow_differently_get_an_error_and_peers_are_told(ctx: Ctx) -
                 big = torch.empty(64 * MIB, dtype=torch.uint8, device=ctx.device)
 
     _, seconds, error = _timed(context)
-    plain = bool(symm_rs._native.is_plain(symm_rs.groups.resolve(group).comm))
+    plain = ctx.nccl_refused(group)
     # The engine's own collective still runs on every rank (rank 0 after its error).
     result = torch.full((1024,), 1.0, device=ctx.device)
     dist.all_reduce(result, group=group)
@@ -237,7 +237,7 @@ def case_a_peer_that_stalls_past_the_timeout_is_named_on_every_rank(ctx: Ctx) ->
                 time.sleep(TIMEOUT_S + 3)
 
     _, seconds, error = _timed(context)
-    plain = bool(symm_rs._native.is_plain(symm_rs.groups.resolve(group).comm))
+    plain = ctx.nccl_refused(group)
     ctx.details.update(seconds_to_error=round(seconds, 2), error=error[:300], plain_comm=plain)
     if plain:
         assert error == "", error  # nothing to register on a plain communicator: no round
@@ -383,7 +383,7 @@ def case_a_pool_destroyed_on_one_rank_is_an_error_on_every_rank(ctx: Ctx) -> Non
             torch.empty(8 * MIB, dtype=torch.uint8, device=ctx.device)
 
     _, seconds, error = _timed(context)
-    plain = bool(symm_rs._native.is_plain(symm_rs.groups.resolve(group).comm))
+    plain = ctx.nccl_refused(group)
     ctx.details.update(seconds_to_error=round(seconds, 2), error=error[:300], plain_comm=plain)
     if plain:  # NULL windows from NCCL: this group registers nothing, so nothing disagrees
         assert error == "", error
